@@ -1,0 +1,1 @@
+"""Everything about samples: build shards, read them, decode media, tokenize, collate."""

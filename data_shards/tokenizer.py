@@ -1,0 +1,44 @@
+"""Tokenizers: a real one from a local path, or a word-level one built from a vocabulary file
+(tiny test and demo models), both carrying the visual token the model splices media into."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from data_shards.conversation import VISUAL_TOKEN, template_texts
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+
+
+def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` plus every word the conversation templates use."""
+    pre = pre_tokenizers.Whitespace()
+    vocab_words = set(words)
+    for text in template_texts():
+        vocab_words |= {w for w, _ in pre.pre_tokenize_str(text)}
+    specials = [*SPECIAL_TOKENS.values(), VISUAL_TOKEN]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(vocab_words - set(specials)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
+    core.pre_tokenizer = pre
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
+    tokenizer.add_special_tokens({"additional_special_tokens": [VISUAL_TOKEN]})
+    return tokenizer
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """Load a saved tokenizer; adds the visual token (and a pad token) when it lacks them."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if VISUAL_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [VISUAL_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def word_tokenizer_from_file(vocab_file: str | Path) -> PreTrainedTokenizerFast:
+    path = Path(vocab_file)
+    if not path.is_file():
+        raise ValueError(f"{path}: vocabulary file not found (one word per line)")
+    return build_word_tokenizer([w for w in path.read_text().split() if w])

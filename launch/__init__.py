@@ -1,0 +1,1 @@
+"""The driver: CLI, config resolution, Ray orchestration, MLflow tracking and registry."""

@@ -1,0 +1,162 @@
+"""The job config: the components' own sections composed into one document, read from YAML,
+then `--set a.b=c` overrides, validated before anything starts."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from data_shards.config import ReaderConfig
+from data_shards.conversation import TEMPLATES
+from trainer.config import EngineConfig, ModelConfig, StageConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, told in one line naming the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClusterConfig(Strict):
+    address: str | None = Field(None, description="Ray cluster address; unset: RAY_ADDRESS, else an embedded Ray")
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    num_cpus: int | None = Field(None, ge=1, description="CPUs an embedded Ray may use (default: all)")
+    torch_threads: int = Field(1, ge=1, description="intra-op threads per worker process")
+
+
+class TrackingConfig(Strict):
+    tracking_uri: str | None = Field(None, description="unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    experiment: str = "valleyforge"
+    registered_model_prefix: str = Field("valleyforge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class EvaluationConfig(Strict):
+    data: str = Field(description="held-out split whose samples carry probes")
+    template: str = "vicuna_v1"
+    max_new_tokens: int = Field(8, ge=1)
+
+    @model_validator(mode="after")
+    def _known_template(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown template {self.template!r}; choose one of {sorted(TEMPLATES)}")
+        return self
+
+
+class JobConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: str = Field("runs/{name}", description="run files: resolved config, logs, Ray storage")
+    seed: int = 0
+    data: ReaderConfig = ReaderConfig()
+    model: ModelConfig
+    engine: EngineConfig = EngineConfig()
+    stages: list[StageConfig] = Field(min_length=1)
+    cluster: ClusterConfig = ClusterConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    evaluation: EvaluationConfig | None = None
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self):
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        return self
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.format(name=self.name)).absolute()
+
+    def digest(self) -> str:
+        """Short hash of the resolved config: tags runs and registered versions."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _set_path(doc: dict, dotted: str, value, source: str) -> None:
+    """Set `a.b.c` in a nested document; list items by index or, for stages, by name."""
+    keys = dotted.split(".")
+    node = doc
+    for depth, key in enumerate(keys):
+        last = depth == len(keys) - 1
+        if isinstance(node, list):
+            index = next((i for i, item in enumerate(node) if isinstance(item, dict) and item.get("name") == key), None)
+            if index is None:
+                if not key.isdigit() or int(key) >= len(node):
+                    where = ".".join(keys[:depth]) or "<root>"
+                    raise ConfigError(f"{source}: {dotted}: {where} has no item {key!r} (use an index < {len(node)} or a stage name)")
+                index = int(key)
+            key = index
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{source}: {dotted}: {'.'.join(keys[:depth])} is not a section")
+        if last:
+            node[key] = value
+        else:
+            if isinstance(node, dict) and (key not in node or node[key] is None):
+                node[key] = {}
+            node = node[key]
+
+
+def _error_line(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            parent = _section_at(JobConfig, e["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "?"
+            msg = f"unknown key (allowed here: {allowed})"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e['input']!r})"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _section_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class found at `loc` inside `model` (list indices skipped)."""
+    for key in loc:
+        if isinstance(key, int):
+            continue
+        field = model.model_fields.get(key)
+        if field is None:
+            return None
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
+                     next((a for c in candidates for a in getattr(c, "__args__", ())
+                           if isinstance(a, type) and issubclass(a, BaseModel)), None))
+        if model is None:
+            return None
+    return model
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read YAML, apply `key.path=value` overrides (values parsed as YAML), validate."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: expected key.path=value")
+        _set_path(doc, key.strip(), yaml.safe_load(raw) if raw.strip() else None, f"--set {key}")
+    try:
+        return JobConfig.model_validate(doc)
+    except ValidationError as err:
+        raise ConfigError(_error_line(err, str(path))) from None
+
+
+def save_resolved(config: JobConfig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    return path

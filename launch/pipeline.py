@@ -1,0 +1,210 @@
+"""The driver: run a job's stages on Ray, one MLflow child run per stage under a parent run,
+register each stage's export and start the next stage from the registry."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import ray
+from mlflow import MlflowClient
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from data_shards.manifest import manifest_hash, read_manifest
+from launch.config import JobConfig, save_resolved
+from launch.progress import ProgressBoard, ProgressLine
+from launch.tracking import (git_commit, register_export, registered_model_name, resolve_model_uri,
+                             resolve_tracking_uri)
+from launch.worker import train_worker
+from trainer.stage import StageJob
+
+EXPORT_ARTIFACT = "export"
+
+
+@dataclass
+class RegisteredStage:
+    stage: str
+    name: str
+    version: str
+    run_id: str
+
+
+def check_inputs(cfg: JobConfig) -> None:
+    """Fail before any worker starts when a data split or init source is unusable."""
+    readers = cfg.cluster.num_workers * max(cfg.data.num_workers, 1)
+    for stage in cfg.stages:
+        for split in filter(None, (stage.train_data, stage.eval_data)):
+            shards = len(read_manifest(split).shards)
+            if shards < readers:
+                raise ValueError(f"stages.{stage.name}: {split} has {shards} shards, fewer than the "
+                                 f"{readers} readers (cluster.num_workers x data.num_workers)")
+        source = stage.init_from
+        if source not in ("auto", "config") and not source.startswith("models:/") and not Path(source).is_dir():
+            raise ValueError(f"stages.{stage.name}.init_from: {source!r} is not auto, config, "
+                             f"a models:/ URI or an export folder")
+    if cfg.evaluation:
+        read_manifest(cfg.evaluation.data)
+
+
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """Workers run in other directories: hand them absolute paths."""
+    def absolute(p: str | None) -> str | None:
+        return p if p is None or "://" in p else str(Path(p).absolute())
+    model = cfg.model.model_copy(update={"tokenizer": absolute(cfg.model.tokenizer),
+                                         "word_vocab": absolute(cfg.model.word_vocab)})
+    stages = [s.model_copy(update={"train_data": absolute(s.train_data), "eval_data": absolute(s.eval_data)})
+              for s in cfg.stages]
+    return cfg.model_copy(update={"model": model, "stages": stages})
+
+
+def start_ray(cfg: JobConfig) -> None:
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.cluster.torch_threads)}
+    env["DS_ACCELERATOR"] = "cuda" if cfg.cluster.use_gpu else "cpu"
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        needed = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
+        ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed), include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=False)
+
+
+class Pipeline:
+    def __init__(self, cfg: JobConfig, console=print):
+        self.cfg = absolute_paths(cfg)
+        self.console = console
+        self.out = cfg.resolved_output_dir()
+        self.tracking_uri = resolve_tracking_uri(cfg.tracking)
+        self.client = MlflowClient(self.tracking_uri)
+
+    def run(self) -> list[RegisteredStage]:
+        check_inputs(self.cfg)
+        cfg_path = save_resolved(self.cfg, self.out / "config.resolved.yaml")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_experiment(self.cfg.tracking.experiment)
+        start_ray(self.cfg)
+        registered: list[RegisteredStage] = []
+        tags = {"config_hash": self.cfg.digest(), "git_commit": git_commit()}
+        with mlflow.start_run(run_name=self.cfg.name, tags=tags) as parent:
+            mlflow.log_artifact(str(cfg_path))
+            mlflow.log_params(_flatten(self.cfg.model_dump(mode="json", exclude={"stages"})))
+            self.console(f"MLflow run {parent.info.run_id} ({self.tracking_uri}); logs in {self.out / 'logs'}")
+            for index, stage in enumerate(self.cfg.stages):
+                registered.append(self.run_stage(index, stage, registered[-1] if registered else None, tags))
+            if self.cfg.evaluation:
+                self.evaluate(registered[-1], parent.info.run_id)
+        return registered
+
+    def init_source(self, index: int, stage, previous: RegisteredStage | None) -> tuple[str | None, str]:
+        source = stage.init_from
+        if source == "auto":
+            source = "config" if previous is None else f"models:/{previous.name}@latest"
+        if source == "config":
+            return None, "model config"
+        if source.startswith("models:/"):
+            return resolve_model_uri(self.client, source)
+        return str(Path(source).absolute()), source
+
+    def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict) -> RegisteredStage:
+        init_export, init_desc = self.init_source(index, stage, previous)
+        data_hash = manifest_hash(stage.train_data)
+        stage_tags = {**tags, "stage": stage.name, "data_manifest_hash": data_hash}
+        with mlflow.start_run(run_name=stage.name, nested=True, tags=stage_tags) as run:
+            mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
+            job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
+                           init_export=init_export, export_dir=str(self.out / "exports" / stage.name),
+                           seed=self.cfg.seed + index)
+            export = self._train_on_ray(job, run.info.run_id)
+            mlflow.log_artifacts(str(export), EXPORT_ARTIFACT)
+            name = registered_model_name(self.cfg.tracking, stage.name)
+            version = register_export(self.client, name, run.info.run_id, EXPORT_ARTIFACT, stage_tags)
+            self.console(f"[{stage.name}] registered {name} version {version.version} "
+                         f"(models:/{name}@latest); started from {init_desc}")
+            return RegisteredStage(stage.name, name, str(version.version), run.info.run_id)
+
+    def _train_on_ray(self, job: StageJob, run_id: str) -> Path:
+        cluster = self.cfg.cluster
+        board = ProgressBoard.remote()
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config={"job": job, "tracking_uri": self.tracking_uri, "run_id": run_id,
+                               "progress_board": board, "log_dir": str(self.out / "logs"),
+                               "torch_threads": cluster.torch_threads},
+            torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                         resources_per_worker={"CPU": cluster.cpus_per_worker}),
+            run_config=RunConfig(name=f"{self.cfg.name}-{job.stage.name}-{int(time.time())}",
+                                 storage_path=str(self.out / "ray")),
+        )
+        outcome: dict = {}
+        fit = threading.Thread(target=lambda: outcome.update(result=_capture(trainer.fit)), daemon=True)
+        line = ProgressLine(job.stage.name, job.stage.steps)
+        fit.start()
+        while fit.is_alive():
+            line.update(ray.get(board.read.remote()))
+            fit.join(timeout=1.0)
+        result, error = outcome["result"]
+        if error is not None:
+            line.finish("failed")
+            raise StageFailed(job.stage.name, error, self.out / "logs")
+        latest = ray.get(board.read.remote())
+        line.finish(f"{latest.get('step', 0)} steps, final loss {latest.get('train/loss', float('nan')):.3f}")
+        if result.checkpoint is None:
+            raise StageFailed(job.stage.name, RuntimeError("no export was reported"), self.out / "logs")
+        return Path(result.checkpoint.path)
+
+    def evaluate(self, stage: RegisteredStage, parent_run_id: str) -> dict:
+        from trainer.build import load_export
+        from trainer.evaluate import attribute_accuracy
+
+        uri = f"models:/{stage.name}@latest"
+        export = mlflow.artifacts.download_artifacts(uri, dst_path=str(self.out / "eval-model"))
+        model, tokenizer = load_export(export)
+        ev = self.cfg.evaluation
+        line = ProgressLine("evaluate", 1)
+        metrics = attribute_accuracy(model, tokenizer, ev.data, ev.template, ev.max_new_tokens,
+                                     progress=lambda done, total: line._show(f"[evaluate] {done}/{total} clips"))
+        for run_id in (stage.run_id, parent_run_id):
+            self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
+                                                   for k, v in metrics.items()])
+        per_attribute = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in metrics.items()
+                                  if k.startswith("eval/attribute_accuracy/"))
+        line.finish(f"{uri}: attribute accuracy {metrics['eval/attribute_accuracy']:.2f} "
+                    f"({per_attribute}; chance {metrics['eval/attribute_chance']:.2f})")
+        return metrics
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, error: BaseException, log_dir: Path):
+        super().__init__(f"stage {stage!r} failed: {_root_message(error)} (worker logs: {log_dir})")
+
+
+def _root_message(error: BaseException) -> str:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    return text[-1] if text else type(error).__name__
+
+
+def _capture(fn):
+    try:
+        return fn(), None
+    except BaseException as err:  # noqa: BLE001 - reported on the driver thread
+        return None, err
+
+
+def _flatten(doc, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in (doc.items() if isinstance(doc, dict) else enumerate(doc)):
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (dict, list)) and value:
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat

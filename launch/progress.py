@@ -1,0 +1,70 @@
+"""One progress line per stage on the driver console, fed by rank 0 through a Ray actor."""
+from __future__ import annotations
+
+import sys
+import time
+
+import ray
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """The latest training metrics of the running stage, posted by rank 0."""
+
+    def __init__(self):
+        self.latest: dict = {}
+
+    def post(self, step: int, metrics: dict) -> None:
+        self.latest = {"step": step, **metrics}
+
+    def read(self) -> dict:
+        return self.latest
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class ProgressLine:
+    """Renders `stage  step n/N  loss  tok/s  ETA`: rewritten in place on a terminal, a line
+    every `every_s` seconds otherwise (CI logs)."""
+
+    def __init__(self, stage: str, total_steps: int, stream=sys.stdout, every_s: float = 15.0):
+        self.stage, self.total, self.stream, self.every_s = stage, total_steps, stream, every_s
+        self.tty = stream.isatty()
+        self.started = time.monotonic()
+        self.last_print = 0.0
+        self.last_text = ""
+
+    def update(self, latest: dict) -> None:
+        if not latest:
+            text = f"[{self.stage}] starting workers ({_duration(time.monotonic() - self.started)})"
+        else:
+            step = latest["step"]
+            elapsed = time.monotonic() - self.started
+            eta = elapsed / step * (self.total - step)
+            text = (f"[{self.stage}] step {step}/{self.total}  loss {latest['train/loss']:.3f}  "
+                    f"{latest['train/tokens_per_s']:,.0f} tok/s  ETA {_duration(eta)}")
+            if "eval/loss" in latest:
+                text += f"  eval {latest['eval/loss']:.3f}"
+        self._show(text)
+
+    def _show(self, text: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.tty:
+            self.stream.write("\r" + text.ljust(len(self.last_text)))
+            self.stream.flush()
+        elif force or now - self.last_print >= self.every_s:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+            self.last_print = now
+        self.last_text = text
+
+    def finish(self, summary: str) -> None:
+        if self.tty:
+            self.stream.write("\r" + " " * len(self.last_text) + "\r")
+        self._show(f"[{self.stage}] {summary} in {_duration(time.monotonic() - self.started)}", force=True)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()

@@ -1,0 +1,65 @@
+"""MLflow: where runs go, metric logging from rank 0, and the model registry."""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from launch.config import TrackingConfig
+
+
+def resolve_tracking_uri(cfg: TrackingConfig) -> str:
+    """MLFLOW_TRACKING_URI when set, else the config's, else sqlite:///mlflow.db in the working
+    directory (what `mlflow ui` opens by default), made absolute so workers elsewhere agree."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MlflowMetricsLogger:
+    """`log(metrics, step)` into one run; used on rank 0 only."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def registered_model_name(cfg: TrackingConfig, stage_name: str) -> str:
+    return f"{cfg.registered_model_prefix}-{stage_name}"
+
+
+def register_export(client: MlflowClient, name: str, run_id: str, artifact_path: str, tags: dict):
+    """A new version of `name` from the run's artifact folder. `models:/NAME@latest` resolves to
+    the newest version: MLflow reserves the alias `latest` for exactly that."""
+    try:
+        client.get_registered_model(name)
+    except Exception:  # noqa: BLE001 - MLflow raises RESOURCE_DOES_NOT_EXIST as a generic exception
+        client.create_registered_model(name, description="ValleyForge stage exports")
+    return client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
+
+
+def resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (pinned `models:/NAME/VERSION`, description)."""
+    body = uri.removeprefix("models:/")
+    if "@" in body:
+        name, alias = body.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = body.partition("/")
+        client.get_model_version(name, version)
+    return f"models:/{name}/{version}", f"{uri} -> version {version}"

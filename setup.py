@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="valleyforge",
+    version="0.1.0",
+    description="Distributed two-stage training of video/image-language assistant models",
+    python_requires=">=3.10",
+    packages=find_packages(include=["data_shards*", "trainer*", "launch*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "transformers>=5.0",
+        "ray[train]>=2.50",
+        "mlflow>=3.0",
+        "webdataset>=0.2.100",
+        "av>=12",
+        "pillow",
+        "numpy",
+        "pydantic>=2",
+        "pyyaml",
+        "safetensors",
+        "tokenizers",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.5"],
+        "dev": ["pytest>=8"],
+    },
+    entry_points={"console_scripts": ["valleyforge=launch.cli:main"]},
+)

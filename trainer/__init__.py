@@ -1,0 +1,1 @@
+"""Everything that runs inside one training worker: model, engine, loop, export."""

@@ -1,0 +1,124 @@
+"""Turn a model config, or an exported model, into a plan, and a plan into a model.
+
+A plan names the two HF configs, the architecture, the tokenizer and where each component's
+weights come from (a folder, or a random init). Building from config and resuming from an
+export are the same path.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+
+from data_shards.conversation import VISUAL_TOKEN
+from data_shards.tokenizer import load_tokenizer, word_tokenizer_from_file
+from trainer.config import ModelConfig
+from trainer.model import Architecture, VideoLanguageModel
+from trainer.partitioned import SafetensorsFolder, init_random_weights, load_weights
+
+EXPORT_SPEC = "valleyforge_model.json"
+COMPONENTS = ("vision", "projector", "llm")
+
+
+@dataclass
+class ModelPlan:
+    tokenizer: object
+    vision_config: object
+    llm_config: object
+    arch: Architecture
+    weights: dict[str, Path | None]  # component -> folder with its safetensors; None: random init
+
+
+def pick_attention(requested: str) -> str:
+    """flash_attention_2 where flash-attn imports and CUDA is present, else SDPA."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _vision_config_from(path: str):
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "vision_config", config)  # a full CLIP checkpoint: take its vision tower
+
+
+def plan_from_config(cfg: ModelConfig) -> ModelPlan:
+    if cfg.tokenizer:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    elif cfg.word_vocab:
+        tokenizer = word_tokenizer_from_file(cfg.word_vocab)
+    else:
+        tokenizer = load_tokenizer(cfg.llm.path)
+    if cfg.vision.tiny:
+        t = cfg.vision.tiny
+        vision_config = CLIPVisionConfig(image_size=t.image_size, patch_size=t.patch_size, hidden_size=t.hidden_size,
+                                         intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                                         num_attention_heads=t.num_heads)
+    else:
+        vision_config = _vision_config_from(cfg.vision.path)
+    if cfg.llm.tiny:
+        t = cfg.llm.tiny
+        llm_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=t.hidden_size,
+                                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                                 num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
+                                 max_position_embeddings=t.max_position_embeddings,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    else:
+        llm_config = AutoConfig.from_pretrained(cfg.llm.path)
+        llm_config.vocab_size = max(llm_config.vocab_size, len(tokenizer))
+    arch = Architecture(reducer=cfg.reducer, projector=cfg.projector, vision_feature_layer=cfg.vision_feature_layer,
+                        num_frames=cfg.num_frames, visual_token_id=tokenizer.convert_tokens_to_ids(VISUAL_TOKEN))
+    weights = {"vision": Path(cfg.vision.path) if cfg.vision.path else None,
+               "llm": Path(cfg.llm.path) if cfg.llm.path else None, "projector": None}
+    return ModelPlan(tokenizer, vision_config, llm_config, arch, weights)
+
+
+def plan_from_export(folder: str | Path) -> ModelPlan:
+    folder = Path(folder)
+    spec_path = folder / EXPORT_SPEC
+    if not spec_path.is_file():
+        raise ValueError(f"{folder}: not a ValleyForge export (no {EXPORT_SPEC})")
+    spec = json.loads(spec_path.read_text())
+    return ModelPlan(
+        tokenizer=load_tokenizer(folder / "llm"),
+        vision_config=AutoConfig.from_pretrained(folder / "vision"),
+        llm_config=AutoConfig.from_pretrained(folder / "llm"),
+        arch=Architecture.from_json(spec["architecture"]),
+        weights={name: folder / name for name in COMPONENTS})
+
+
+def with_frames(plan: ModelPlan, num_frames: int) -> ModelPlan:
+    return replace(plan, arch=replace(plan.arch, num_frames=num_frames))
+
+
+def build_model(plan: ModelPlan, attn_implementation: str = "auto") -> VideoLanguageModel:
+    """The module tree with uninitialised weights (call under `deepspeed.zero.Init` to shard it)."""
+    attn = pick_attention(attn_implementation)
+    vision = AutoModel.from_config(plan.vision_config, attn_implementation=attn)
+    llm = AutoModelForCausalLM.from_config(plan.llm_config, attn_implementation=attn)
+    return VideoLanguageModel(vision, llm, plan.arch)
+
+
+def fill_weights(model: VideoLanguageModel, plan: ModelPlan, init_std: float, seed: int) -> None:
+    """Load each component from its folder, or initialise it randomly. All ranks must call."""
+    for name in COMPONENTS:
+        module = getattr(model, name)
+        folder = plan.weights[name]
+        if folder is None:
+            init_random_weights(module, init_std, seed)
+        else:
+            load_weights(module, SafetensorsFolder(folder))
+
+
+def load_export(folder: str | Path) -> tuple[VideoLanguageModel, object]:
+    """A plain (unsharded) model and its tokenizer from an export folder, for inference."""
+    plan = plan_from_export(folder)
+    model = build_model(plan)
+    fill_weights(model, plan, init_std=0.0, seed=0)
+    return model.eval(), plan.tokenizer

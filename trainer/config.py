@@ -1,0 +1,116 @@
+"""Config sections owned by the trainer: model, engine, and the stages."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from data_shards.conversation import TEMPLATES
+
+Module = Literal["vision", "projector", "llm"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TinyVision(Strict):
+    """A random CLIP vision tower built from these sizes (tests, demo)."""
+    image_size: int = 32
+    patch_size: int = 8
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+class TinyLLM(Strict):
+    """A random Llama built from these sizes (tests, demo)."""
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_position_embeddings: int = 1024
+
+
+class ComponentSource(Strict):
+    """A pretrained component (`path`, a local checkpoint folder) or a random one (`tiny`)."""
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("set exactly one of `path` (a checkpoint folder) or `tiny` (random sizes)")
+        return self
+
+
+class VisionSource(ComponentSource):
+    tiny: TinyVision | None = None
+
+
+class LLMSource(ComponentSource):
+    tiny: TinyLLM | None = None
+
+
+class ModelConfig(Strict):
+    vision: VisionSource
+    llm: LLMSource
+    tokenizer: str | None = Field(None, description="tokenizer folder; default: the LLM path")
+    word_vocab: str | None = Field(None, description="word list for a word-level tokenizer (tiny models)")
+    reducer: Literal["valley"] = "valley"
+    projector: Literal["linear"] = "linear"
+    vision_feature_layer: int = -2
+    num_frames: int = Field(8, ge=1)
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
+    init_std: float = Field(0.02, gt=0, description="std of random init (tiny parts and the projector)")
+
+    @model_validator(mode="after")
+    def _tokenizer_source(self):
+        if self.tokenizer is None and self.word_vocab is None and self.llm.path is None:
+            raise ValueError("a tiny LLM needs `word_vocab` (a word list) or `tokenizer` (a folder)")
+        return self
+
+
+class EngineConfig(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 3
+    precision: Literal["fp32", "bf16"] = "fp32"
+    param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3 keeps parameters smaller than this unpartitioned")
+    offload_optimizer: bool = False
+
+
+class OptimizerConfig(Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+
+class ScheduleConfig(Strict):
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
+
+
+class StageConfig(Strict):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    train_data: str = Field(description="split directory holding shards and manifest.json")
+    eval_data: str | None = None
+    template: str = "vicuna_v1"
+    trainable: list[Module] = Field(min_length=1)
+    init_from: str = Field(
+        "auto", description="auto | config | models:/NAME@ALIAS | models:/NAME/VERSION | an export folder")
+    steps: int = Field(gt=0, description="optimizer steps")
+    grad_accum: int = Field(1, ge=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    eval_every: int = Field(0, ge=0, description="steps between evaluations; 0: at the end only")
+    eval_batches: int = Field(4, ge=1)
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, name: str) -> str:
+        if name not in TEMPLATES:
+            raise ValueError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)}")
+        return name

@@ -1,0 +1,82 @@
+"""The step loop: the same for every stage and recipe."""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "frames", "frame_mask", "labels")
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+
+
+def _sum_across_ranks(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def _merge_rejects(counts: Counter) -> dict[str, int]:
+    if not dist.is_initialized():
+        return dict(counts)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, dict(counts))
+    return dict(sum((Counter(c) for c in gathered), Counter()))
+
+
+def evaluate(engine, batches: Iterator[dict], num_batches: int) -> float:
+    """Mean loss over `num_batches` held-out batches per rank, averaged over ranks."""
+    engine.eval()
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(num_batches):
+            total += float(engine(**_to(next(batches), engine.device)).loss)
+    engine.train()
+    summed, = _sum_across_ranks([total / num_batches])
+    return summed / (dist.get_world_size() if dist.is_initialized() else 1)
+
+
+def train(engine, batches: Iterator[dict], steps: int, grad_accum: int, log: Callable[[dict, int], None],
+          evaluate_fn: Callable[[], float] | None, eval_every: int) -> dict:
+    """Run `steps` optimizer steps of `grad_accum` micro-batches; returns the last metrics."""
+    engine.train()
+    rejected_total: Counter = Counter()
+    metrics: dict = {}
+    for step in range(1, steps + 1):
+        started = time.perf_counter()
+        loss_sum, tokens, samples, data_wait = 0.0, 0, 0, 0.0
+        for _ in range(grad_accum):
+            fetch = time.perf_counter()
+            batch = next(batches)
+            data_wait += time.perf_counter() - fetch
+            rejected_total.update(batch["rejected"])
+            loss = engine(**_to(batch, engine.device)).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += float(loss)
+            tokens += int(batch["attention_mask"].sum())
+            samples += batch["input_ids"].shape[0]
+        elapsed = time.perf_counter() - started
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        loss_all, tokens_all, samples_all, wait_all = _sum_across_ranks(
+            [loss_sum / grad_accum, tokens, samples, data_wait])
+        metrics = {
+            "train/loss": loss_all / world,
+            "train/lr": engine.get_lr()[0],
+            "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "train/tokens_per_s": tokens_all / elapsed,
+            "train/samples_per_s": samples_all / elapsed,
+            "train/data_wait_fraction": wait_all / world / elapsed,
+        }
+        metrics.update({f"data/rejected/{reason.replace(' ', '_')}": n
+                        for reason, n in _merge_rejects(rejected_total).items()})
+        if evaluate_fn and ((eval_every and step % eval_every == 0) or step == steps):
+            metrics["eval/loss"] = evaluate_fn()
+        log(metrics, step)
+    return metrics

@@ -1,0 +1,116 @@
+"""The video-language model: vision encoder -> visual token reducer -> projector -> causal LM,
+the projected visual tokens spliced into the LM's input where the text holds visual tokens.
+
+Plain torch + transformers: no DeepSpeed, Ray or MLflow here.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from data_shards.reader import VisualSpec
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Everything besides the two HF configs needed to rebuild the model (saved with exports)."""
+    reducer: str
+    projector: str
+    vision_feature_layer: int
+    num_frames: int
+    visual_token_id: int
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, body: dict) -> "Architecture":
+        return cls(**{**body, "image_mean": tuple(body["image_mean"]), "image_std": tuple(body["image_std"])})
+
+
+class ValleyPooling(nn.Module):
+    """Valley's spatio-temporal reducer: each patch position averaged over the clip's frames
+    (spatial tokens), followed by one token per frame, its [CLS] (temporal tokens)."""
+
+    @staticmethod
+    def num_tokens(num_patches: int, num_frames: int) -> int:
+        return num_patches + num_frames
+
+    def forward(self, features_BTND: torch.Tensor, frame_mask_BT: torch.Tensor):
+        """features [B,T,1+P,D] ([CLS] first) -> tokens [B,P+T,D] and their validity [B,P+T]."""
+        cls_BTD, patches_BTPD = features_BTND[:, :, 0], features_BTND[:, :, 1:]
+        weight_BT11 = frame_mask_BT.to(features_BTND.dtype)[:, :, None, None]
+        spatial_BPD = (patches_BTPD * weight_BT11).sum(1) / weight_BT11.sum(1).clamp(min=1)
+        has_media_BP = frame_mask_BT.any(1, keepdim=True).expand(-1, patches_BTPD.shape[2])
+        return torch.cat([spatial_BPD, cls_BTD], 1), torch.cat([has_media_BP, frame_mask_BT], 1)
+
+
+REDUCERS = {"valley": ValleyPooling}
+
+
+def build_projector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(vision_dim, llm_dim)
+    raise ValueError(f"unknown projector {kind!r}")
+
+
+class VideoLanguageModel(nn.Module):
+    def __init__(self, vision: nn.Module, llm: nn.Module, arch: Architecture):
+        super().__init__()
+        self.arch = arch
+        self.vision = vision
+        self.reducer = REDUCERS[arch.reducer]()
+        self.projector = build_projector(arch.projector, vision.config.hidden_size, llm.config.hidden_size)
+        self.llm = llm
+
+    @property
+    def num_patches(self) -> int:
+        return (self.vision.config.image_size // self.vision.config.patch_size) ** 2
+
+    def visual_spec(self) -> VisualSpec:
+        """What the data reader must produce for this model."""
+        return VisualSpec(
+            num_frames=self.arch.num_frames, image_size=self.vision.config.image_size,
+            mean=self.arch.image_mean, std=self.arch.image_std,
+            tokens_per_video=self.reducer.num_tokens(self.num_patches, self.arch.num_frames),
+            tokens_per_image=self.reducer.num_tokens(self.num_patches, 1))
+
+    def encode_media(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor):
+        """Projected visual tokens [B,N,D_llm] and which of them are real [B,N]."""
+        batch, num_frames = frames_BTCHW.shape[:2]
+        pixels = frames_BTCHW.flatten(0, 1).to(self.projector.weight.dtype)
+        hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states
+        features_BTND = hidden[self.arch.vision_feature_layer].unflatten(0, (batch, num_frames))
+        tokens_BND, valid_BN = self.reducer(features_BTND, frame_mask_BT)
+        return self.projector(tokens_BND), valid_BN
+
+    def embed(self, input_ids: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
+        visual_BND, valid_BN = self.encode_media(frames, frame_mask)
+        embeds_BLD = self.llm.get_input_embeddings()(input_ids)
+        slots_BL = input_ids == self.arch.visual_token_id
+        if int(slots_BL.sum()) != int(valid_BN.sum()):
+            raise ValueError(f"batch has {int(slots_BL.sum())} visual token slots but its media give "
+                             f"{int(valid_BN.sum())} visual tokens")
+        embeds_BLD = embeds_BLD.masked_scatter(slots_BL[..., None], visual_BND[valid_BN].to(embeds_BLD.dtype))
+        # The vision path runs on every batch, text-only ones too, and stays in the graph with
+        # zero weight: under ZeRO-3 every rank must gather and reduce the same parameters, or
+        # a rank whose batch has no media would leave the others waiting forever.
+        return embeds_BLD + 0.0 * visual_BND.sum()
+
+    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None):
+        embeds = self.embed(input_ids, frames, frame_mask)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, frames, frame_mask, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Greedy continuation token ids (prompt excluded)."""
+        embeds = self.embed(input_ids, frames, frame_mask)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
+                                 max_new_tokens=max_new_tokens, do_sample=False, **kwargs)

@@ -1,0 +1,118 @@
+"""Read and write the weights of a module whose parameters may be ZeRO-3 partitioned.
+
+Each works one submodule at a time (its own parameters, gathered whole for that moment), so
+memory stays bounded by the largest layer. Outside ZeRO-3 the gathers are no-ops and the same
+code serves plain modules (evaluation, exports loaded for inference).
+"""
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from torch import nn
+
+
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return list(module.named_parameters(recurse=False))
+
+
+def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
+    """Deterministic random init: matrices and embeddings ~ N(0, std), biases 0, norm scales 1.
+
+    Seeded per submodule by name, so the result does not depend on rank count or build order.
+    """
+    for prefix, sub in module.named_modules():
+        params = _own_params(sub)
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if not _is_writer():
+                continue
+            generator = torch.Generator().manual_seed(seed ^ zlib.crc32(prefix.encode()))
+            for name, param in params:
+                with torch.no_grad():
+                    if name == "bias":
+                        param.zero_()
+                    elif param.ndim == 1 and name == "weight":
+                        param.fill_(1.0)
+                    else:
+                        param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+class SafetensorsFolder:
+    """All tensors of the *.safetensors files in a folder, read lazily by name."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        files = sorted(self.folder.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"{self.folder}: no *.safetensors weights found")
+        self._where = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                self._where.update({key: file for key in f.keys()})
+
+    def keys(self) -> set[str]:
+        return set(self._where)
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(str(self._where[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+def load_weights(module: nn.Module, source: SafetensorsFolder) -> None:
+    """Copy `source` into `module` by parameter name.
+
+    Every parameter must be present. An embedding-like tensor with fewer rows than the module's
+    (the tokenizer gained tokens, e.g. the visual token) fills the first rows; the rest keep
+    their initialisation. Tensors the module has no place for (a full CLIP checkpoint's text
+    tower) are ignored.
+    """
+    expected = {name for name, _ in module.named_parameters()}
+    missing = sorted(expected - source.keys())
+    if missing:
+        raise ValueError(f"{source.folder}: weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
+    for prefix, sub in module.named_modules():
+        params = _own_params(sub)
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+            if _is_writer():
+                for name, param in params:
+                    _copy_into(param, source.get(f"{prefix}.{name}" if prefix else name), source.folder, name)
+        for name, buffer in sub.named_buffers(recurse=False):
+            key = f"{prefix}.{name}" if prefix else name
+            if key in source.keys():
+                with torch.no_grad():
+                    buffer.copy_(source.get(key))
+
+
+def _copy_into(param: torch.Tensor, tensor: torch.Tensor, folder: Path, name: str) -> None:
+    with torch.no_grad():
+        if tensor.shape == param.shape:
+            param.copy_(tensor)
+        elif tensor.ndim == param.ndim and tensor.shape[1:] == param.shape[1:] and tensor.shape[0] < param.shape[0]:
+            param[: tensor.shape[0]].copy_(tensor)
+        else:
+            raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+
+
+def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The full state dict on rank 0 (CPU tensors); empty on other ranks. All ranks must call."""
+    state = {}
+    for prefix, sub in module.named_modules():
+        params = _own_params(sub)
+        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+            if _is_writer():
+                for name, param in params:
+                    state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
+    if _is_writer():
+        for name, buffer in module.named_buffers():
+            state[name] = buffer.detach().cpu().clone()
+    return state

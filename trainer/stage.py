@@ -1,0 +1,48 @@
+"""One stage inside one worker: plan the model, build the engine, stream the data, train, export."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from data_shards.config import ReaderConfig
+from data_shards.conversation import get_template
+from data_shards.reader import Topology, build_loader
+from trainer.build import plan_from_config, plan_from_export
+from trainer.config import EngineConfig, ModelConfig, StageConfig
+from trainer.engine import build_engine
+from trainer.export import export_model
+from trainer.loop import evaluate, train
+
+
+@dataclass
+class StageJob:
+    """Everything a worker needs for one stage (plain data: it travels to remote workers)."""
+    model: ModelConfig
+    engine: EngineConfig
+    data: ReaderConfig
+    stage: StageConfig
+    init_export: str | None  # local export folder to start from; None: build from `model`
+    export_dir: str
+    seed: int
+
+
+def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None]) -> Path | None:
+    """Train the stage and export it; returns the export folder on rank 0, None elsewhere."""
+    torch.manual_seed(job.seed)
+    plan = plan_from_export(job.init_export) if job.init_export else plan_from_config(job.model)
+    engine = build_engine(plan, job.engine, job.stage, job.data.micro_batch_size,
+                          job.model.attn_implementation, job.model.init_std, job.seed)
+    visual = engine.module.visual_spec()
+    template = get_template(job.stage.template)
+    train_batches = iter(build_loader(job.stage.train_data, job.data, plan.tokenizer, template, visual,
+                                      topology, train=True))
+    evaluate_fn = None
+    if job.stage.eval_data:
+        eval_batches = iter(build_loader(job.stage.eval_data, job.data, plan.tokenizer, template, visual,
+                                         topology, train=False))
+        evaluate_fn = lambda: evaluate(engine, eval_batches, job.stage.eval_batches)  # noqa: E731
+    train(engine, train_batches, job.stage.steps, job.stage.grad_accum, log, evaluate_fn, job.stage.eval_every)
+    return export_model(engine.module, plan.tokenizer, job.export_dir)
