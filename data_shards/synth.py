@@ -66,8 +66,8 @@ def render_clip(rng: np.random.Generator, spec: SynthSpec, colour: str, shape: s
                 direction: str | None) -> np.ndarray:
     """uint8 frames [T,H,W,3]; `direction=None` renders a still (one frame)."""
     size = spec.frame_size
-    radius = rng.uniform(0.14, 0.2) * size
-    travel = rng.uniform(0.35, 0.45) * size if direction else 0.0
+    radius = rng.uniform(0.2, 0.27) * size
+    travel = rng.uniform(0.25, 0.35) * size if direction else 0.0
     dx, dy = DIRECTIONS[direction] if direction else (0, 0)
     lo, hi = radius + 1, size - radius - 1
     # Start so that the whole path stays inside the frame.

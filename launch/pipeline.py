@@ -68,11 +68,11 @@ def start_ray(cfg: JobConfig) -> None:
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
     else:
         needed = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
         ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed), include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=False)
+                 runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
 
 
 class Pipeline:

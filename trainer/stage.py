@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -29,8 +29,16 @@ class StageJob:
     seed: int
 
 
-def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None]) -> Path | None:
-    """Train the stage and export it; returns the export folder on rank 0, None elsewhere."""
+@dataclass
+class PreparedStage:
+    engine: object
+    tokenizer: object
+    train_batches: Iterator[dict]
+    evaluate_fn: Callable[[], float] | None
+
+
+def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
+    """The engine with its weights in place, and the stage's data streams for this rank."""
     torch.manual_seed(job.seed)
     plan = plan_from_export(job.init_export) if job.init_export else plan_from_config(job.model)
     engine = build_engine(plan, job.engine, job.stage, job.data.micro_batch_size,
@@ -44,5 +52,12 @@ def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None
         eval_batches = iter(build_loader(job.stage.eval_data, job.data, plan.tokenizer, template, visual,
                                          topology, train=False))
         evaluate_fn = lambda: evaluate(engine, eval_batches, job.stage.eval_batches)  # noqa: E731
-    train(engine, train_batches, job.stage.steps, job.stage.grad_accum, log, evaluate_fn, job.stage.eval_every)
-    return export_model(engine.module, plan.tokenizer, job.export_dir)
+    return PreparedStage(engine, plan.tokenizer, train_batches, evaluate_fn)
+
+
+def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None]) -> Path | None:
+    """Train the stage and export it; returns the export folder on rank 0, None elsewhere."""
+    stage = prepare_stage(job, topology)
+    train(stage.engine, stage.train_batches, job.stage.steps, job.stage.grad_accum, log, stage.evaluate_fn,
+          job.stage.eval_every)
+    return export_model(stage.engine.module, stage.tokenizer, job.export_dir)

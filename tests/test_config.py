@@ -1,0 +1,66 @@
+"""Config errors end before anything starts, in one line that names the key."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.config import ConfigError, load_config
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("stages.pretrain.steps=0", "stages.0.steps: Input should be greater than 0"),
+    ("stages.instruct.optimizer.learning_rate=1", "stages.1.optimizer.learning_rate: unknown key (allowed here: lr, "),
+    ("model.reducer=avgpool", "model.reducer: Input should be 'valley' (got 'avgpool')"),
+    ("stages.pretrain.trainable=[brain]", "stages.0.trainable.0: Input should be 'vision', 'projector' or 'llm'"),
+    ("stages.nosuch.steps=3", "stages has no item 'nosuch'"),
+    ("stages.pretrain.template=alpaca", "unknown template 'alpaca'"),
+    ("model.vision.path=/some/clip", "model.vision: set exactly one of `path`"),
+    ("clusterr.num_workers=4", "clusterr: unknown key (allowed here: name, output_dir"),
+])
+def test_bad_override_is_one_line_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, [override])
+    assert expected in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_cli_reports_config_error_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(DEMO.read_text().replace("micro_batch_size: 8", "micro_batch_size: 8\n  frames_per_clip: 4"))
+    result = run_cli("run", str(bad), "--set", "stages.pretrain.steps=2")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "data.frames_per_clip: unknown key" in lines[0] and str(bad) in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_reports_invalid_yaml_and_missing_file(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\nstages: [\n")
+    result = run_cli("run", str(broken))
+    assert result.returncode == 2 and "not valid YAML" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("run", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_missing_data_split_fails_before_workers_start(tmp_path):
+    result = run_cli("run", str(DEMO), "--set", f"stages.pretrain.train_data={tmp_path}/nothing",
+                     "--set", f"output_dir={tmp_path}/run")
+    assert result.returncode == 2
+    assert f"{tmp_path}/nothing: no shard manifest here" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_overrides_parse_yaml_values_and_stage_names():
+    cfg = load_config(DEMO, ["stages.instruct.optimizer.lr=5e-4", "stages.1.steps=7", "cluster.num_workers=1",
+                             "stages.pretrain.trainable=[projector, llm]"])
+    assert cfg.stages[1].optimizer.lr == 5e-4 and cfg.stages[1].steps == 7
+    assert cfg.cluster.num_workers == 1 and cfg.stages[0].trainable == ["projector", "llm"]

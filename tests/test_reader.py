@@ -1,0 +1,70 @@
+"""The reader: batches shaped for the model, ranks reading disjoint shards, bad samples counted."""
+import json
+
+import torch
+
+from data_shards.config import ReaderConfig
+from data_shards.conversation import get_template
+from data_shards.manifest import read_manifest
+from data_shards.reader import Topology, VisualSpec, build_loader
+from data_shards.synth import vocabulary
+from data_shards.tokenizer import build_word_tokenizer
+from data_shards.writer import SplitWriter
+
+VISUAL = VisualSpec(num_frames=4, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, tokens_per_video=20,
+                    tokens_per_image=17)
+
+
+def keys_of(loader, num_batches):
+    it = iter(loader)
+    return [key for _ in range(num_batches) for key in next(it)["keys"]]
+
+
+def test_batches_have_model_shapes(synth_data):
+    tok = build_word_tokenizer(vocabulary())
+    loader = build_loader(str(synth_data / "instruct" / "train"), ReaderConfig(micro_batch_size=4, num_workers=1),
+                          tok, get_template("vicuna_v1"), VISUAL, Topology(0, 1), train=True)
+    batch = next(iter(loader))
+    assert batch["frames"].shape == (4, 4, 3, 32, 32) and batch["frame_mask"].shape == (4, 4)
+    visual_id = tok.convert_tokens_to_ids("<visual>")
+    for b in range(4):  # visual slots per sample match its media: 20 (video), 17 (image), 0 (text)
+        slots, frames = int((batch["input_ids"][b] == visual_id).sum()), int(batch["frame_mask"][b].sum())
+        assert slots == {4: 20, 1: 17, 0: 0}[frames]
+    assert (batch["labels"][batch["attention_mask"] == 0] == -100).all()
+
+
+def test_ranks_read_disjoint_shards_and_shuffle_is_seeded(synth_data):
+    tok = build_word_tokenizer(vocabulary())
+    split = str(synth_data / "captions" / "train")
+    cfg = ReaderConfig(micro_batch_size=8, num_workers=0, shuffle_buffer=16, seed=3)
+    rank_keys = [keys_of(build_loader(split, cfg, tok, get_template("plain"), VISUAL, Topology(r, 2), True), 8)
+                 for r in range(2)]
+    assert not set(rank_keys[0]) & set(rank_keys[1])
+    again = keys_of(build_loader(split, cfg, tok, get_template("plain"), VISUAL, Topology(0, 2), True), 8)
+    assert again == rank_keys[0]
+    other_seed = keys_of(build_loader(split, cfg.model_copy(update={"seed": 4}), tok, get_template("plain"),
+                                      VISUAL, Topology(0, 2), True), 8)
+    assert other_seed != rank_keys[0]
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, synth_data):
+    tok = build_word_tokenizer(vocabulary())
+    good = read_manifest(synth_data / "captions" / "heldout")
+    import webdataset as wds
+    samples = list(wds.DataPipeline(wds.SimpleShardList(good.urls[:1]), wds.tarfile_to_samples()))
+    writer = SplitWriter(tmp_path / "mixed", samples_per_shard=100)
+    for s in samples:
+        writer.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+    writer.write({"__key__": "broken-json", "json": b"{not json", "mp4": samples[0]["mp4"]})
+    writer.write({"__key__": "bad-video", "json": samples[0]["json"], "mp4": b"\x00" * 100})
+    writer.write({"__key__": "no-placeholder", "mp4": samples[0]["mp4"],
+                  "json": json.dumps({"conversations": [{"from": "human", "value": "hi"},
+                                                        {"from": "gpt", "value": "a red circle ."}]}).encode()})
+    writer.close()
+    cfg = ReaderConfig(micro_batch_size=len(samples), num_workers=0, shuffle_buffer=1)
+    loader = build_loader(str(tmp_path / "mixed"), cfg, tok, get_template("plain"), VISUAL, Topology(0, 1), False)
+    it = iter(loader)
+    first, second = next(it), next(it)
+    assert sorted(first["keys"]) == sorted(s["__key__"] for s in samples)
+    assert second["rejected"] == {"broken json": 1, "undecodable media": 1, "placeholder mismatch": 1}
+    assert "broken-json" not in second["keys"] and isinstance(second["frames"], torch.Tensor)
