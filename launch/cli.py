@@ -36,8 +36,8 @@ def _run(config_path: str, overrides: list[str]) -> int:
     from launch.console import quiet_libraries
 
     cfg = load_config(config_path, overrides)
+    from launch.pipeline import Pipeline  # imported first: the libraries install their log handlers on import
     quiet_libraries(cfg.resolved_output_dir() / "logs" / "driver.log")
-    from launch.pipeline import Pipeline
     registered = Pipeline(cfg).run()
     print("\nRegistered models:")
     for stage in registered:

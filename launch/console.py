@@ -18,7 +18,7 @@ def quiet_libraries(log_file: Path) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
-    for name in ("ray", "mlflow", "alembic", "deepspeed", "transformers", "DeepSpeed", "py.warnings"):
+    for name in list(logging.root.manager.loggerDict):  # every library logger: to the file only
         logger = logging.getLogger(name)
         logger.handlers[:] = []
         logger.propagate = True
