@@ -101,7 +101,7 @@ class Pipeline:
                 self.evaluate(registered[-1], parent.info.run_id)
         return registered
 
-    def init_source(self, index: int, stage, previous: RegisteredStage | None) -> tuple[str | None, str]:
+    def init_source(self, stage, previous: RegisteredStage | None) -> tuple[str | None, str]:
         source = stage.init_from
         if source == "auto":
             source = "config" if previous is None else f"models:/{previous.name}@latest"
@@ -112,7 +112,7 @@ class Pipeline:
         return str(Path(source).absolute()), source
 
     def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict) -> RegisteredStage:
-        init_export, init_desc = self.init_source(index, stage, previous)
+        init_export, init_desc = self.init_source(stage, previous)
         data_hash = manifest_hash(stage.train_data)
         stage_tags = {**tags, "stage": stage.name, "data_manifest_hash": data_hash}
         with mlflow.start_run(run_name=stage.name, nested=True, tags=stage_tags) as run:
@@ -169,7 +169,7 @@ class Pipeline:
         ev = self.cfg.evaluation
         line = ProgressLine("evaluate", 1)
         metrics = attribute_accuracy(model, tokenizer, ev.data, ev.template, ev.max_new_tokens,
-                                     progress=lambda done, total: line._show(f"[evaluate] {done}/{total} clips"))
+                                     progress=lambda done, total: line.status(f"[evaluate] {done}/{total} clips"))
         for run_id in (stage.run_id, parent_run_id):
             self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
                                                    for k, v in metrics.items()])

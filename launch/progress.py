@@ -22,6 +22,8 @@ class ProgressBoard:
 
 
 def _duration(seconds: float) -> str:
+    if seconds != seconds:  # NaN: no rate measured yet
+        return "--"
     seconds = int(max(seconds, 0))
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
@@ -36,21 +38,25 @@ class ProgressLine:
         self.started = time.monotonic()
         self.last_print = 0.0
         self.last_text = ""
+        self.first_seen: tuple[int, float] | None = None
 
     def update(self, latest: dict) -> None:
         if not latest:
             text = f"[{self.stage}] starting workers ({_duration(time.monotonic() - self.started)})"
         else:
-            step = latest["step"]
-            elapsed = time.monotonic() - self.started
-            eta = elapsed / step * (self.total - step)
+            step, now = latest["step"], time.monotonic()
+            if self.first_seen is None:  # rate from the first step seen on: startup time is no step time
+                self.first_seen = (step, now)
+            first_step, first_time = self.first_seen
+            rate = (step - first_step) / (now - first_time) if step > first_step else 0.0
+            eta = (self.total - step) / rate if rate else float("nan")
             text = (f"[{self.stage}] step {step}/{self.total}  loss {latest['train/loss']:.3f}  "
                     f"{latest['train/tokens_per_s']:,.0f} tok/s  ETA {_duration(eta)}")
             if "eval/loss" in latest:
                 text += f"  eval {latest['eval/loss']:.3f}"
-        self._show(text)
+        self.status(text)
 
-    def _show(self, text: str, force: bool = False) -> None:
+    def status(self, text: str, force: bool = False) -> None:
         now = time.monotonic()
         if self.tty:
             self.stream.write("\r" + text.ljust(len(self.last_text)))
@@ -64,7 +70,7 @@ class ProgressLine:
     def finish(self, summary: str) -> None:
         if self.tty:
             self.stream.write("\r" + " " * len(self.last_text) + "\r")
-        self._show(f"[{self.stage}] {summary} in {_duration(time.monotonic() - self.started)}", force=True)
+        self.status(f"[{self.stage}] {summary} in {_duration(time.monotonic() - self.started)}", force=True)
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()

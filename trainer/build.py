@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -91,10 +91,6 @@ def plan_from_export(folder: str | Path) -> ModelPlan:
         llm_config=AutoConfig.from_pretrained(folder / "llm"),
         arch=Architecture.from_json(spec["architecture"]),
         weights={name: folder / name for name in COMPONENTS})
-
-
-def with_frames(plan: ModelPlan, num_frames: int) -> ModelPlan:
-    return replace(plan, arch=replace(plan.arch, num_frames=num_frames))
 
 
 def build_model(plan: ModelPlan, attn_implementation: str = "auto") -> VideoLanguageModel:

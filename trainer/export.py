@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from trainer.build import EXPORT_SPEC
 from trainer.model import VideoLanguageModel
-from trainer.partitioned import _is_writer, gather_state_dict
+from trainer.partitioned import is_writer_rank, gather_state_dict
 
 FORMAT_VERSION = 1
 
@@ -28,7 +28,7 @@ def export_model(model: VideoLanguageModel, tokenizer, out_dir: str | Path) -> P
     """
     out_dir = Path(out_dir)
     states = {name: gather_state_dict(getattr(model, name)) for name in ("vision", "llm", "projector")}
-    if not _is_writer():
+    if not is_writer_rank():
         return None
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

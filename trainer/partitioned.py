@@ -16,7 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 
-def _is_writer() -> bool:
+def is_writer_rank() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
@@ -34,7 +34,7 @@ def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
         if not params:
             continue
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
-            if not _is_writer():
+            if not is_writer_rank():
                 continue
             generator = torch.Generator().manual_seed(seed ^ zlib.crc32(prefix.encode()))
             for name, param in params:
@@ -83,7 +83,7 @@ def load_weights(module: nn.Module, source: SafetensorsFolder) -> None:
     for prefix, sub in module.named_modules():
         params = _own_params(sub)
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
-            if _is_writer():
+            if is_writer_rank():
                 for name, param in params:
                     _copy_into(param, source.get(f"{prefix}.{name}" if prefix else name), source.folder, name)
         for name, buffer in sub.named_buffers(recurse=False):
@@ -109,10 +109,10 @@ def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     for prefix, sub in module.named_modules():
         params = _own_params(sub)
         with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
-            if _is_writer():
+            if is_writer_rank():
                 for name, param in params:
                     state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
-    if _is_writer():
+    if is_writer_rank():
         for name, buffer in module.named_buffers():
             state[name] = buffer.detach().cpu().clone()
     return state
