@@ -61,10 +61,13 @@ def render_segments(template: Template, conversations: list[dict], eos: str) -> 
             raise SampleError("bad turn order", f"turn {i} is {human.get('from')!r}, turn {i + 1} is {gpt.get('from')!r}")
         if not str(gpt.get("value", "")).strip():
             raise SampleError("empty assistant turn", f"turn {i + 1}")
-        prefix = template.system if i == 0 else ""
-        segments.append((prefix + template.user.format(text=human["value"]), False))
+        segments.append((_human_turn(template, human["value"], first=i == 0), False))
         segments.append((template.assistant.format(text=gpt["value"], eos=eos), True))
     return segments
+
+
+def _human_turn(template: Template, text: str, first: bool) -> str:
+    return (template.system if first else "") + template.user.format(text=text)
 
 
 def template_texts() -> list[str]:
@@ -117,6 +120,5 @@ def encode_prompt(tokenizer, template: Template, question: str, media_kind: str 
                   visual_tokens: dict[str, int]) -> list[int]:
     """Token ids of a first human turn, ending where the assistant's answer would begin."""
     text = f"<{media_kind}>\n{question}" if media_kind else question
-    input_ids, _ = _encode_segments(tokenizer, [(template.system + template.user.format(text=text), False)],
-                                    visual_tokens)
+    input_ids, _ = _encode_segments(tokenizer, [(_human_turn(template, text, first=True), False)], visual_tokens)
     return input_ids

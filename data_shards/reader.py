@@ -103,6 +103,19 @@ def shuffled(samples: Iterator[dict], buffer_size: int, seed: str) -> Iterator[d
     yield from buffer
 
 
+def decode_media(raw: dict, visual: VisualSpec) -> tuple[str | None, torch.Tensor | None]:
+    """A raw sample's media: ("video" | "image" | None, model-ready pixels [T,3,S,S] or None)."""
+    video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
+    image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+    if video_ext:
+        kind, frames = "video", decode_video_frames(raw[video_ext], visual.num_frames)
+    elif image_ext:
+        kind, frames = "image", decode_image(raw[image_ext])
+    else:
+        return None, None
+    return kind, to_model_pixels(frames, visual.image_size, visual.mean, visual.std)
+
+
 class SampleDecoder:
     """Raw tar sample -> model-ready sample, or None (counted) when unusable."""
 
@@ -126,22 +139,10 @@ class SampleDecoder:
         if "json" not in raw:
             raise SampleError("missing json", "sample has no .json member")
         meta = json.loads(raw["json"])
-        media_kind, pixels = self.decode_media(raw)
+        media_kind, pixels = decode_media(raw, self.visual)
         input_ids, labels = encode_conversation(self.tokenizer, self.template, meta.get("conversations", []),
                                                 media_kind, self.visual.tokens, self.max_length)
         return {"key": raw["__key__"], "input_ids": input_ids, "labels": labels, "pixels": pixels}
-
-    def decode_media(self, raw: dict) -> tuple[str | None, torch.Tensor | None]:
-        """("video" | "image" | None, model-ready pixels [T,3,S,S] or None)."""
-        video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
-        image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if video_ext:
-            kind, frames = "video", decode_video_frames(raw[video_ext], self.visual.num_frames)
-        elif image_ext:
-            kind, frames = "image", decode_image(raw[image_ext])
-        else:
-            return None, None
-        return kind, to_model_pixels(frames, self.visual.image_size, self.visual.mean, self.visual.std)
 
 
 def collate(samples: list[dict], pad_id: int, visual: VisualSpec) -> dict:

@@ -123,13 +123,17 @@ def _section_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
         field = model.model_fields.get(key)
         if field is None:
             return None
-        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)),
-                     next((a for c in candidates for a in getattr(c, "__args__", ())
-                           if isinstance(a, type) and issubclass(a, BaseModel)), None))
+        model = _model_in(field.annotation)
         if model is None:
             return None
     return model
+
+
+def _model_in(annotation) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation such as `X`, `X | None` or `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_in, getattr(annotation, "__args__", ()))), None)
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:

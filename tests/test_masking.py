@@ -78,3 +78,11 @@ def test_truncation_never_leaves_an_unsupervised_sample(tokenizer):
     with pytest.raises(SampleError) as err:  # cut through the visual tokens
         encode_conversation(tokenizer, template, CONVERSATION, "video", {"video": 400, "image": 3}, 100)
     assert err.value.reason == "visual tokens truncated"
+
+
+def test_answers_are_scored_by_their_first_choice_word():
+    from trainer.evaluate import first_choice
+    choices = ["left", "right", "up", "down"]
+    assert first_choice("it moves left .", choices) == "left"
+    assert first_choice("Up, then down.", choices) == "up"
+    assert first_choice("it is red .", choices) is None

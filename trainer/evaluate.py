@@ -11,7 +11,7 @@ import webdataset as wds
 
 from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template
 from data_shards.manifest import read_manifest
-from data_shards.reader import RejectCounter, SampleDecoder, collate
+from data_shards.reader import collate, decode_media
 
 
 def first_choice(answer: str, choices: list[str]) -> str | None:
@@ -27,11 +27,10 @@ def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new
     model.eval()
     template = get_template(template_name)
     visual = model.visual_spec()
-    decoder = SampleDecoder(tokenizer, template, visual, max_length=0, rejects=RejectCounter())
     manifest = read_manifest(split)
     correct, asked, chance = defaultdict(int), defaultdict(int), {}
     for done, raw in enumerate(wds.DataPipeline(wds.SimpleShardList(manifest.urls), wds.tarfile_to_samples()), 1):
-        media_kind, pixels = decoder.decode_media(raw)
+        media_kind, pixels = decode_media(raw, visual)
         for probe in json.loads(raw["json"]).get("probes", []):
             input_ids = encode_prompt(tokenizer, template, probe["question"], media_kind, visual.tokens)
             batch = collate([{"key": raw["__key__"], "input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids),
