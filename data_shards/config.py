@@ -1,5 +1,8 @@
-"""The data section of a job config: how shards are read into batches."""
+"""The data section of a job config: how shards are read into batches, and the sources a
+stage trains on."""
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -12,3 +15,22 @@ class ReaderConfig(BaseModel):
     shuffle_buffer: int = Field(256, ge=1, description="samples held for shuffling; 1 disables")
     max_length: int = Field(512, ge=8, description="tokens per sample after placeholder expansion")
     seed: int = 0
+    frame_sampling: Literal["uniform", "random_segment", "fps"] = Field(
+        "uniform", description="training frame choice; evaluation always samples uniformly")
+    sample_fps: float = Field(1.0, gt=0, description="fps sampling: frames per second, capped at num_frames")
+    mixing: Literal["epoch", "resampled"] = Field(
+        "epoch", description="epoch: each source read once per epoch; resampled: sources drawn by weight without end")
+    max_skip_fraction: float = Field(0.01, ge=0, le=1, description="stop when more read-time samples are skipped")
+    skip_check_min_samples: int = Field(200, ge=1, description="samples read before the skip rate is judged")
+
+
+class DataSource(BaseModel):
+    """One source of a mixture: a split directory, or shard URLs (globs, brace ranges, s3://, pipe:)."""
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    weight: float = Field(1.0, gt=0)
+
+
+def as_sources(data: str | list[DataSource]) -> list[DataSource]:
+    return [DataSource(url=data)] if isinstance(data, str) else list(data)

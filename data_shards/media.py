@@ -1,4 +1,5 @@
-"""Encode and decode the media a sample carries: H.264 mp4 clips (PyAV) and still images."""
+"""Encode media (H.264 mp4 clips with PyAV, JPEG stills), decode still images, and turn frames
+into model pixels. Video decoding with frame sampling lives in data_shards/frames.py."""
 from __future__ import annotations
 
 import io
@@ -32,21 +33,6 @@ def encode_jpeg(image_HWC: np.ndarray, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image_HWC).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
-
-
-def uniform_frame_indices(total_frames: int, num_frames: int) -> np.ndarray:
-    """Centres of `num_frames` equal segments; repeats frames when the clip is shorter."""
-    return ((np.arange(num_frames) + 0.5) * total_frames / num_frames).astype(np.int64)
-
-
-def decode_video_frames(data: bytes, num_frames: int) -> np.ndarray:
-    """Decode an encoded video and return `num_frames` uniformly sampled RGB frames [T,H,W,3]."""
-    with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError("video has no decodable frames")
-    picked = uniform_frame_indices(len(frames), num_frames)
-    return np.stack([frames[i] for i in picked])
 
 
 def decode_image(data: bytes) -> np.ndarray:

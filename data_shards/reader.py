@@ -1,10 +1,12 @@
-"""Stream webdataset shards into training batches.
+"""Stream webdataset shards into training batches, resumably.
 
-The pipeline, stage by stage: the split's shards in a seeded per-epoch order -> this rank's
-shards -> this DataLoader worker's shards -> tar members grouped into samples -> a seeded
-shuffle buffer -> decode media (PyAV), sample frames, resize, normalize, tokenize with the
-conversation template -> batches. Samples that cannot be used are skipped and counted by
-reason; each batch carries the counts since the previous batch in `batch["rejected"]`.
+The pipeline, stage by stage: each source's shards in a seeded per-epoch order -> this
+rank's shards -> this DataLoader worker's (slot's) shards -> tar samples -> a seeded mixture
+of sources -> a seeded shuffle buffer (data_shards/stream.py) -> decode media (PyAV, only the
+sampled frames), resize, normalize, tokenize with the conversation template -> batches.
+Samples that cannot be used are skipped and counted by reason and shard; each batch carries
+the counts since the previous batch of its slot, and the slot's state after it, from which
+`ShardLoader.load_state_dict` resumes exactly.
 """
 from __future__ import annotations
 
@@ -13,20 +15,22 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_shards.config import ReaderConfig
+from data_shards.config import DataSource, ReaderConfig, as_sources
 from data_shards.conversation import IGNORE_INDEX, SampleError, Template, encode_conversation
-from data_shards.manifest import read_manifest
-from data_shards.media import decode_image, decode_video_frames, to_model_pixels
+from data_shards.frames import FrameSampling, decode_frames
+from data_shards.media import decode_image, to_model_pixels
+from data_shards.sources import shard_urls
+from data_shards.stream import SlotPlan, SlotStream
+from data_shards.tarstream import CorruptShard, RawSample
 
 log = logging.getLogger(__name__)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+STATE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -52,97 +56,84 @@ class Topology:
 
 
 class RejectCounter:
-    """Counts skipped samples by reason inside one DataLoader worker."""
+    """Counts skipped samples by reason and by shard inside one reader slot."""
 
     def __init__(self):
-        self.counts: Counter = Counter()
+        self.by_reason: Counter = Counter()
+        self.by_shard: Counter = Counter()
 
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
-        log.warning("skipped sample %s: %s", where, reason)
+    def add(self, reason: str, url: str, detail: str) -> None:
+        self.by_reason[reason] += 1
+        self.by_shard[(url, reason)] += 1
+        log.warning("skipped sample %s: %s (%s)", url, reason, detail)
 
-    def tar_error(self, err: Exception) -> bool:
-        self.add("corrupt tar member", str(err))
-        return True  # keep reading
+    def corrupt_shard(self, err: CorruptShard) -> None:
+        self.add("corrupt tar member", err.url, str(err))
 
-    def drain(self) -> dict[str, int]:
-        counts, self.counts = dict(self.counts), Counter()
-        return counts
-
-
-class ShardOrder(torch.utils.data.IterableDataset):
-    """Yields {"url": ...} for this rank and worker, epoch after epoch when `repeat`."""
-
-    def __init__(self, urls: list[str], topology: Topology, seed: int, repeat: bool, shuffle: bool):
-        self.urls, self.topology, self.seed, self.repeat, self.shuffle = urls, topology, seed, repeat, shuffle
-
-    def __iter__(self):
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        epoch = 0
-        while True:
-            order = list(self.urls)
-            if self.shuffle:
-                random.Random(f"{self.seed}-{epoch}").shuffle(order)
-            mine = order[self.topology.rank:: self.topology.world_size][worker_id::num_workers]
-            yield from ({"url": url} for url in mine)
-            if not self.repeat:
-                return
-            epoch += 1
+    def drain(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        drained = dict(self.by_reason), dict(self.by_shard)
+        self.by_reason, self.by_shard = Counter(), Counter()
+        return drained
 
 
-def shuffled(samples: Iterator[dict], buffer_size: int, seed: str) -> Iterator[dict]:
-    """Shuffle buffer with its own RNG, seeded per rank (`seed`) and DataLoader worker."""
-    worker = get_worker_info()
-    rng, buffer = random.Random(f"{seed}-{worker.id if worker else 0}"), []
-    for sample in samples:
-        buffer.append(sample)
-        if len(buffer) >= buffer_size:
-            yield buffer.pop(rng.randrange(len(buffer)))
-    rng.shuffle(buffer)
-    yield from buffer
-
-
-def decode_media(raw: dict, visual: VisualSpec) -> tuple[str | None, torch.Tensor | None]:
-    """A raw sample's media: ("video" | "image" | None, model-ready pixels [T,3,S,S] or None)."""
-    video_ext = next((e for e in VIDEO_EXTS if e in raw), None)
-    image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
+def decode_media(members: dict[str, bytes], visual: VisualSpec, sampling: FrameSampling,
+                 rng: random.Random | None = None) -> tuple[str | None, torch.Tensor | None]:
+    """A sample's media: ("video" | "image" | None, model-ready pixels [T,3,S,S] or None)."""
+    video_ext = next((e for e in VIDEO_EXTS if e in members), None)
+    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     if video_ext:
-        kind, frames = "video", decode_video_frames(raw[video_ext], visual.num_frames)
+        kind, frames = "video", decode_frames(members[video_ext], sampling, rng)
     elif image_ext:
-        kind, frames = "image", decode_image(raw[image_ext])
+        kind, frames = "image", decode_image(members[image_ext])
     else:
         return None, None
     return kind, to_model_pixels(frames, visual.image_size, visual.mean, visual.std)
 
 
+def conversations_of(members: dict[str, bytes], media_kind: str | None) -> list[dict]:
+    """The sample's conversation: its json `conversations`, else a caption pair built from a
+    json `caption` or a .txt member (video2dataset shards carry captions that way)."""
+    meta = json.loads(members["json"]) if "json" in members else {}
+    if not isinstance(meta, dict):
+        raise SampleError("bad json", "the .json member is not an object")
+    if "conversations" in meta:
+        return meta["conversations"]
+    caption = meta.get("caption")
+    if caption is None and "txt" in members:
+        caption = members["txt"].decode("utf-8")
+    if not caption or not str(caption).strip():
+        raise SampleError("no text", "neither conversations, a json caption nor a .txt member")
+    prompt = f"<{media_kind}>" if media_kind else ""
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(caption).strip()}]
+
+
 class SampleDecoder:
     """Raw tar sample -> model-ready sample, or None (counted) when unusable."""
 
-    def __init__(self, tokenizer, template: Template, visual: VisualSpec, max_length: int, rejects: RejectCounter):
-        self.tokenizer, self.template, self.visual = tokenizer, template, visual
-        self.max_length, self.rejects = max_length, rejects
+    def __init__(self, tokenizer, template: Template, visual: VisualSpec, sampling: FrameSampling, max_length: int,
+                 seed: int, rejects: RejectCounter):
+        self.tokenizer, self.template, self.visual, self.sampling = tokenizer, template, visual, sampling
+        self.max_length, self.seed, self.rejects = max_length, seed, rejects
 
-    def __call__(self, raw: dict) -> dict | None:
-        where = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
+    def __call__(self, raw: RawSample) -> dict | None:
         try:
             return self.decode(raw)
         except SampleError as err:
-            self.rejects.add(err.reason, f"{where} ({err})")
-        except json.JSONDecodeError:
-            self.rejects.add("broken json", where)
+            self.rejects.add(err.reason, raw.url, f"{raw.key}: {err}")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            self.rejects.add("broken json", raw.url, f"{raw.key}: {err}")
         except Exception as err:  # noqa: BLE001 - any decoder failure is a bad sample, counted
-            self.rejects.add("undecodable media", f"{where} ({type(err).__name__}: {err})")
+            self.rejects.add("undecodable media", raw.url, f"{raw.key}: {type(err).__name__}: {err}")
         return None
 
-    def decode(self, raw: dict) -> dict:
-        if "json" not in raw:
-            raise SampleError("missing json", "sample has no .json member")
-        meta = json.loads(raw["json"])
-        media_kind, pixels = decode_media(raw, self.visual)
-        input_ids, labels = encode_conversation(self.tokenizer, self.template, meta.get("conversations", []),
-                                                media_kind, self.visual.tokens, self.max_length)
-        return {"key": raw["__key__"], "input_ids": input_ids, "labels": labels, "pixels": pixels}
+    def decode(self, raw: RawSample) -> dict:
+        # Random frame choices depend on the sample and epoch only: a resumed run draws the same.
+        rng = random.Random(f"{self.seed}-{raw.url}-{raw.offset}-{raw.epoch}")
+        media_kind, pixels = decode_media(raw.members, self.visual, self.sampling, rng)
+        conversations = conversations_of(raw.members, media_kind)
+        input_ids, labels = encode_conversation(self.tokenizer, self.template, conversations, media_kind,
+                                                self.visual.tokens, self.max_length)
+        return {"key": raw.key, "input_ids": input_ids, "labels": labels, "pixels": pixels}
 
 
 def collate(samples: list[dict], pad_id: int, visual: VisualSpec) -> dict:
@@ -167,48 +158,132 @@ def collate(samples: list[dict], pad_id: int, visual: VisualSpec) -> dict:
             "frames": frames, "frame_mask": frame_mask, "keys": [s["key"] for s in samples]}
 
 
-def batched(samples: Iterator[dict | None], batch_size: int, pad_id: int, visual: VisualSpec,
-            rejects: RejectCounter) -> Iterator[dict]:
-    pending = []
-    for sample in samples:
-        if sample is None:
-            continue
-        pending.append(sample)
-        if len(pending) == batch_size:
-            batch = collate(pending, pad_id, visual)
-            batch["rejected"] = rejects.drain()
-            pending = []
-            yield batch
+@dataclass(frozen=True)
+class ReaderSetup:
+    """Everything a reader slot needs besides its position (plain data: it is sent to workers)."""
+    sources: tuple[tuple[str, ...], ...]
+    weights: tuple[float, ...]
+    names: tuple[str, ...]
+    config: ReaderConfig
+    tokenizer: object
+    template: Template
+    visual: VisualSpec
+    topology: Topology
+    train: bool
 
 
-def build_pipeline(split: str, config: ReaderConfig, tokenizer, template: Template, visual: VisualSpec,
-                   topology: Topology, train: bool) -> wds.DataPipeline:
-    """A split's shards as an endless stream of batches for this rank.
+class SlotDataset(IterableDataset):
+    """What each DataLoader worker runs: its slot's stream, decoded and batched.
 
-    Training reads shuffled; evaluation reads in order. Both repeat, so every rank can take
-    the same number of batches whatever its share of shards.
+    Worker `w` serves slot `(w + rotation) % slots`: a resumed loader starts with the slot
+    whose turn was next, as the DataLoader always asks worker 0 first.
     """
-    manifest = read_manifest(split)
+
+    def __init__(self, setup: ReaderSetup, slot_states: list[dict | None], rotation: int):
+        self.setup, self.slot_states, self.rotation = setup, slot_states, rotation
+
+    def __iter__(self):
+        setup, cfg = self.setup, self.setup.config
+        worker = get_worker_info()
+        worker_id, num_slots = (worker.id, worker.num_workers) if worker else (0, 1)
+        slot = (worker_id + self.rotation) % num_slots
+        plan = SlotPlan(setup.sources, setup.weights, setup.names, cfg.seed, shuffle=setup.train,
+                        rank=setup.topology.rank, world_size=setup.topology.world_size, slot=slot, num_slots=num_slots)
+        rejects = RejectCounter()
+        stream = SlotStream(plan, cfg.mixing, cfg.shuffle_buffer if setup.train else 1, rejects.corrupt_shard,
+                            self.slot_states[slot])
+        sampling = FrameSampling(cfg.frame_sampling if setup.train else "uniform", setup.visual.num_frames,
+                                 cfg.sample_fps)
+        decoder = SampleDecoder(setup.tokenizer, setup.template, setup.visual, sampling, cfg.max_length, cfg.seed,
+                                rejects)
+        pending, seen = [], 0
+        for raw in stream:
+            seen += 1
+            sample = decoder(raw)
+            if sample is None:
+                continue
+            pending.append(sample)
+            if len(pending) == cfg.micro_batch_size:
+                batch = collate(pending, setup.tokenizer.pad_token_id, setup.visual)
+                rejected, rejected_by_shard = rejects.drain()
+                # Corrupt tar data is counted once per event, on top of the samples read.
+                batch.update(seen=seen + sum(n for (_, reason), n in rejected_by_shard.items()
+                                             if reason == "corrupt tar member"),
+                             rejected=rejected, rejected_by_shard=rejected_by_shard,
+                             reader_state={"slot": slot, "stream": stream.state()})
+                pending, seen = [], 0
+                yield batch
+
+
+class ShardLoader:
+    """An endless iterator of one rank's batches with a `state_dict()` that resumes it.
+
+    The state holds, per slot, the stream state after the last batch handed out, and which
+    slot hands out the next batch. Resuming needs the same ranks, slots and sources.
+    """
+
+    def __init__(self, setup: ReaderSetup):
+        self.setup = setup
+        self.num_slots = max(setup.config.num_workers, 1)
+        self.slot_states: list[dict | None] = [None] * self.num_slots
+        self.next_slot = 0
+        self._batches = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._batches is None:
+            dataset = SlotDataset(self.setup, list(self.slot_states), self.next_slot)
+            workers = self.setup.config.num_workers
+            self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
+                                            persistent_workers=workers > 0))
+        batch = next(self._batches)
+        state = batch.pop("reader_state")
+        self.slot_states[state["slot"]] = state["stream"]
+        self.next_slot = (state["slot"] + 1) % self.num_slots
+        return batch
+
+    def _fingerprint(self) -> dict:
+        return {"world_size": self.setup.topology.world_size, "rank": self.setup.topology.rank,
+                "num_slots": self.num_slots, "sources": [list(urls) for urls in self.setup.sources],
+                "seed": self.setup.config.seed}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, **self._fingerprint(), "next_slot": self.next_slot,
+                "slots": list(self.slot_states)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._batches is not None:
+            raise RuntimeError("load the reader state before reading the first batch")
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"reader state version {state.get('version')!r}, expected {STATE_VERSION}")
+        mine = self._fingerprint()
+        for field_name, value in mine.items():
+            if state.get(field_name) != value:
+                shown = value if field_name != "sources" else f"{sum(map(len, value))} shards"
+                raise ValueError(f"cannot resume the reader: its saved {field_name} differs from this run's "
+                                 f"({shown}); resume with the same cluster.num_workers, data.num_workers, "
+                                 f"data.seed and data sources")
+        self.slot_states, self.next_slot = list(state["slots"]), state["next_slot"]
+
+
+def reader_setup(data: str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
+                 visual: VisualSpec, topology: Topology, train: bool) -> ReaderSetup:
+    """Resolve the sources' shard URLs; every rank x slot must get a shard of each source."""
+    sources = as_sources(data)
+    urls = tuple(tuple(shard_urls(s.url)) for s in sources)
     needed = topology.world_size * max(config.num_workers, 1)
-    if len(manifest.shards) < needed:
-        raise ValueError(f"{split}: {len(manifest.shards)} shards cannot feed {topology.world_size} ranks x "
-                         f"{max(config.num_workers, 1)} workers; write at least {needed} shards")
-    rejects = RejectCounter()
-    stages = [
-        ShardOrder(manifest.urls, topology, config.seed, repeat=True, shuffle=train),
-        wds.tarfile_to_samples(handler=rejects.tar_error),
-    ]
-    if train and config.shuffle_buffer > 1:
-        stages.append(lambda src: shuffled(src, config.shuffle_buffer, f"{config.seed}-{topology.rank}"))
-    stages += [
-        wds.map(SampleDecoder(tokenizer, template, visual, config.max_length, rejects)),
-        lambda src: batched(src, config.micro_batch_size, tokenizer.pad_token_id, visual, rejects),
-    ]
-    return wds.DataPipeline(*stages)
+    for source, shards in zip(sources, urls):
+        if len(shards) < needed:
+            raise ValueError(f"{source.url}: {len(shards)} shards cannot feed {topology.world_size} ranks x "
+                             f"{max(config.num_workers, 1)} readers; write at least {needed} shards")
+    return ReaderSetup(urls, tuple(s.weight for s in sources), tuple(s.url for s in sources), config, tokenizer,
+                       template, visual, topology, train)
 
 
-def build_loader(split: str, config: ReaderConfig, tokenizer, template: Template, visual: VisualSpec,
-                 topology: Topology, train: bool) -> DataLoader:
-    pipeline = build_pipeline(split, config, tokenizer, template, visual, topology, train)
-    return DataLoader(pipeline, batch_size=None, num_workers=config.num_workers,
-                      persistent_workers=config.num_workers > 0)
+def build_loader(data: str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
+                 visual: VisualSpec, topology: Topology, train: bool) -> ShardLoader:
+    """Training reads shuffled (and mixed, when several sources); evaluation reads in order.
+    Both repeat, so every rank can take the same number of batches whatever its share."""
+    return ShardLoader(reader_setup(data, config, tokenizer, template, visual, topology, train))

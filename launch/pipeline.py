@@ -14,7 +14,9 @@ from mlflow import MlflowClient
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data_shards.manifest import manifest_hash, read_manifest
+from data_shards.config import as_sources
+from data_shards.manifest import read_manifest
+from data_shards.sources import data_digest, shard_urls
 from launch.config import JobConfig, save_resolved
 from launch.progress import ProgressBoard, ProgressLine
 from launch.tracking import (git_commit, register_export, registered_model_name, resolve_model_uri,
@@ -37,10 +39,10 @@ def check_inputs(cfg: JobConfig) -> None:
     """Fail before any worker starts when a data split or init source is unusable."""
     readers = cfg.cluster.num_workers * max(cfg.data.num_workers, 1)
     for stage in cfg.stages:
-        for split in filter(None, (stage.train_data, stage.eval_data)):
-            shards = len(read_manifest(split).shards)
+        for source in as_sources(stage.train_data) + as_sources(stage.eval_data or []):
+            shards = len(shard_urls(source.url))
             if shards < readers:
-                raise ValueError(f"stages.{stage.name}: {split} has {shards} shards, fewer than the "
+                raise ValueError(f"stages.{stage.name}: {source.url} has {shards} shards, fewer than the "
                                  f"{readers} readers (cluster.num_workers x data.num_workers)")
         source = stage.init_from
         if source not in ("auto", "config") and not source.startswith("models:/") and not Path(source).is_dir():
@@ -53,10 +55,15 @@ def check_inputs(cfg: JobConfig) -> None:
 def absolute_paths(cfg: JobConfig) -> JobConfig:
     """Workers run in other directories: hand them absolute paths."""
     def absolute(p: str | None) -> str | None:
-        return p if p is None or "://" in p else str(Path(p).absolute())
+        return p if p is None or "://" in p or p.startswith("pipe:") else str(Path(p).absolute())
+
+    def absolute_sources(data):
+        if isinstance(data, str):
+            return absolute(data)
+        return [s.model_copy(update={"url": absolute(s.url)}) for s in data]
     model = cfg.model.model_copy(update={"tokenizer": absolute(cfg.model.tokenizer),
                                          "word_vocab": absolute(cfg.model.word_vocab)})
-    stages = [s.model_copy(update={"train_data": absolute(s.train_data), "eval_data": absolute(s.eval_data)})
+    stages = [s.model_copy(update={"train_data": absolute_sources(s.train_data), "eval_data": absolute(s.eval_data)})
               for s in cfg.stages]
     return cfg.model_copy(update={"model": model, "stages": stages})
 
@@ -113,13 +120,13 @@ class Pipeline:
 
     def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict) -> RegisteredStage:
         init_export, init_desc = self.init_source(stage, previous)
-        data_hash = manifest_hash(stage.train_data)
+        data_hash = data_digest(as_sources(stage.train_data))
         stage_tags = {**tags, "stage": stage.name, "data_manifest_hash": data_hash}
         with mlflow.start_run(run_name=stage.name, nested=True, tags=stage_tags) as run:
             mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
             job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
                            init_export=init_export, export_dir=str(self.out / "exports" / stage.name),
-                           seed=self.cfg.seed + index)
+                           checkpoint_dir=str(self.out / "checkpoints" / stage.name), seed=self.cfg.seed + index)
             export = self._train_on_ray(job, run.info.run_id)
             mlflow.log_artifacts(str(export), EXPORT_ARTIFACT)
             name = registered_model_name(self.cfg.tracking, stage.name)

@@ -8,6 +8,7 @@ from data_shards.conversation import get_template
 from data_shards.manifest import read_manifest
 from data_shards.reader import Topology, VisualSpec, build_loader
 from data_shards.synth import vocabulary
+from data_shards.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
 from data_shards.writer import SplitWriter
 
@@ -50,11 +51,10 @@ def test_ranks_read_disjoint_shards_and_shuffle_is_seeded(synth_data):
 def test_bad_samples_are_skipped_and_counted(tmp_path, synth_data):
     tok = build_word_tokenizer(vocabulary())
     good = read_manifest(synth_data / "captions" / "heldout")
-    import webdataset as wds
-    samples = list(wds.DataPipeline(wds.SimpleShardList(good.urls[:1]), wds.tarfile_to_samples()))
+    samples = [{"__key__": s.key, **s.members} for s in iter_samples(good.urls[0])]
     writer = SplitWriter(tmp_path / "mixed", samples_per_shard=100)
     for s in samples:
-        writer.write({k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"})
+        writer.write(s)
     writer.write({"__key__": "broken-json", "json": b"{not json", "mp4": samples[0]["mp4"]})
     writer.write({"__key__": "bad-video", "json": samples[0]["json"], "mp4": b"\x00" * 100})
     writer.write({"__key__": "no-placeholder", "mp4": samples[0]["mp4"],
@@ -67,4 +67,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, synth_data):
     first, second = next(it), next(it)
     assert sorted(first["keys"]) == sorted(s["__key__"] for s in samples)
     assert second["rejected"] == {"broken json": 1, "undecodable media": 1, "placeholder mismatch": 1}
+    shard = str(tmp_path / "mixed" / "shard-000000.tar")
+    assert second["rejected_by_shard"] == {(shard, "broken json"): 1, (shard, "undecodable media"): 1,
+                                           (shard, "placeholder mismatch"): 1}
+    assert first["seen"] + second["seen"] == 2 * len(samples) + 3
     assert "broken-json" not in second["keys"] and isinstance(second["frames"], torch.Tensor)

@@ -5,6 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from data_shards.config import DataSource
 from data_shards.conversation import TEMPLATES
 
 Module = Literal["vision", "projector", "llm"]
@@ -94,7 +95,9 @@ class ScheduleConfig(Strict):
 
 class StageConfig(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
-    train_data: str = Field(description="split directory holding shards and manifest.json")
+    train_data: str | list[DataSource] = Field(
+        description="a split directory, shard URLs (globs, {000..099} ranges, s3://, gs://, https://, pipe:), "
+                    "or a weighted mixture: a list of {url, weight}")
     eval_data: str | None = None
     template: str = "vicuna_v1"
     trainable: list[Module] = Field(min_length=1)
@@ -107,6 +110,8 @@ class StageConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     eval_every: int = Field(0, ge=0, description="steps between evaluations; 0: at the end only")
     eval_batches: int = Field(4, ge=1)
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (and one at the end); 0: none")
+    resume: bool = Field(True, description="start from the stage's newest checkpoint when there is one")
 
     @field_validator("template")
     @classmethod

@@ -7,11 +7,12 @@ from collections import defaultdict
 from typing import Callable
 
 import torch
-import webdataset as wds
 
 from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template
+from data_shards.frames import FrameSampling
 from data_shards.manifest import read_manifest
 from data_shards.reader import collate, decode_media
+from data_shards.tarstream import iter_samples
 
 
 def first_choice(answer: str, choices: list[str]) -> str | None:
@@ -28,12 +29,14 @@ def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new
     template = get_template(template_name)
     visual = model.visual_spec()
     manifest = read_manifest(split)
+    sampling = FrameSampling("uniform", visual.num_frames)
     correct, asked, chance = defaultdict(int), defaultdict(int), {}
-    for done, raw in enumerate(wds.DataPipeline(wds.SimpleShardList(manifest.urls), wds.tarfile_to_samples()), 1):
-        media_kind, pixels = decode_media(raw, visual)
-        for probe in json.loads(raw["json"]).get("probes", []):
+    samples = (sample for url in manifest.urls for sample in iter_samples(url))
+    for done, raw in enumerate(samples, 1):
+        media_kind, pixels = decode_media(raw.members, visual, sampling)
+        for probe in json.loads(raw.members["json"]).get("probes", []):
             input_ids = encode_prompt(tokenizer, template, probe["question"], media_kind, visual.tokens)
-            batch = collate([{"key": raw["__key__"], "input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids),
+            batch = collate([{"key": raw.key, "input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids),
                               "pixels": pixels}], tokenizer.pad_token_id, visual)
             out = model.generate(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"],
                                  max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,

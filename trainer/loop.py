@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import time
-from collections import Counter
 from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
+
+from data_shards.health import ReadHealth
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "frames", "frame_mask", "labels")
 
@@ -22,12 +23,13 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-def _merge_rejects(counts: Counter) -> dict[str, int]:
+def _gather_read_stats(stats: tuple) -> list[tuple]:
+    """Every rank's (seen, rejected by reason, rejected by shard) of this step."""
     if not dist.is_initialized():
-        return dict(counts)
+        return [stats]
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, dict(counts))
-    return dict(sum((Counter(c) for c in gathered), Counter()))
+    dist.all_gather_object(gathered, stats)
+    return gathered
 
 
 def evaluate(engine, batches: Iterator[dict], num_batches: int) -> float:
@@ -43,19 +45,21 @@ def evaluate(engine, batches: Iterator[dict], num_batches: int) -> float:
 
 
 def train(engine, batches: Iterator[dict], steps: int, grad_accum: int, log: Callable[[dict, int], None],
-          evaluate_fn: Callable[[], float] | None, eval_every: int) -> dict:
-    """Run `steps` optimizer steps of `grad_accum` micro-batches; returns the last metrics."""
+          evaluate_fn: Callable[[], float] | None, eval_every: int, health: ReadHealth, start_step: int = 0,
+          checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0) -> dict:
+    """Run optimizer steps `start_step + 1 .. steps`, each of `grad_accum` micro-batches;
+    returns the last metrics. Every rank sees the same read health and stops together."""
     engine.train()
-    rejected_total: Counter = Counter()
     metrics: dict = {}
-    for step in range(1, steps + 1):
+    for step in range(start_step + 1, steps + 1):
         started = time.perf_counter()
         loss_sum, tokens, samples, data_wait = 0.0, 0, 0, 0.0
+        step_reads = ReadHealth(health.max_skip_fraction, health.min_samples)
         for _ in range(grad_accum):
             fetch = time.perf_counter()
             batch = next(batches)
             data_wait += time.perf_counter() - fetch
-            rejected_total.update(batch["rejected"])
+            step_reads.add_batch(batch)
             loss = engine(**_to(batch, engine.device)).loss
             engine.backward(loss)
             engine.step()
@@ -63,6 +67,8 @@ def train(engine, batches: Iterator[dict], steps: int, grad_accum: int, log: Cal
             tokens += int(batch["attention_mask"].sum())
             samples += batch["input_ids"].shape[0]
         elapsed = time.perf_counter() - started
+        for stats in _gather_read_stats((step_reads.seen, dict(step_reads.by_reason), dict(step_reads.by_shard))):
+            health.add(*stats)
         world = dist.get_world_size() if dist.is_initialized() else 1
         loss_all, tokens_all, samples_all, wait_all = _sum_across_ranks(
             [loss_sum / grad_accum, tokens, samples, data_wait])
@@ -73,10 +79,12 @@ def train(engine, batches: Iterator[dict], steps: int, grad_accum: int, log: Cal
             "train/tokens_per_s": tokens_all / elapsed,
             "train/samples_per_s": samples_all / elapsed,
             "train/data_wait_fraction": wait_all / world / elapsed,
+            **health.metrics(),
         }
-        metrics.update({f"data/rejected/{reason.replace(' ', '_')}": n
-                        for reason, n in _merge_rejects(rejected_total).items()})
         if evaluate_fn and ((eval_every and step % eval_every == 0) or step == steps):
             metrics["eval/loss"] = evaluate_fn()
         log(metrics, step)
+        health.check()
+        if checkpoint and checkpoint_every and (step % checkpoint_every == 0 or step == steps):
+            checkpoint(step)
     return metrics

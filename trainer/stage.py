@@ -3,14 +3,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
-from data_shards.reader import Topology, build_loader
+from data_shards.health import ReadHealth
+from data_shards.reader import ShardLoader, Topology, build_loader
 from trainer.build import plan_from_config, plan_from_export
+from trainer.checkpoint import Checkpointer
 from trainer.config import EngineConfig, ModelConfig, StageConfig
 from trainer.engine import build_engine
 from trainer.export import export_model
@@ -26,6 +28,7 @@ class StageJob:
     stage: StageConfig
     init_export: str | None  # local export folder to start from; None: build from `model`
     export_dir: str
+    checkpoint_dir: str
     seed: int
 
 
@@ -33,8 +36,10 @@ class StageJob:
 class PreparedStage:
     engine: object
     tokenizer: object
-    train_batches: Iterator[dict]
+    train_batches: ShardLoader
     evaluate_fn: Callable[[], float] | None
+    health: ReadHealth
+    checkpointer: Checkpointer
 
 
 def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
@@ -45,19 +50,23 @@ def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
                           job.model.attn_implementation, job.model.init_std, job.seed)
     visual = engine.module.visual_spec()
     template = get_template(job.stage.template)
-    train_batches = iter(build_loader(job.stage.train_data, job.data, plan.tokenizer, template, visual,
-                                      topology, train=True))
+    train_batches = build_loader(job.stage.train_data, job.data, plan.tokenizer, template, visual,
+                                 topology, train=True)
     evaluate_fn = None
     if job.stage.eval_data:
         eval_batches = iter(build_loader(job.stage.eval_data, job.data, plan.tokenizer, template, visual,
                                          topology, train=False))
         evaluate_fn = lambda: evaluate(engine, eval_batches, job.stage.eval_batches)  # noqa: E731
-    return PreparedStage(engine, plan.tokenizer, train_batches, evaluate_fn)
+    health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
+    checkpointer = Checkpointer(job.checkpoint_dir, engine, train_batches, health)
+    return PreparedStage(engine, plan.tokenizer, train_batches, evaluate_fn, health, checkpointer)
 
 
 def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None]) -> Path | None:
-    """Train the stage and export it; returns the export folder on rank 0, None elsewhere."""
+    """Train the stage (from its newest checkpoint when `resume`) and export it; returns the
+    export folder on rank 0, None elsewhere."""
     stage = prepare_stage(job, topology)
+    start_step = stage.checkpointer.restore() if job.stage.resume else 0
     train(stage.engine, stage.train_batches, job.stage.steps, job.stage.grad_accum, log, stage.evaluate_fn,
-          job.stage.eval_every)
+          job.stage.eval_every, stage.health, start_step, stage.checkpointer.save, job.stage.checkpoint_every)
     return export_model(stage.engine.module, stage.tokenizer, job.export_dir)

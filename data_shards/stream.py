@@ -1,0 +1,167 @@
+"""One reader slot's endless stream of raw samples, with a state that resumes it exactly.
+
+A slot is one DataLoader worker of one rank. Per source it reads the shards that fall to it
+in that epoch's seeded order (split by rank, then by slot); a seeded mixture picks the
+source of each sample by weight; a seeded shuffle buffer reorders samples. The state is
+small and its size does not depend on how far the slot has read: per source (epoch, shard,
+byte offset), the mixture's and buffer's draw counts, and where each buffered sample lies.
+Restoring reads the buffered samples back by offset and seeks each source to its byte
+offset; nothing before is replayed.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal
+
+from data_shards.tarstream import CorruptShard, RawSample, iter_samples, read_sample_at
+
+Mixing = Literal["epoch", "resampled"]
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """What a slot reads: the sources' shard URLs and weights, and where the slot sits."""
+    sources: tuple[tuple[str, ...], ...]
+    weights: tuple[float, ...]
+    names: tuple[str, ...]
+    seed: int
+    shuffle: bool
+    rank: int
+    world_size: int
+    slot: int
+    num_slots: int
+
+
+class SourceCursor:
+    """Reads one source's shards for one slot, epoch by epoch, remembering its position."""
+
+    def __init__(self, plan: SlotPlan, index: int, on_corrupt: Callable[[CorruptShard], None]):
+        self.plan, self.index, self.on_corrupt = plan, index, on_corrupt
+        self.epoch, self.shard, self.offset = 0, 0, 0
+        self.exhausted = False
+        self._samples: Iterator[RawSample] | None = None
+        self._shards = self._shards_of(0)
+
+    def _shards_of(self, epoch: int) -> list[str]:
+        urls = list(self.plan.sources[self.index])
+        if self.plan.shuffle:
+            random.Random(f"{self.plan.seed}-{self.index}-{epoch}").shuffle(urls)
+        mine = urls[self.plan.rank:: self.plan.world_size][self.plan.slot:: self.plan.num_slots]
+        if not mine:
+            raise ValueError(f"source {self.plan.names[self.index]!r}: {len(urls)} shards leave none for rank "
+                             f"{self.plan.rank} reader {self.plan.slot} ({self.plan.world_size} ranks x "
+                             f"{self.plan.num_slots} readers)")
+        return mine
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch, self.shard, self.offset, self.exhausted = epoch, 0, 0, False
+        self._shards, self._samples = self._shards_of(epoch), None
+
+    def read(self) -> RawSample | None:
+        """The next sample, or None at the end of this epoch's shards."""
+        while self.shard < len(self._shards):
+            url = self._shards[self.shard]
+            if self._samples is None:
+                self._samples = iter_samples(url, self.offset)
+            try:
+                sample = next(self._samples)
+            except StopIteration:
+                sample = None
+            except CorruptShard as err:
+                self.on_corrupt(err)
+                sample = None
+            if sample is None:
+                self.shard, self.offset, self._samples = self.shard + 1, 0, None
+                continue
+            self.offset = sample.next_offset
+            sample.epoch = self.epoch
+            return sample
+        self.exhausted = True
+        return None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "exhausted": self.exhausted}
+
+    def restore(self, state: dict) -> None:
+        self.start_epoch(state["epoch"])
+        self.shard, self.offset, self.exhausted = state["shard"], state["offset"], state["exhausted"]
+
+
+class SlotStream:
+    """Mixture of sources -> shuffle buffer, endless; `state()` between samples resumes it."""
+
+    def __init__(self, plan: SlotPlan, mixing: Mixing, buffer_size: int, on_corrupt: Callable[[CorruptShard], None],
+                 state: dict | None = None):
+        self.plan, self.mixing, self.buffer_size = plan, mixing, buffer_size
+        self.cursors = [SourceCursor(plan, i, on_corrupt) for i in range(len(plan.sources))]
+        self.epoch, self.draws, self.pops = 0, 0, 0
+        self.buffer: list[RawSample] = []
+        if state:
+            self.epoch, self.draws, self.pops = state["epoch"], state["draws"], state["pops"]
+            for cursor, cursor_state in zip(self.cursors, state["sources"]):
+                cursor.restore(cursor_state)
+            self.buffer = [_reread(url, offset, epoch) for url, offset, epoch in state["buffer"]]
+
+    def _rng(self, purpose: str, count: int) -> random.Random:
+        return random.Random(f"{self.plan.seed}-{purpose}-{self.plan.rank}-{self.plan.slot}-{count}")
+
+    def _pick(self, candidates: list[int]) -> SourceCursor:
+        if len(candidates) == 1:
+            return self.cursors[candidates[0]]
+        weights = [self.plan.weights[i] for i in candidates]
+        choice = self._rng("mix", self.draws).choices(candidates, weights)[0]
+        self.draws += 1
+        return self.cursors[choice]
+
+    def _next_mixed(self) -> RawSample:
+        empty_epochs = 0
+        while True:
+            if self.mixing == "resampled":
+                cursor = self._pick(list(range(len(self.cursors))))
+                sample = cursor.read()
+                if sample is None:
+                    cursor.start_epoch(cursor.epoch + 1)
+                    sample = cursor.read()
+                if sample is None:
+                    raise ValueError(f"source {self.plan.names[cursor.index]!r} has no readable sample for rank "
+                                     f"{self.plan.rank} reader {self.plan.slot}")
+                return sample
+            live = [i for i, c in enumerate(self.cursors) if not c.exhausted]
+            if live:
+                sample = self._pick(live).read()
+                if sample is not None:
+                    return sample
+                continue
+            empty_epochs += 1
+            if empty_epochs > 1:
+                raise ValueError(f"no readable sample in a whole epoch for rank {self.plan.rank} reader "
+                                 f"{self.plan.slot} (sources {list(self.plan.names)})")
+            self.epoch += 1
+            for cursor in self.cursors:
+                cursor.start_epoch(self.epoch)
+
+    def __iter__(self) -> Iterator[RawSample]:
+        while True:
+            sample = self._next_mixed()
+            if self.buffer_size <= 1:
+                yield sample
+                continue
+            self.buffer.append(sample)
+            if len(self.buffer) < self.buffer_size:
+                continue
+            i = self._rng("shuffle", self.pops).randrange(len(self.buffer))
+            self.pops += 1
+            self.buffer[i], self.buffer[-1] = self.buffer[-1], self.buffer[i]
+            yield self.buffer.pop()
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "draws": self.draws, "pops": self.pops,
+                "sources": [c.state() for c in self.cursors],
+                "buffer": [[s.url, s.offset, s.epoch] for s in self.buffer]}
+
+
+def _reread(url: str, offset: int, epoch: int) -> RawSample:
+    sample = read_sample_at(url, offset)
+    sample.epoch = epoch
+    return sample
