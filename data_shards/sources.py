@@ -74,6 +74,9 @@ def shard_urls(spec: str) -> list[str]:
     if not urls:
         raise ValueError(f"{spec}: matches no shards")
     missing = [u for u in urls if not u.startswith("pipe:") and not is_remote(u) and not Path(u).is_file()]
+    if missing == [spec]:
+        raise ValueError(f"{spec}: not found (expected a split directory holding {MANIFEST_NAME}, a shard file, "
+                         f"a glob or brace range of shards, or a URL)")
     if missing:
         raise ValueError(f"{spec}: {len(missing)} shard(s) not found, first {missing[0]}")
     return urls

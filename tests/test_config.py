@@ -55,7 +55,7 @@ def test_missing_data_split_fails_before_workers_start(tmp_path):
     result = run_cli("run", str(DEMO), "--set", f"stages.pretrain.train_data={tmp_path}/nothing",
                      "--set", f"output_dir={tmp_path}/run")
     assert result.returncode == 2
-    assert f"{tmp_path}/nothing: no shard manifest here" in result.stderr
+    assert f"{tmp_path}/nothing: not found (expected a split directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
