@@ -19,6 +19,8 @@ setup(
         "pydantic>=2",
         "pyyaml",
         "safetensors",
+        "fsspec",
+        "tqdm",
         "tokenizers",
     ],
     extras_require={

@@ -19,6 +19,10 @@ import numpy as np
 SamplingMode = Literal["uniform", "random_segment", "fps"]
 
 
+class NoFrames(ValueError):
+    """The container holds no video frame."""
+
+
 @dataclass(frozen=True)
 class FrameSampling:
     mode: SamplingMode = "uniform"
@@ -45,7 +49,7 @@ def index_video(data: bytes) -> VideoIndex:
     """Demux (no decoding) and collect frame and keyframe timestamps."""
     with av.open(io.BytesIO(data)) as container:
         if not container.streams.video:
-            raise ValueError("no video stream")
+            raise NoFrames("no video stream")
         stream = container.streams.video[0]
         frame_pts, keyframe_pts = [], []
         for packet in container.demux(stream):
@@ -56,7 +60,7 @@ def index_video(data: bytes) -> VideoIndex:
                 keyframe_pts.append(packet.pts)
         time_base = float(stream.time_base)
     if not frame_pts:
-        raise ValueError("video has no frames")
+        raise NoFrames("video has no frames")
     return VideoIndex(sorted(frame_pts), sorted(keyframe_pts), time_base)
 
 

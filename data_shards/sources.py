@@ -117,18 +117,32 @@ class PipeReader:
         self.close()
 
 
-def open_shard(url: str, offset: int = 0) -> BinaryIO:
-    """A binary stream of `url` positioned at `offset` (pipes skip forward by reading)."""
-    if url.startswith("pipe:"):
-        stream = PipeReader(url[len("pipe:"):])
-        remaining = offset
-        while remaining:
-            chunk = stream.read(min(remaining, 1 << 20))
-            if not chunk:
-                break
-            remaining -= len(chunk)
-        return stream
-    stream = fsspec.open(url, "rb").open() if is_remote(url) else open(url.removeprefix("file://"), "rb")
-    if offset:
-        stream.seek(offset)
+def _skip(stream, count: int):
+    while count > 0:
+        chunk = stream.read(min(count, 1 << 20))
+        if not chunk:
+            break
+        count -= len(chunk)
     return stream
+
+
+def open_shard(url: str, offset: int = 0) -> BinaryIO:
+    """A binary stream of `url` positioned at `offset`: seeks where the store allows it (files,
+    object stores, HTTP with range requests), else reads forward (pipes, plain HTTP servers)."""
+    if url.startswith("pipe:"):
+        return _skip(PipeReader(url[len("pipe:"):]), offset)
+    if not is_remote(url):
+        stream = open(url.removeprefix("file://"), "rb")
+        stream.seek(offset)
+        return stream
+    if not offset and url.startswith(("http://", "https://")):
+        return fsspec.open(url, "rb", block_size=0).open()  # a plain stream: no range requests needed
+    stream = fsspec.open(url, "rb").open()
+    try:
+        stream.seek(offset)
+        stream.read(1)  # the first ranged read tells whether the store can serve ranges
+        stream.seek(offset)
+        return stream
+    except ValueError:
+        stream.close()
+        return _skip(fsspec.open(url, "rb", block_size=0).open(), offset)

@@ -2,7 +2,9 @@
 (tiny test and demo models), both carrying the visual token the model splices media into."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
+from typing import Callable
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -42,3 +44,12 @@ def word_tokenizer_from_file(vocab_file: str | Path) -> PreTrainedTokenizerFast:
     if not path.is_file():
         raise ValueError(f"{path}: vocabulary file not found (one word per line)")
     return build_word_tokenizer([w for w in path.read_text().split() if w])
+
+
+@lru_cache(maxsize=2)
+def token_counter(tokenizer: str | None) -> Callable[[str], int]:
+    """Counts a text's tokens with the tokenizer folder given, or its words when None."""
+    if tokenizer is None:
+        return lambda text: len(text.split())
+    loaded = load_tokenizer(tokenizer)
+    return lambda text: len(loaded(text, add_special_tokens=False)["input_ids"])

@@ -8,6 +8,18 @@ from pathlib import Path
 from data_shards.manifest import ShardEntry, sha256_file, write_manifest
 
 
+def tar_bytes(sample: dict[str, bytes]) -> int:
+    """Bytes a sample's members take in a tar: a header block each, data padded to blocks."""
+    block = tarfile.BLOCKSIZE
+    return sum(block + -(-len(data) // block) * block for ext, data in sample.items() if ext != "__key__")
+
+
+def tar_file_bytes(member_bytes: int) -> int:
+    """Size of a tar holding `member_bytes` of members: end-of-archive blocks, padded to a record."""
+    record = tarfile.RECORDSIZE
+    return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // record) * record
+
+
 def write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
     """Write samples ({"__key__": ..., ext: bytes}) as one tar, byte-reproducibly.
 

@@ -1,7 +1,8 @@
-"""`valleyforge`: run a config's stages, run the demo, write synthetic shards."""
+"""`valleyforge`: run a config's stages, run the demo, build, inspect and verify shards."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,6 +29,30 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--heldout-samples", type=int, default=96)
     synth.add_argument("--samples-per-shard", type=int, default=128)
     synth.add_argument("--seed", type=int, default=0)
+
+    build = shards_sub.add_parser("build", help="annotation files + media -> webdataset shards")
+    build.add_argument("annotations", nargs="+", help="LLaVA/Valley JSON or JSONL, or caption CSV/JSONL")
+    build.add_argument("--media-root", required=True, help="folder the annotations' media paths are under")
+    build.add_argument("--out", required=True)
+    build.add_argument("--samples-per-shard", type=int, default=1000)
+    build.add_argument("--max-shard-bytes", type=int, default=1 << 30)
+    build.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    build.add_argument("--video-size", type=int, help="transcode: short side in pixels")
+    build.add_argument("--video-fps", type=float, help="transcode: frames per second kept")
+    build.add_argument("--keyframe-interval", type=int, default=8, help="transcode: frames between keyframes")
+    build.add_argument("--max-seconds", type=float, help="transcode: cut longer videos")
+    build.add_argument("--image-max-side", type=int, help="scale larger images down to this side")
+    build.add_argument("--tokenizer", help="tokenizer folder for the length limit (default: count words)")
+    build.add_argument("--max-tokens", type=int, default=4096, help="reject longer conversations")
+
+    inspect = shards_sub.add_parser("inspect", help="counts, durations, text lengths and a contact sheet")
+    inspect.add_argument("path", help="split directory, shard glob or brace range")
+    inspect.add_argument("--sheet", default="contact_sheet.png", help="where to write the contact sheet PNG")
+    inspect.add_argument("--tokenizer", help="tokenizer folder for the length histogram (default: words)")
+    inspect.add_argument("--sheet-samples", type=int, default=6)
+
+    verify = shards_sub.add_parser("verify", help="decode every sample and check sha256 against the manifest")
+    verify.add_argument("path", help="split directory, shard glob or brace range")
     return parser
 
 
@@ -59,6 +84,59 @@ def _demo(overrides: list[str]) -> int:
     return _run(str(DEMO_CONFIG), overrides)
 
 
+def _shards_synth(args) -> int:
+    from data_shards.synth import write_synthetic_dataset
+    write_synthetic_dataset(Path(args.out), args.train_samples, args.heldout_samples, seed=args.seed,
+                            samples_per_shard=args.samples_per_shard, progress=print)
+    return 0
+
+
+def _shards_build(args) -> int:
+    from data_shards.build import BuildOptions, build_shards
+    from data_shards.ingest import IngestOptions
+    from data_shards.transcode import TranscodeOptions
+
+    transcode = TranscodeOptions(video_size=args.video_size, video_fps=args.video_fps,
+                                 keyframe_interval=args.keyframe_interval, max_seconds=args.max_seconds,
+                                 image_max_side=args.image_max_side)
+    options = BuildOptions(IngestOptions(str(Path(args.media_root).absolute()), transcode, args.max_tokens),
+                           args.samples_per_shard, args.max_shard_bytes, args.tokenizer)
+    summary = build_shards(args.annotations, args.out, options, workers=args.workers)
+    rejected = sum(summary.rejects.values())
+    print(f"{summary.num_input} input samples = {summary.num_written} written + {rejected} rejected; "
+          f"{summary.shards} shards in {summary.out}" +
+          (f" ({summary.skipped_chunks} chunks already built, skipped)" if summary.skipped_chunks else ""))
+    for reason, count in summary.rejects.items():
+        print(f"  rejected, {reason}: {count}")
+    if rejected:
+        print(f"  details: {summary.out / 'rejects.jsonl'}")
+    return 0
+
+
+def _shards_inspect(args) -> int:
+    from data_shards.inspection import contact_sheet, inspect_shards
+    from data_shards.tokenizer import token_counter
+
+    result = inspect_shards(args.path, token_counter(args.tokenizer), args.sheet_samples)
+    print(result.report().replace("text length", "token length" if args.tokenizer else "word count"))
+    print(f"contact sheet: {contact_sheet(result.sheet_rows, args.sheet)}")
+    return 0
+
+
+def _shards_verify(args) -> int:
+    from data_shards.inspection import verify_shards
+
+    decoded, problems = verify_shards(args.path)
+    for problem in problems:
+        print(f"FAILED {problem}", file=sys.stderr)
+    print(f"{decoded} samples decoded, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+SHARD_COMMANDS = {"synth": _shards_synth, "build": _shards_build, "inspect": _shards_inspect,
+                  "verify": _shards_verify}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -66,11 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config, args.overrides)
         if args.command == "demo":
             return _demo(args.overrides)
-        if args.command == "shards" and args.shards_command == "synth":
-            from data_shards.synth import write_synthetic_dataset
-            write_synthetic_dataset(Path(args.out), args.train_samples, args.heldout_samples, seed=args.seed,
-                                    samples_per_shard=args.samples_per_shard, progress=print)
-            return 0
+        if args.command == "shards":
+            return SHARD_COMMANDS[args.shards_command](args)
     except ValueError as err:  # config and input errors: one line, no traceback
         print(f"valleyforge: error: {err}", file=sys.stderr)
         return 2

@@ -31,7 +31,8 @@ def zero3_worker(config):
     local = sum(p.ds_tensor.numel() for p in params)
     full = sum(p.ds_numel for p in params)
     losses = []
-    train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0)
+    train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0,
+          stage.health)
 
     probe_ids = torch.arange(5, 25).view(2, 10)
     stage.engine.module.eval()
@@ -54,7 +55,7 @@ def test_zero3_shards_parameters_and_learns(ray_local, synth_data, tmp_path):
         data=ReaderConfig(micro_batch_size=4, num_workers=1, max_length=256),
         stage=StageConfig(name="instruct", train_data=str(synth_data / "instruct" / "train"), template="vicuna_v1",
                           trainable=["projector", "llm"], steps=STEPS, optimizer={"lr": 3e-3}),
-        init_export=None, export_dir=str(tmp_path / "export"), seed=0)
+        init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
     trainer = TorchTrainer(zero3_worker, train_loop_config={"job": job, "out": str(tmp_path)},
                            torch_config=TorchConfig(backend="gloo"),
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
