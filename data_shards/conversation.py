@@ -30,6 +30,8 @@ class Template:
     system: str       # text before the first turn
     user: str         # a human turn, `{text}` is the message (unsupervised)
     assistant: str    # an assistant turn, `{text}` is the answer, `{eos}` the end token (supervised)
+    assistant_suffix: str = ""  # text after an assistant turn that is not learned (a newline)
+    stop: str | None = None     # the token that ends an answer when it is not the tokenizer's eos
 
 
 TEMPLATES = {
@@ -41,7 +43,23 @@ TEMPLATES = {
         system="A chat between a curious user and an artificial intelligence assistant. "
                "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
         user="USER: {text} ASSISTANT:", assistant=" {text}{eos}"),
+    # Llama 3 chat: header tokens around each role, <|eot_id|> ends every turn.
+    "llama3": Template(
+        "llama3",
+        system="<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant that understands "
+               "videos and images.<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
+             "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        assistant="{text}<|eot_id|>", stop="<|eot_id|>"),
+    # ChatML (Qwen and others): <|im_start|>role ... <|im_end|>, a newline between turns.
+    "chatml": Template(
+        "chatml",
+        system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
+        user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
+        assistant="{text}<|im_end|>", assistant_suffix="\n", stop="<|im_end|>"),
 }
+
+TEMPLATE_SPECIAL_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>")
 
 
 def get_template(name: str) -> Template:
@@ -63,6 +81,8 @@ def render_segments(template: Template, conversations: list[dict], eos: str) -> 
             raise SampleError("empty assistant turn", f"turn {i + 1}")
         segments.append((_human_turn(template, human["value"], first=i == 0), False))
         segments.append((template.assistant.format(text=gpt["value"], eos=eos), True))
+        if template.assistant_suffix:
+            segments.append((template.assistant_suffix, False))
     return segments
 
 
@@ -72,7 +92,16 @@ def _human_turn(template: Template, text: str, first: bool) -> str:
 
 def template_texts() -> list[str]:
     """Every fixed string the templates add (a word-level tokenizer must cover them)."""
-    return [t.system + t.user.format(text="") + t.assistant.format(text="", eos="") for t in TEMPLATES.values()]
+    return [t.system + t.user.format(text="") + t.assistant.format(text="", eos="") + t.assistant_suffix
+            for t in TEMPLATES.values()]
+
+
+def stop_token_ids(tokenizer, template: Template) -> list[int]:
+    """Token ids that end a generated answer: eos, and the template's own end token."""
+    ids = [tokenizer.eos_token_id]
+    if template.stop and template.stop in tokenizer.get_vocab():
+        ids.append(tokenizer.convert_tokens_to_ids(template.stop))
+    return ids
 
 
 def encode_conversation(tokenizer, template: Template, conversations: list[dict], media_kind: str | None,

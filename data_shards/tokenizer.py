@@ -9,7 +9,7 @@ from typing import Callable
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from data_shards.conversation import VISUAL_TOKEN, template_texts
+from data_shards.conversation import TEMPLATE_SPECIAL_TOKENS, VISUAL_TOKEN, template_texts
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -19,13 +19,15 @@ def build_word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
     pre = pre_tokenizers.Whitespace()
     vocab_words = set(words)
     for text in template_texts():
+        for special in TEMPLATE_SPECIAL_TOKENS:
+            text = text.replace(special, " ")
         vocab_words |= {w for w, _ in pre.pre_tokenize_str(text)}
-    specials = [*SPECIAL_TOKENS.values(), VISUAL_TOKEN]
+    specials = [*SPECIAL_TOKENS.values(), VISUAL_TOKEN, *TEMPLATE_SPECIAL_TOKENS]
     vocab = {tok: i for i, tok in enumerate(specials + sorted(vocab_words - set(specials)))}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     core.pre_tokenizer = pre
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, **SPECIAL_TOKENS)
-    tokenizer.add_special_tokens({"additional_special_tokens": [VISUAL_TOKEN]})
+    tokenizer.add_special_tokens({"additional_special_tokens": [VISUAL_TOKEN, *TEMPLATE_SPECIAL_TOKENS]})
     return tokenizer
 
 

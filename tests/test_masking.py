@@ -1,8 +1,8 @@
 """Labels sit on assistant tokens only, for every template, with the placeholder expanded."""
 import pytest
 
-from data_shards.conversation import (IGNORE_INDEX, TEMPLATES, VISUAL_TOKEN, SampleError, encode_conversation,
-                                      get_template)
+from data_shards.conversation import (IGNORE_INDEX, TEMPLATE_SPECIAL_TOKENS, TEMPLATES, VISUAL_TOKEN, SampleError,
+                                      encode_conversation, get_template, template_texts)
 from data_shards.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
@@ -13,9 +13,30 @@ CONVERSATION = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_word_tokenizer(vocabulary())
+def byte_bpe_tokenizer():
+    """A real byte-level BPE (GPT/Llama-3 style) trained here on the templates and the task's words:
+    merges across segment boundaries are where label masks usually go wrong."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", VISUAL_TOKEN, *TEMPLATE_SPECIAL_TOKENS]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    corpus = template_texts() + [turn["value"] for turn in CONVERSATION] + [" ".join(vocabulary())] * 3
+    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   additional_special_tokens=[VISUAL_TOKEN, *TEMPLATE_SPECIAL_TOKENS])
+
+
+@pytest.fixture(scope="module", params=["word", "byte-bpe"])
+def tokenizer(request):
+    return build_word_tokenizer(vocabulary()) if request.param == "word" else byte_bpe_tokenizer()
+
+
+def visual_id(tokenizer):
+    return tokenizer.convert_tokens_to_ids(VISUAL_TOKEN)
 
 
 def labelled_spans(input_ids, labels):
@@ -36,12 +57,18 @@ def test_only_assistant_turns_are_labelled(tokenizer, template_name):
     conversation = CONVERSATION if template_name != "plain" else [
         {"from": "human", "value": "<video>"}, {"from": "gpt", "value": "a red circle moving left ."}]
     ids, labels = encode_conversation(tokenizer, get_template(template_name), conversation, "video", VISUAL, 512)
+    template = get_template(template_name)
+    end = template.stop or tokenizer.eos_token
     answers = [turn["value"] for turn in conversation if turn["from"] == "gpt"]
     decoded = [tokenizer.decode(span) for span in labelled_spans(ids, labels)]
-    assert decoded == [f"{answer} {tokenizer.eos_token}" for answer in answers]
-    visual_id = tokenizer.convert_tokens_to_ids(VISUAL_TOKEN)
-    assert ids.count(visual_id) == VISUAL["video"]
-    assert all(label == IGNORE_INDEX for token, label in zip(ids, labels) if token == visual_id)
+    squeeze = lambda text: "".join(text.split())  # noqa: E731 - tokenizers differ in spacing only
+    assert [squeeze(d) for d in decoded] == [squeeze(answer + end) for answer in answers]
+    # everything unlabelled decodes to the prompt side: system, user turns, role headers
+    unlabelled = tokenizer.decode([t for t, label in zip(ids, labels) if label == IGNORE_INDEX and t != visual_id(tokenizer)])
+    assert "what colour is the shape" in unlabelled or template_name == "plain"
+    assert all(squeeze(answer) not in squeeze(unlabelled) for answer in answers)
+    assert ids.count(visual_id(tokenizer)) == VISUAL["video"]
+    assert all(label == IGNORE_INDEX for token, label in zip(ids, labels) if token == visual_id(tokenizer))
     assert ids[0] == tokenizer.bos_token_id and labels[0] == IGNORE_INDEX
 
 

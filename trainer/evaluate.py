@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template
+from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template, stop_token_ids
 from data_shards.frames import FrameSampling
 from data_shards.manifest import read_manifest
 from data_shards.reader import collate, decode_media
@@ -39,7 +39,7 @@ def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new
             batch = collate([{"key": raw.key, "input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids),
                               "pixels": pixels}], tokenizer.pad_token_id, visual)
             out = model.generate(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"],
-                                 max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, template),
                                  pad_token_id=tokenizer.pad_token_id)
             answer = tokenizer.decode(out[0], skip_special_tokens=True)
             attribute = probe["attribute"]
