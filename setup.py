@@ -25,6 +25,7 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn>=2.5"],
+        "cloud": ["s3fs", "gcsfs"],
         "dev": ["pytest>=8"],
     },
     entry_points={"console_scripts": ["valleyforge=launch.cli:main"]},

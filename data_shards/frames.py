@@ -85,14 +85,16 @@ def pick_indices(index: VideoIndex, sampling: FrameSampling, rng: random.Random)
     return [min(bisect.bisect_left(index.frame_pts, t), total - 1) for t in wanted]
 
 
-def decode_frames(data: bytes, sampling: FrameSampling, rng: random.Random | None = None) -> np.ndarray:
-    """The sampled frames of an encoded video as uint8 RGB [T,H,W,3] (T <= num_frames in fps mode)."""
+def decode_frames(data: bytes, sampling: FrameSampling, rng: random.Random | None = None,
+                  size: int | None = None) -> np.ndarray:
+    """The sampled frames of an encoded video as uint8 RGB [T,H,W,3] (T <= num_frames in fps
+    mode), scaled to size x size by the decoder's scaler when `size` is given."""
     index = index_video(data)
     picked = pick_indices(index, sampling, rng or random.Random(0))
-    return decode_at(data, index, [index.frame_pts[i] for i in picked])
+    return decode_at(data, index, [index.frame_pts[i] for i in picked], size)
 
 
-def decode_at(data: bytes, index: VideoIndex, wanted_pts: list[int]) -> np.ndarray:
+def decode_at(data: bytes, index: VideoIndex, wanted_pts: list[int], size: int | None = None) -> np.ndarray:
     """Decode the frames at `wanted_pts` (any order, repeats allowed), seeking forward by keyframe."""
     decoded: dict[int, np.ndarray] = {}
     with av.open(io.BytesIO(data)) as container:
@@ -114,5 +116,6 @@ def decode_at(data: bytes, index: VideoIndex, wanted_pts: list[int]) -> np.ndarr
             else:
                 raise ValueError(f"frame at pts {target} could not be decoded")
             decoded[target] = last_frame
-        images = {pts: frame.to_ndarray(format="rgb24") for pts, frame in decoded.items()}
+        scale = {"width": size, "height": size, "interpolation": "AREA"} if size else {}
+        images = {pts: frame.to_ndarray(format="rgb24", **scale) for pts, frame in decoded.items()}
     return np.stack([images[pts] for pts in wanted_pts])

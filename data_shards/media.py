@@ -1,5 +1,5 @@
 """Encode media (H.264 mp4 clips with PyAV, JPEG stills), decode still images, and turn frames
-into model pixels. Video decoding with frame sampling lives in data_shards/frames.py."""
+into tensors. Video decoding with frame sampling lives in data_shards/frames.py."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,6 @@ import io
 import av
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 
@@ -35,18 +34,17 @@ def encode_jpeg(image_HWC: np.ndarray, quality: int = 95) -> bytes:
     return buffer.getvalue()
 
 
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode an encoded still image to RGB [1,H,W,3] (an image is a one-frame clip)."""
+def decode_image(data: bytes, size: int | None = None) -> np.ndarray:
+    """Decode an encoded still image to RGB [1,H,W,3] (an image is a one-frame clip), resized to
+    size x size when `size` is given."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))[None]
+        image = image.convert("RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        return np.array(image)[None]
 
 
-def to_model_pixels(frames_THWC: np.ndarray, image_size: int, mean, std) -> torch.Tensor:
-    """Resize uint8 frames to the vision encoder's square input and normalize: [T,3,S,S] float32."""
-    pixels = torch.from_numpy(frames_THWC).permute(0, 3, 1, 2).float().div_(255.0)
-    if pixels.shape[-2:] != (image_size, image_size):
-        pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear",
-                               align_corners=False, antialias=True)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (pixels - mean_t) / std_t
+def to_frame_tensor(frames_THWC: np.ndarray) -> torch.Tensor:
+    """uint8 frames [T,H,W,3] -> uint8 tensor [T,3,H,W]. Pixels stay uint8 until the model
+    normalizes them: a quarter of the bytes through worker queues and host-to-device copies."""
+    return torch.from_numpy(np.ascontiguousarray(frames_THWC.transpose(0, 3, 1, 2)))

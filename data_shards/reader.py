@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_shards.config import DataSource, ReaderConfig, as_sources
 from data_shards.conversation import IGNORE_INDEX, SampleError, Template, encode_conversation
 from data_shards.frames import FrameSampling, decode_frames
-from data_shards.media import decode_image, to_model_pixels
+from data_shards.media import decode_image, to_frame_tensor
 from data_shards.sources import shard_urls
 from data_shards.stream import SlotPlan, SlotStream
 from data_shards.tarstream import CorruptShard, RawSample
@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STATE_VERSION = 1
+SHARD_LEVEL_REASONS = ("corrupt tar member", "unreadable shard")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,6 @@ class VisualSpec:
     """What the model expects of media: decided by the model, consumed by the reader."""
     num_frames: int
     image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     tokens_per_video: int
     tokens_per_image: int
 
@@ -68,7 +67,7 @@ class RejectCounter:
         log.warning("skipped sample %s: %s (%s)", url, reason, detail)
 
     def corrupt_shard(self, err: CorruptShard) -> None:
-        self.add("corrupt tar member", err.url, str(err))
+        self.add(err.reason, err.url, str(err))
 
     def drain(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
         drained = dict(self.by_reason), dict(self.by_shard)
@@ -78,16 +77,16 @@ class RejectCounter:
 
 def decode_media(members: dict[str, bytes], visual: VisualSpec, sampling: FrameSampling,
                  rng: random.Random | None = None) -> tuple[str | None, torch.Tensor | None]:
-    """A sample's media: ("video" | "image" | None, model-ready pixels [T,3,S,S] or None)."""
+    """A sample's media: ("video" | "image" | None, uint8 frames [T,3,S,S] or None)."""
     video_ext = next((e for e in VIDEO_EXTS if e in members), None)
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     if video_ext:
-        kind, frames = "video", decode_frames(members[video_ext], sampling, rng)
+        kind, frames = "video", decode_frames(members[video_ext], sampling, rng, visual.image_size)
     elif image_ext:
-        kind, frames = "image", decode_image(members[image_ext])
+        kind, frames = "image", decode_image(members[image_ext], visual.image_size)
     else:
         return None, None
-    return kind, to_model_pixels(frames, visual.image_size, visual.mean, visual.std)
+    return kind, to_frame_tensor(frames)
 
 
 def conversations_of(members: dict[str, bytes], media_kind: str | None) -> list[dict]:
@@ -137,14 +136,14 @@ class SampleDecoder:
 
 
 def collate(samples: list[dict], pad_id: int, visual: VisualSpec) -> dict:
-    """Right-padded ids/labels/attention mask; frames [B,T,3,S,S] with a frame mask
+    """Right-padded ids/labels/attention mask; uint8 frames [B,T,3,S,S] with a frame mask
     (an image fills frame 0, text-only samples have no valid frame)."""
     batch_size, length = len(samples), max(len(s["input_ids"]) for s in samples)
     input_ids = torch.full((batch_size, length), pad_id, dtype=torch.long)
     labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
     size = visual.image_size
-    frames = torch.zeros((batch_size, visual.num_frames, 3, size, size))
+    frames = torch.zeros((batch_size, visual.num_frames, 3, size, size), dtype=torch.uint8)
     frame_mask = torch.zeros((batch_size, visual.num_frames), dtype=torch.bool)
     for b, sample in enumerate(samples):
         n = len(sample["input_ids"])
@@ -206,9 +205,9 @@ class SlotDataset(IterableDataset):
             if len(pending) == cfg.micro_batch_size:
                 batch = collate(pending, setup.tokenizer.pad_token_id, setup.visual)
                 rejected, rejected_by_shard = rejects.drain()
-                # Corrupt tar data is counted once per event, on top of the samples read.
+                # An unreadable shard or tar member counts once, on top of the samples read.
                 batch.update(seen=seen + sum(n for (_, reason), n in rejected_by_shard.items()
-                                             if reason == "corrupt tar member"),
+                                             if reason in SHARD_LEVEL_REASONS),
                              rejected=rejected, rejected_by_shard=rejected_by_shard,
                              reader_state={"slot": slot, "stream": stream.state()})
                 pending, seen = [], 0

@@ -52,11 +52,19 @@ def _is_manifest_spec(spec: str) -> bool:
     return (path.is_dir() and (path / MANIFEST_NAME).is_file()) or path.name == MANIFEST_NAME
 
 
+def _remote(url: str, call):
+    """fsspec needs a package per store (s3fs, gcsfs, aiohttp); say which, in one line."""
+    try:
+        return call(url)
+    except ImportError as err:
+        raise ValueError(f"{url}: {err} (pip install 'valleyforge[cloud]' brings s3fs and gcsfs)") from err
+
+
 def _expand_glob(url: str) -> list[str]:
     if not any(ch in url for ch in "*?["):
         return [url]
     if is_remote(url):
-        fs, _, paths = fsspec.get_fs_token_paths(url)
+        fs, _, paths = _remote(url, fsspec.get_fs_token_paths)
         protocol = url.split("://", 1)[0]
         return sorted(f"{protocol}://{p}" for p in paths)
     return sorted(glob.glob(url))
@@ -73,6 +81,8 @@ def shard_urls(spec: str) -> list[str]:
                                                             else [pattern])]
     if not urls:
         raise ValueError(f"{spec}: matches no shards")
+    for protocol in {u.split("://", 1)[0] for u in urls if is_remote(u)}:
+        _remote(protocol, fsspec.get_filesystem_class)
     missing = [u for u in urls if not u.startswith("pipe:") and not is_remote(u) and not Path(u).is_file()]
     if missing == [spec]:
         raise ValueError(f"{spec}: not found (expected a split directory holding {MANIFEST_NAME}, a shard file, "

@@ -25,11 +25,12 @@ class RawSample:
 
 
 class CorruptShard(Exception):
-    """The tar cannot be read past `offset`; the rest of the shard is lost."""
+    """The shard cannot be read past `offset` (broken tar data, or the file would not open);
+    the rest of the shard is lost."""
 
-    def __init__(self, url: str, offset: int, cause: Exception):
-        super().__init__(f"{url}: unreadable tar data at byte {offset} ({type(cause).__name__}: {cause})")
-        self.url, self.offset = url, offset
+    def __init__(self, url: str, offset: int, cause: Exception, reason: str = "corrupt tar member"):
+        super().__init__(f"{url}: {reason} at byte {offset} ({type(cause).__name__}: {cause})")
+        self.url, self.offset, self.reason = url, offset, reason
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -44,18 +45,22 @@ def iter_samples(url: str, offset: int = 0, limit: int | None = None) -> Iterato
 
     Raises CorruptShard where the tar stops being readable; samples before it were yielded.
     """
-    stream = open_shard(url, offset)
     try:
-        tar = tarfile.open(fileobj=stream, mode="r|")
+        stream = open_shard(url, offset)
+    except (OSError, ValueError) as err:
+        raise CorruptShard(url, offset, err, reason="unreadable shard") from err
+    try:
         current: RawSample | None = None
         yielded = 0
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise CorruptShard(url, offset, err) from err
         while True:
             try:
                 member = tar.next()
-                if member is not None and member.isfile():
-                    data = tar.extractfile(member).read()
             except (tarfile.TarError, OSError, EOFError) as err:
-                raise CorruptShard(url, current.offset if current else offset, err) from err
+                raise CorruptShard(url, current.next_offset if current else offset, err) from err
             if member is None:
                 break
             if not member.isfile() or member.name.split("/")[-1].startswith("."):
@@ -63,12 +68,15 @@ def iter_samples(url: str, offset: int = 0, limit: int | None = None) -> Iterato
             key, ext = split_name(member.name)
             start = offset + member.offset
             if current is not None and key != current.key:
-                current.next_offset = start
-                yield current
+                yield current  # complete: the next sample has begun
                 yielded += 1
                 if limit is not None and yielded >= limit:
                     return
                 current = None
+            try:
+                data = tar.extractfile(member).read()
+            except (tarfile.TarError, OSError, EOFError) as err:
+                raise CorruptShard(url, current.offset if current else start, err) from err
             if current is None:
                 current = RawSample(url, key, start, start)
             current.members[ext] = data

@@ -22,8 +22,7 @@ from data_shards.tokenizer import build_word_tokenizer
 from data_shards.transcode import TranscodeOptions
 from data_shards.writer import write_tar
 
-VISUAL = VisualSpec(num_frames=4, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, tokens_per_video=5,
-                    tokens_per_image=2)
+VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=5, tokens_per_image=2)
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,6 @@ def test_short_clip_repeats_frames_and_image_is_one_frame():
     data = clip(num_frames=3, keyframe_interval=3)
     frames = decode_frames(data, FrameSampling("uniform", 6))
     assert [round(f.mean() / 2) for f in frames] == [0, 0, 1, 1, 2, 2]  # frames 0 0 1 1 2 2
-    visual = VisualSpec(num_frames=6, image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3, tokens_per_video=1,
-                        tokens_per_image=1)
+    visual = VisualSpec(num_frames=6, image_size=16, tokens_per_video=1, tokens_per_image=1)
     kind, pixels = decode_media({"jpg": encode_jpeg(np.zeros((20, 30, 3), np.uint8))}, visual, FrameSampling())
     assert kind == "image" and pixels.shape == (1, 3, 16, 16)

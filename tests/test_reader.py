@@ -12,8 +12,7 @@ from data_shards.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
 from data_shards.writer import SplitWriter
 
-VISUAL = VisualSpec(num_frames=4, image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, tokens_per_video=20,
-                    tokens_per_image=17)
+VISUAL = VisualSpec(num_frames=4, image_size=32, tokens_per_video=20, tokens_per_image=17)
 
 
 def keys_of(loader, num_batches):

@@ -14,8 +14,7 @@ from data_shards.reader import Topology, VisualSpec, build_loader
 from data_shards.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
-VISUAL = VisualSpec(num_frames=4, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, tokens_per_video=20,
-                    tokens_per_image=17)
+VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=20, tokens_per_image=17)
 
 
 def make_loader(data_root: str, mixing: str, rank: int):

@@ -21,8 +21,7 @@ from data_shards.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
 from data_shards.writer import SplitWriter
 
-VISUAL = VisualSpec(num_frames=2, image_size=16, mean=(0.5,) * 3, std=(0.25,) * 3, tokens_per_video=3,
-                    tokens_per_image=2)
+VISUAL = VisualSpec(num_frames=2, image_size=16, tokens_per_video=3, tokens_per_image=2)
 TOKENIZER = build_word_tokenizer(vocabulary())
 
 
@@ -97,6 +96,26 @@ def test_missing_sources_are_named(tmp_path):
         shard_urls(f"{tmp_path}/*.tar")
     with pytest.raises(ValueError, match="2 shard\\(s\\) not found"):
         shard_urls(f"{tmp_path}/x-{{0..1}}.tar")
+
+
+def test_unknown_store_is_named_before_reading():
+    with pytest.raises(ValueError, match="nosuchstore"):
+        shard_urls("nosuchstore://bucket/a-{0..1}.tar")
+
+
+def test_truncated_shard_counts_a_corrupt_member_and_reading_goes_on(tmp_path, synth_data):
+    source = read_manifest(synth_data / "captions" / "heldout")
+    for i, url in enumerate(source.urls[:2]):
+        (tmp_path / f"s{i}.tar").write_bytes(open(url, "rb").read())
+    first = tmp_path / "s0.tar"
+    samples = list(iter_samples(str(first)))
+    cut = samples[2].offset + 700  # inside the third sample's first member
+    first.write_bytes(first.read_bytes()[:cut])
+    cfg = ReaderConfig(micro_batch_size=len(samples), num_workers=0)
+    batch = next(build_loader(f"{tmp_path}/s*.tar", cfg, TOKENIZER, get_template("plain"), VISUAL, Topology(), False))
+    assert batch["rejected"] == {"corrupt tar member": 1}
+    assert batch["keys"][:2] == [s.key for s in samples[:2]]  # read up to the damage, then the next shard
+    assert batch["seen"] == len(samples) + 1
 
 
 def test_resampled_mixture_follows_weights_and_epoch_mixture_reads_each_sample_once(synth_data):

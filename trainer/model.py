@@ -78,14 +78,16 @@ class VideoLanguageModel(nn.Module):
         """What the data reader must produce for this model."""
         return VisualSpec(
             num_frames=self.arch.num_frames, image_size=self.vision.config.image_size,
-            mean=self.arch.image_mean, std=self.arch.image_std,
             tokens_per_video=self.reducer.num_tokens(self.num_patches, self.arch.num_frames),
             tokens_per_image=self.reducer.num_tokens(self.num_patches, 1))
 
     def encode_media(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor):
-        """Projected visual tokens [B,N,D_llm] and which of them are real [B,N]."""
+        """Projected visual tokens [B,N,D_llm] and which of them are real [B,N], from uint8 frames."""
         batch, num_frames = frames_BTCHW.shape[:2]
-        pixels = frames_BTCHW.flatten(0, 1).to(self.projector.weight.dtype)
+        dtype = self.projector.weight.dtype
+        mean = torch.tensor(self.arch.image_mean, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.arch.image_std, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
+        pixels = (frames_BTCHW.flatten(0, 1).to(dtype) / 255.0 - mean) / std
         hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states
         features_BTND = hidden[self.arch.vision_feature_layer].unflatten(0, (batch, num_frames))
         tokens_BND, valid_BN = self.reducer(features_BTND, frame_mask_BT)
