@@ -11,7 +11,6 @@ c. time to the first batch of a resumed reader, at 10% and 90% of an epoch, and 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 import time

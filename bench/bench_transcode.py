@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,8 @@ TRANSCODE = TranscodeOptions(video_size=224, video_fps=4, keyframe_interval=4)
 
 
 def build(annotations: Path, media: Path, out: Path, transcode: TranscodeOptions) -> tuple[float, int]:
-    """(build seconds, shard bytes)."""
+    """(build seconds, shard bytes), built from scratch."""
+    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     build_shards([str(annotations)], out, BuildOptions(IngestOptions(str(media), transcode), samples_per_shard=8),
                  workers=2, show_progress=False)

@@ -1,4 +1,5 @@
 """`valleyforge shards build` from real annotation formats, `inspect` and `verify`."""
+import io
 import json
 import subprocess
 import sys
@@ -104,11 +105,11 @@ def test_transcode_sets_size_rate_keyframes_and_duration(inputs, tmp_path):
     video = next(s for s in samples if "mp4" in s.members)
     index = index_video(video.members["mp4"])
     assert len(index.frame_pts) == 6 and len(index.keyframe_pts) == 2  # 1 s at 6 fps, a keyframe every 3
-    with av.open(__import__("io").BytesIO(video.members["mp4"])) as container:
+    with av.open(io.BytesIO(video.members["mp4"])) as container:
         stream = container.streams.video[0]
         assert (stream.width, stream.height) == (32, 32)
     image = next(s for s in samples if "jpg" in s.members)
-    assert max(Image.open(__import__("io").BytesIO(image.members["jpg"])).size) == 20
+    assert max(Image.open(io.BytesIO(image.members["jpg"])).size) == 20
 
 
 def run_cli(*args):

@@ -30,6 +30,10 @@ def test_two_stages_register_and_chain_through_the_registry(ray_local, synth_dat
                       f"stages.{stage}.eval_data={synth_data}/{data}/heldout",
                       f"stages.{stage}.steps=3", f"stages.{stage}.eval_every=2", f"stages.{stage}.eval_batches=1"]
     overrides.append(f"evaluation.data={synth_data}/instruct/heldout")
+    # stage 1 reads a weighted mixture of two sources; stage 2 checkpoints
+    overrides += [f"stages.pretrain.train_data=[{{url: {synth_data}/captions/train, weight: 0.8}}, "
+                  f"{{url: '{synth_data}/instruct/train/shard-*.tar', weight: 0.2}}]",
+                  "stages.instruct.checkpoint_every=2"]
     cfg = load_config(DEMO, overrides)
     registered = Pipeline(cfg, console=lambda _: None).run()
 
@@ -39,12 +43,16 @@ def test_two_stages_register_and_chain_through_the_registry(ray_local, synth_dat
     for run in (pretrain_run, instruct_run):
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert [m.step for m in history] == [1, 2, 3]
-        for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "eval/loss"):
+        for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "eval/loss",
+                    "data/skip_fraction"):
             assert key in run.data.metrics, key
         parent_id = run.data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).data.tags["config_hash"] == cfg.digest()
     assert "config.resolved.yaml" in [a.path for a in client.list_artifacts(parent_id)]
     assert instruct_run.data.params["init_from"] == "models:/t-pretrain@latest -> version 1"
+    checkpoints = tmp_path / "run" / "checkpoints" / "instruct"
+    assert (checkpoints / "latest").read_text() == "step-00000003"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
     for key in ("eval/attribute_accuracy", "eval/attribute_accuracy/colour", "eval/attribute_chance"):
         assert key in instruct_run.data.metrics, key
 

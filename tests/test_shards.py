@@ -1,6 +1,4 @@
 """Shards: what is written is what is read (keys, counts, bytes); the manifest is right."""
-import io
-import tarfile
 
 import numpy as np
 import webdataset as wds
