@@ -1,0 +1,49 @@
+"""Too many bad samples at read time stop a 2-rank ZeRO-3 run on Ray, every rank together,
+with a message naming the shard the skips came from."""
+import pytest
+import ray.train
+import torch
+from ray.train import ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from data_shards.config import ReaderConfig
+from data_shards.manifest import read_manifest
+from data_shards.reader import Topology
+from data_shards.tarstream import iter_samples
+from data_shards.writer import SplitWriter
+from trainer.config import EngineConfig, ModelConfig, StageConfig
+from trainer.stage import StageJob, run_stage
+
+
+def stage_worker(config):
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    run_stage(config["job"], Topology(context.get_world_rank(), context.get_world_size()), lambda m, s: None)
+
+
+def test_skip_rate_past_threshold_stops_the_run(ray_local, synth_data, tmp_path):
+    good = read_manifest(synth_data / "captions" / "train")
+    samples = [s for url in good.urls[:4] for s in iter_samples(url)]
+    writer = SplitWriter(tmp_path / "split", samples_per_shard=len(samples) // 4)
+    for i, sample in enumerate(samples):  # every 8th sample of shard 1 has a broken video
+        broken = len(samples) // 4 <= i < len(samples) // 2 and i % 8 == 0
+        writer.write({"__key__": sample.key, **sample.members, **({"mp4": b"\x00" * 64} if broken else {})})
+    writer.close()
+    job = StageJob(
+        model=ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"),
+                          num_frames=2),
+        engine=EngineConfig(zero_stage=3, param_persistence_threshold=0),
+        data=ReaderConfig(micro_batch_size=4, num_workers=1, max_length=128, shuffle_buffer=8,
+                          max_skip_fraction=0.01, skip_check_min_samples=40),
+        stage=StageConfig(name="pretrain", train_data=str(tmp_path / "split"), template="plain",
+                          trainable=["projector"], steps=50),
+        init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
+    trainer = TorchTrainer(stage_worker, train_loop_config={"job": job}, torch_config=TorchConfig(backend="gloo"),
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray")))
+    with pytest.raises(Exception) as failure:
+        trainer.fit()
+    message = str(failure.value)
+    assert "more than data.max_skip_fraction 1.0%" in message
+    assert f"most in shard {tmp_path / 'split' / 'shard-000001.tar'} (" in message and "undecodable media" in message
+    assert not (tmp_path / "export").exists()
