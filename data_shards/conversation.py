@@ -43,6 +43,12 @@ TEMPLATES = {
         system="A chat between a curious user and an artificial intelligence assistant. "
                "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
         user="USER: {text} ASSISTANT:", assistant=" {text}{eos}"),
+    # mPLUG-Owl: "Human:" / "AI:" turns, one per line.
+    "mplug_owl": Template(
+        "mplug_owl",
+        system="The following is a conversation between a curious human and AI assistant. The assistant gives "
+               "helpful, detailed, and polite answers to the user's questions.\n",
+        user="Human: {text}\nAI: ", assistant="{text}{eos}", assistant_suffix="\n"),
     # Llama 3 chat: header tokens around each role, <|eot_id|> ends every turn.
     "llama3": Template(
         "llama3",

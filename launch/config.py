@@ -136,9 +136,9 @@ def _model_in(annotation) -> type[BaseModel] | None:
     return next(filter(None, map(_model_in, getattr(annotation, "__args__", ()))), None)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
-    """Read YAML, apply `key.path=value` overrides (values parsed as YAML), validate."""
-    path = Path(path)
+def _read_yaml(path: Path, depth: int = 0) -> dict:
+    """A config document; `extends: OTHER.yaml` (or a list of files, relative to this one) is
+    read first, in order, and this document merged over it."""
     try:
         doc = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -149,6 +149,35 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
         raise ConfigError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    if "extends" not in doc:
+        return doc
+    if depth >= 8:
+        raise ConfigError(f"{path}: `extends` chain deeper than 8 files (a cycle?)")
+    bases = doc.pop("extends")
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _merged(merged, _read_yaml(path.parent / str(base), depth + 1))
+    return _merged(merged, doc)
+
+
+def _merged(base, over):
+    """`over` on top of `base`: mappings key by key, lists of named items (stages) by name,
+    anything else replaced."""
+    if isinstance(base, dict) and isinstance(over, dict):
+        return {**base, **{k: _merged(base[k], v) if k in base else v for k, v in over.items()}}
+    named = lambda items: isinstance(items, list) and all(isinstance(i, dict) and "name" in i for i in items)  # noqa: E731
+    if named(base) and named(over):
+        overrides = {item["name"]: item for item in over}
+        result = [_merged(item, overrides.pop(item["name"])) if item["name"] in overrides else item for item in base]
+        return result + list(overrides.values())
+    return over
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
+    """Read YAML (and what it `extends`), apply `key.path=value` overrides (values parsed as
+    YAML), validate."""
+    path = Path(path)
+    doc = _read_yaml(path)
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:

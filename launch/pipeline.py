@@ -154,6 +154,8 @@ class Pipeline:
         line = ProgressLine(job.stage.name, job.stage.steps)
         fit.start()
         while fit.is_alive():
+            for note in ray.get(board.take_notes.remote()):
+                line.print_above(note)
             line.update(ray.get(board.read.remote()))
             fit.join(timeout=1.0)
         result, error = outcome["result"]

@@ -13,12 +13,21 @@ class ProgressBoard:
 
     def __init__(self):
         self.latest: dict = {}
+        self.notes: list[str] = []
 
     def post(self, step: int, metrics: dict) -> None:
         self.latest = {"step": step, **metrics}
 
+    def note(self, text: str) -> None:
+        """Text for the driver to print once (the trainable-parameter table)."""
+        self.notes.append(text)
+
     def read(self) -> dict:
         return self.latest
+
+    def take_notes(self) -> list[str]:
+        notes, self.notes = self.notes, []
+        return notes
 
 
 def _duration(seconds: float) -> str:
@@ -66,6 +75,15 @@ class ProgressLine:
             self.stream.flush()
             self.last_print = now
         self.last_text = text
+
+    def print_above(self, text: str) -> None:
+        """Text printed in full, the progress line redrawn below it."""
+        if self.tty:
+            self.stream.write("\r" + " " * len(self.last_text) + "\r")
+        self.stream.write(text + "\n")
+        if self.tty and self.last_text:
+            self.stream.write(self.last_text)
+        self.stream.flush()
 
     def finish(self, summary: str) -> None:
         if self.tty:

@@ -38,6 +38,9 @@ class MlflowMetricsLogger:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
+    def text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
 
 def registered_model_name(cfg: TrackingConfig, stage_name: str) -> str:
     return f"{cfg.registered_model_prefix}-{stage_name}"

@@ -41,10 +41,18 @@ def train_worker(config: dict) -> None:
         def log(metrics: dict, step: int) -> None:
             mlflow_log(metrics, step)
             board.post.remote(step, metrics)
+
+        def report_plan(table: str) -> None:
+            print(table, flush=True)
+            mlflow_log.text(table + "\n", "trainable_parameters.txt")
+            board.note.remote(table)
     else:
         def log(metrics: dict, step: int) -> None:
             pass
 
-    export = run_stage(job, Topology(rank, world), log)
+        def report_plan(table: str) -> None:
+            pass
+
+    export = run_stage(job, Topology(rank, world), log, report_plan)
     checkpoint = ray.train.Checkpoint.from_directory(str(export)) if export else None
     ray.train.report({"exported": rank == 0}, checkpoint=checkpoint)

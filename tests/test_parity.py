@@ -16,10 +16,10 @@ from data_shards.conversation import get_template
 from data_shards.reader import Topology, build_loader
 from trainer.build import build_model, fill_weights, plan_from_config
 from trainer.config import EngineConfig, ModelConfig, StageConfig
-from trainer.engine import set_trainable
 from trainer.loop import MODEL_INPUTS
 from trainer.schedule import warmup_cosine
 from trainer.stage import StageJob, prepare_stage
+from trainer.trainable import apply_training_plan
 
 STEPS = 6
 
@@ -43,10 +43,10 @@ def plain_losses(job: StageJob) -> list[float]:
     plan = plan_from_config(job.model)
     model = build_model(plan, job.model.attn_implementation)
     fill_weights(model, plan, job.model.init_std, job.seed)
-    set_trainable(model, job.stage.trainable)
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = apply_training_plan(model, job.stage)
+    params = [p for group in groups for p in group["params"]]
     opt = job.stage.optimizer
-    optimizer = torch.optim.AdamW(params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
     scheduler = LambdaLR(optimizer, partial(warmup_cosine, total_steps=job.stage.steps,
                                             warmup_steps=job.stage.schedule.warmup_steps,
                                             min_lr_ratio=job.stage.schedule.min_lr_ratio))

@@ -21,7 +21,6 @@ from trainer.model import Architecture, VideoLanguageModel
 from trainer.partitioned import SafetensorsFolder, init_random_weights, load_weights
 
 EXPORT_SPEC = "valleyforge_model.json"
-COMPONENTS = ("vision", "projector", "llm")
 
 
 @dataclass
@@ -73,9 +72,11 @@ def plan_from_config(cfg: ModelConfig) -> ModelPlan:
         llm_config = AutoConfig.from_pretrained(cfg.llm.path)
         llm_config.vocab_size = max(llm_config.vocab_size, len(tokenizer))
     arch = Architecture(reducer=cfg.reducer, projector=cfg.projector, vision_feature_layer=cfg.vision_feature_layer,
-                        num_frames=cfg.num_frames, visual_token_id=tokenizer.convert_tokens_to_ids(VISUAL_TOKEN))
+                        num_frames=cfg.num_frames, visual_token_id=tokenizer.convert_tokens_to_ids(VISUAL_TOKEN),
+                        abstractor_queries=cfg.abstractor_queries, abstractor_layers=cfg.abstractor_layers,
+                        soft_prompt_tokens=cfg.soft_prompt_tokens)
     weights = {"vision": Path(cfg.vision.path) if cfg.vision.path else None,
-               "llm": Path(cfg.llm.path) if cfg.llm.path else None, "projector": None}
+               "llm": Path(cfg.llm.path) if cfg.llm.path else None, "projector": None, "soft_prompt": None}
     return ModelPlan(tokenizer, vision_config, llm_config, arch, weights)
 
 
@@ -90,7 +91,7 @@ def plan_from_export(folder: str | Path) -> ModelPlan:
         vision_config=AutoConfig.from_pretrained(folder / "vision"),
         llm_config=AutoConfig.from_pretrained(folder / "llm"),
         arch=Architecture.from_json(spec["architecture"]),
-        weights={name: folder / name for name in COMPONENTS})
+        weights={name: folder / name for name in spec["components"]})
 
 
 def build_model(plan: ModelPlan, attn_implementation: str = "auto") -> VideoLanguageModel:
@@ -103,9 +104,9 @@ def build_model(plan: ModelPlan, attn_implementation: str = "auto") -> VideoLang
 
 def fill_weights(model: VideoLanguageModel, plan: ModelPlan, init_std: float, seed: int) -> None:
     """Load each component from its folder, or initialise it randomly. All ranks must call."""
-    for name in COMPONENTS:
+    for name in model.components():
         module = getattr(model, name)
-        folder = plan.weights[name]
+        folder = plan.weights.get(name)
         if folder is None:
             init_random_weights(module, init_std, seed)
         else:

@@ -8,7 +8,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from data_shards.config import DataSource
 from data_shards.conversation import TEMPLATES
 
-Module = Literal["vision", "projector", "llm"]
+# What a stage can train: the vision encoder, the projector (abstractor included), the whole
+# LLM, only the LLM's input embeddings, eP-ALM's soft prompt, or LoRA adapters on the LLM.
+Module = Literal["vision", "projector", "llm", "embeddings", "soft_prompt", "lora"]
 
 
 class Strict(BaseModel):
@@ -59,8 +61,11 @@ class ModelConfig(Strict):
     llm: LLMSource
     tokenizer: str | None = Field(None, description="tokenizer folder; default: the LLM path")
     word_vocab: str | None = Field(None, description="word list for a word-level tokenizer (tiny models)")
-    reducer: Literal["valley"] = "valley"
-    projector: Literal["linear"] = "linear"
+    reducer: Literal["none", "valley", "spatial_pool2"] = "valley"
+    projector: Literal["linear", "mlp2x_gelu", "abstractor"] = "linear"
+    abstractor_queries: int = Field(32, ge=1, description="abstractor: learned queries = visual tokens per sample")
+    abstractor_layers: int = Field(2, ge=1)
+    soft_prompt_tokens: int = Field(0, ge=0, description="eP-ALM: trainable prompt embeddings before the text")
     vision_feature_layer: int = -2
     num_frames: int = Field(8, ge=1)
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
@@ -75,7 +80,10 @@ class ModelConfig(Strict):
 
 class EngineConfig(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 3
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = Field(
+        "fp32", description="auto: bf16 where the accelerator supports it, else fp32")
+    gradient_checkpointing: list[Literal["llm", "vision"]] = Field(
+        [], description="recompute these modules' activations in the backward pass")
     param_persistence_threshold: int = Field(
         100_000, ge=0, description="ZeRO-3 keeps parameters smaller than this unpartitioned")
     offload_optimizer: bool = False
@@ -83,6 +91,7 @@ class EngineConfig(Strict):
 
 class OptimizerConfig(Strict):
     lr: float = Field(1e-3, gt=0)
+    module_lr: dict[Module, float] = Field({}, description="learning rate per trained module; others use lr")
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -93,6 +102,14 @@ class ScheduleConfig(Strict):
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
 
 
+class LoraConfig(Strict):
+    """LoRA adapters on the LLM (peft); train them with `lora` in the stage's `trainable`."""
+    r: int = Field(8, ge=1)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
 class StageConfig(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     train_data: str | list[DataSource] = Field(
@@ -101,6 +118,7 @@ class StageConfig(Strict):
     eval_data: str | None = None
     template: str = "vicuna_v1"
     trainable: list[Module] = Field(min_length=1)
+    lora: LoraConfig | None = None
     init_from: str = Field(
         "auto", description="auto | config | models:/NAME@ALIAS | models:/NAME/VERSION | an export folder")
     steps: int = Field(gt=0, description="optimizer steps")
@@ -112,6 +130,17 @@ class StageConfig(Strict):
     eval_batches: int = Field(4, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (and one at the end); 0: none")
     resume: bool = Field(True, description="start from the stage's newest checkpoint when there is one")
+
+    @model_validator(mode="after")
+    def _lora_consistent(self):
+        if ("lora" in self.trainable) != (self.lora is not None):
+            raise ValueError("`lora` in trainable and a `lora` section go together")
+        if "lora" in self.trainable and "llm" in self.trainable:
+            raise ValueError("train either the whole `llm` or its `lora` adapters, not both")
+        untrained = set(self.optimizer.module_lr) - set(self.trainable)
+        if untrained:
+            raise ValueError(f"optimizer.module_lr names modules this stage does not train: {sorted(untrained)}")
+        return self
 
     @field_validator("template")
     @classmethod

@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from data_shards.conversation import IGNORE_INDEX
 from data_shards.reader import VisualSpec
+from trainer.visual import PROJECTORS, REDUCERS, SoftPrompt
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -26,6 +28,9 @@ class Architecture:
     visual_token_id: int
     image_mean: tuple[float, float, float] = CLIP_MEAN
     image_std: tuple[float, float, float] = CLIP_STD
+    abstractor_queries: int = 32
+    abstractor_layers: int = 2
+    soft_prompt_tokens: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -35,40 +40,22 @@ class Architecture:
         return cls(**{**body, "image_mean": tuple(body["image_mean"]), "image_std": tuple(body["image_std"])})
 
 
-class ValleyPooling(nn.Module):
-    """Valley's spatio-temporal reducer: each patch position averaged over the clip's frames
-    (spatial tokens), followed by one token per frame, its [CLS] (temporal tokens)."""
-
-    @staticmethod
-    def num_tokens(num_patches: int, num_frames: int) -> int:
-        return num_patches + num_frames
-
-    def forward(self, features_BTND: torch.Tensor, frame_mask_BT: torch.Tensor):
-        """features [B,T,1+P,D] ([CLS] first) -> tokens [B,P+T,D] and their validity [B,P+T]."""
-        cls_BTD, patches_BTPD = features_BTND[:, :, 0], features_BTND[:, :, 1:]
-        weight_BT11 = frame_mask_BT.to(features_BTND.dtype)[:, :, None, None]
-        spatial_BPD = (patches_BTPD * weight_BT11).sum(1) / weight_BT11.sum(1).clamp(min=1)
-        has_media_BP = frame_mask_BT.any(1, keepdim=True).expand(-1, patches_BTPD.shape[2])
-        return torch.cat([spatial_BPD, cls_BTD], 1), torch.cat([has_media_BP, frame_mask_BT], 1)
-
-
-REDUCERS = {"valley": ValleyPooling}
-
-
-def build_projector(kind: str, vision_dim: int, llm_dim: int) -> nn.Module:
-    if kind == "linear":
-        return nn.Linear(vision_dim, llm_dim)
-    raise ValueError(f"unknown projector {kind!r}")
-
-
 class VideoLanguageModel(nn.Module):
     def __init__(self, vision: nn.Module, llm: nn.Module, arch: Architecture):
         super().__init__()
         self.arch = arch
         self.vision = vision
         self.reducer = REDUCERS[arch.reducer]()
-        self.projector = build_projector(arch.projector, vision.config.hidden_size, llm.config.hidden_size)
+        self.projector = PROJECTORS[arch.projector](
+            vision.config.hidden_size, llm.config.hidden_size, num_queries=arch.abstractor_queries,
+            layers=arch.abstractor_layers, heads=vision.config.num_attention_heads)
+        self.soft_prompt = SoftPrompt(arch.soft_prompt_tokens, llm.config.hidden_size) \
+            if arch.soft_prompt_tokens else None
         self.llm = llm
+
+    def components(self) -> list[str]:
+        """The parts with weights of their own, as exports store them."""
+        return ["vision", "projector", "llm"] + (["soft_prompt"] if self.soft_prompt is not None else [])
 
     @property
     def num_patches(self) -> int:
@@ -78,20 +65,19 @@ class VideoLanguageModel(nn.Module):
         """What the data reader must produce for this model."""
         return VisualSpec(
             num_frames=self.arch.num_frames, image_size=self.vision.config.image_size,
-            tokens_per_video=self.reducer.num_tokens(self.num_patches, self.arch.num_frames),
-            tokens_per_image=self.reducer.num_tokens(self.num_patches, 1))
+            tokens_per_video=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, self.arch.num_frames)),
+            tokens_per_image=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, 1)))
 
     def encode_media(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor):
         """Projected visual tokens [B,N,D_llm] and which of them are real [B,N], from uint8 frames."""
         batch, num_frames = frames_BTCHW.shape[:2]
-        dtype = self.projector.weight.dtype
+        dtype = next(self.projector.parameters()).dtype
         mean = torch.tensor(self.arch.image_mean, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
         std = torch.tensor(self.arch.image_std, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
         pixels = (frames_BTCHW.flatten(0, 1).to(dtype) / 255.0 - mean) / std
         hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states
         features_BTND = hidden[self.arch.vision_feature_layer].unflatten(0, (batch, num_frames))
-        tokens_BND, valid_BN = self.reducer(features_BTND, frame_mask_BT)
-        return self.projector(tokens_BND), valid_BN
+        return self.projector(*self.reducer(features_BTND, frame_mask_BT))
 
     def embed(self, input_ids: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         visual_BND, valid_BN = self.encode_media(frames, frame_mask)
@@ -106,13 +92,19 @@ class VideoLanguageModel(nn.Module):
         # a rank whose batch has no media would leave the others waiting forever.
         return embeds_BLD + 0.0 * visual_BND.sum()
 
-    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None):
+    def _llm_inputs(self, input_ids, attention_mask, frames, frame_mask, labels=None):
         embeds = self.embed(input_ids, frames, frame_mask)
+        if self.soft_prompt is not None:
+            embeds, attention_mask, labels = self.soft_prompt.prepend(embeds, attention_mask, labels, IGNORE_INDEX)
+        return embeds, attention_mask, labels
+
+    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None):
+        embeds, attention_mask, labels = self._llm_inputs(input_ids, attention_mask, frames, frame_mask, labels)
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, frames, frame_mask, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Greedy continuation token ids (prompt excluded)."""
-        embeds = self.embed(input_ids, frames, frame_mask)
+        embeds, attention_mask, _ = self._llm_inputs(input_ids, attention_mask, frames, frame_mask)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
                                  max_new_tokens=max_new_tokens, do_sample=False, **kwargs)

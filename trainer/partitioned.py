@@ -39,7 +39,7 @@ def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
             generator = torch.Generator().manual_seed(seed ^ zlib.crc32(prefix.encode()))
             for name, param in params:
                 with torch.no_grad():
-                    if name == "bias":
+                    if name.endswith("bias"):
                         param.zero_()
                     elif param.ndim == 1 and name == "weight":
                         param.fill_(1.0)

@@ -40,13 +40,14 @@ class PreparedStage:
     evaluate_fn: Callable[[], float] | None
     health: ReadHealth
     checkpointer: Checkpointer
+    plan_table: str  # module, parameters, trainable, learning rate
 
 
 def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
     """The engine with its weights in place, and the stage's data streams for this rank."""
     torch.manual_seed(job.seed)
     plan = plan_from_export(job.init_export) if job.init_export else plan_from_config(job.model)
-    engine = build_engine(plan, job.engine, job.stage, job.data.micro_batch_size,
+    engine, plan_table = build_engine(plan, job.engine, job.stage, job.data.micro_batch_size,
                           job.model.attn_implementation, job.model.init_std, job.seed)
     visual = engine.module.visual_spec()
     template = get_template(job.stage.template)
@@ -59,13 +60,15 @@ def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
         evaluate_fn = lambda: evaluate(engine, eval_batches, job.stage.eval_batches)  # noqa: E731
     health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
     checkpointer = Checkpointer(job.checkpoint_dir, engine, train_batches, health)
-    return PreparedStage(engine, plan.tokenizer, train_batches, evaluate_fn, health, checkpointer)
+    return PreparedStage(engine, plan.tokenizer, train_batches, evaluate_fn, health, checkpointer, plan_table)
 
 
-def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None]) -> Path | None:
+def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None],
+              report_plan: Callable[[str], None] = print) -> Path | None:
     """Train the stage (from its newest checkpoint when `resume`) and export it; returns the
-    export folder on rank 0, None elsewhere."""
+    export folder on rank 0, None elsewhere. `report_plan` receives the trainable-parameter table."""
     stage = prepare_stage(job, topology)
+    report_plan(stage.plan_table)
     start_step = stage.checkpointer.restore() if job.stage.resume else 0
     train(stage.engine, stage.train_batches, job.stage.steps, job.stage.grad_accum, log, stage.evaluate_fn,
           job.stage.eval_every, stage.health, start_step, stage.checkpointer.save, job.stage.checkpoint_every)

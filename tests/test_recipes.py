@@ -1,0 +1,94 @@
+"""Each recipe's tiny twin trains a few steps per stage on 2 ZeRO-3 ranks under Ray, and only
+the parameters the recipe means to train change (and all of those modules do)."""
+import json
+from pathlib import Path
+
+import pytest
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from launch.config import load_config
+from launch.pipeline import absolute_paths
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STEPS = 2
+
+# recipe -> per stage, the parameter-name patterns allowed (and required) to change
+INTENDED = {
+    "valley": [("projector.",), ("projector.", "llm.")],
+    "mplug_owl": [("projector.",), ("lora_",)],
+    "ep_alm": [("projector.", "soft_prompt.")],
+    "multimodal_gpt": [("lora_", "projector.")],
+}
+
+
+def recipe_worker(config):
+    from data_shards.reader import Topology
+    from trainer.export import export_model
+    from trainer.loop import train
+    from trainer.partitioned import gather_state_dict
+    from trainer.stage import StageJob, prepare_stage
+
+    torch.set_num_threads(1)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    cfg, out = config["cfg"], Path(config["out"])
+    previous, report = None, []
+    for index, stage_cfg in enumerate(cfg.stages):
+        job = StageJob(model=cfg.model, engine=cfg.engine, data=cfg.data, stage=stage_cfg, init_export=previous,
+                       export_dir=str(out / "exports" / stage_cfg.name),
+                       checkpoint_dir=str(out / "checkpoints" / stage_cfg.name), seed=cfg.seed + index)
+        stage = prepare_stage(job, Topology(rank, world))
+        before = gather_state_dict(stage.engine.module)
+        train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: None, None, 0, stage.health)
+        after = gather_state_dict(stage.engine.module)
+        probe = torch.arange(5, 25).view(2, 10)
+        stage.engine.module.eval()
+        with torch.no_grad():
+            trained_logits = stage.engine.module.llm(input_ids=probe).logits
+        export_model(stage.engine.module, stage.tokenizer, job.export_dir)
+        dist.barrier()  # rank 0 has written the export the next stage starts from
+        previous = job.export_dir
+        if rank == 0:
+            from transformers import AutoModelForCausalLM
+            exported = AutoModelForCausalLM.from_pretrained(Path(job.export_dir) / "llm").eval()
+            with torch.no_grad():
+                logit_diff = float((exported(input_ids=probe).logits - trained_logits).abs().max())
+            report.append({"changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
+                           "table": stage.plan_table, "logit_diff": logit_diff,
+                           "adapter": sorted(p.name for p in (Path(job.export_dir) / "llm_adapter").glob("*"))})
+    if rank == 0:
+        (out / "report.json").write_text(json.dumps(report))
+
+
+@pytest.mark.parametrize("recipe", sorted(INTENDED))
+def test_tiny_twin_trains_only_what_the_recipe_says(ray_local, synth_data, tmp_path, recipe):
+    cfg = load_config(CONFIGS / "tiny" / f"{recipe}.yaml", [f"model.word_vocab={synth_data}/vocab.txt"])
+    stages = []
+    for stage in cfg.stages:  # the twin's data paths point at runs/demo/data: use the test's copy
+        data = stage.train_data
+        if isinstance(data, str):
+            data = data.replace("runs/demo/data", str(synth_data))
+        else:
+            data = [s.model_copy(update={"url": s.url.replace("runs/demo/data", str(synth_data))}) for s in data]
+        stages.append(stage.model_copy(update={"train_data": data, "steps": STEPS}))
+    cfg = absolute_paths(cfg.model_copy(update={"stages": stages}))
+    TorchTrainer(recipe_worker, train_loop_config={"cfg": cfg, "out": str(tmp_path)},
+                 torch_config=TorchConfig(backend="gloo"),
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert len(report) == len(INTENDED[recipe])
+    for stage, patterns in zip(report, INTENDED[recipe]):
+        unintended = [k for k in stage["changed"] if not any(p in k for p in patterns)]
+        assert not unintended, unintended[:5]
+        for pattern in patterns:  # every module the stage trains did change
+            assert any(pattern in k for k in stage["changed"]), (pattern, stage["table"])
+        assert "trainable" in stage["table"].splitlines()[0]
+        # the exported LLM (LoRA merged in, where the stage trained LoRA) gives the trained logits
+        assert stage["logit_diff"] < 1e-4
+        lora = "lora_" in patterns
+        assert stage["adapter"] == (["adapter_config.json", "adapter_model.safetensors"] if lora else [])
