@@ -5,7 +5,6 @@ import torch
 
 from data_shards.conversation import IGNORE_INDEX
 from data_shards.synth import vocabulary
-from data_shards.tokenizer import build_word_tokenizer
 from trainer.build import build_model, fill_weights, plan_from_config
 from trainer.config import ModelConfig
 from trainer.visual import KeepAllPatches, SpatialPool2x2, ValleyPooling
