@@ -1,4 +1,4 @@
-"""`valleyforge`: run a config's stages, run the demo, build, inspect and verify shards."""
+"""`valleyforge`: run a config's stages, run the demo, answer with a model, build, inspect and verify shards."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,15 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthetic shards -> stage 1 -> stage 2 -> evaluation, on this machine")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    generate = sub.add_parser("generate", help="answer a prompt about a video or image with an exported model")
+    generate.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an export folder")
+    media = generate.add_mutually_exclusive_group()
+    media.add_argument("--video")
+    media.add_argument("--image")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--template", help="conversation template (default: the one the model was trained with)")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
 
     shards = sub.add_parser("shards", help="write and read webdataset shards")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
@@ -84,6 +93,15 @@ def _demo(overrides: list[str]) -> int:
     return _run(str(DEMO_CONFIG), overrides)
 
 
+def _generate(args) -> int:
+    from launch.tracking import fetch_model
+    from trainer.generate import generate_from_export
+
+    folder = fetch_model(args.model)
+    print(generate_from_export(folder, args.prompt, args.video or args.image, args.template, args.max_new_tokens))
+    return 0
+
+
 def _shards_synth(args) -> int:
     from data_shards.synth import write_synthetic_dataset
     write_synthetic_dataset(Path(args.out), args.train_samples, args.heldout_samples, seed=args.seed,
@@ -144,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args.config, args.overrides)
         if args.command == "demo":
             return _demo(args.overrides)
+        if args.command == "generate":
+            return _generate(args)
         if args.command == "shards":
             return SHARD_COMMANDS[args.shards_command](args)
     except ValueError as err:  # config and input errors: one line, no traceback

@@ -66,3 +66,21 @@ def resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
         name, _, version = body.partition("/")
         client.get_model_version(name, version)
     return f"models:/{name}/{version}", f"{uri} -> version {version}"
+
+
+def fetch_model(model: str) -> Path:
+    """A local export folder for `model`: the folder itself, or a registry URI downloaded."""
+    if not model.startswith("models:/"):
+        folder = Path(model)
+        if not folder.is_dir():
+            raise ValueError(f"{model}: not an export folder or a models:/ URI")
+        return folder
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    uri = resolve_tracking_uri(TrackingConfig())
+    try:
+        pinned, _ = resolve_model_uri(MlflowClient(uri), model)
+        mlflow.set_tracking_uri(uri)
+        return Path(mlflow.artifacts.download_artifacts(pinned))
+    except MlflowException as err:
+        raise ValueError(f"{model}: {err.message} (tracking URI {uri})") from err

@@ -25,8 +25,9 @@ from trainer.partitioned import is_writer_rank, gather_state_dict
 FORMAT_VERSION = 1
 
 
-def export_model(model: VideoLanguageModel, tokenizer, out_dir: str | Path) -> Path | None:
-    """Gather the weights and write the export on rank 0 (returns its path there, None elsewhere).
+def export_model(model: VideoLanguageModel, tokenizer, out_dir: str | Path, template: str | None = None) -> Path | None:
+    """Gather the weights and write the export on rank 0 (returns its path there, None elsewhere);
+    `template` is the conversation template the model was trained with (generation uses it).
 
     Written to a temporary folder and renamed when complete. All ranks must call.
     """
@@ -53,7 +54,7 @@ def export_model(model: VideoLanguageModel, tokenizer, out_dir: str | Path) -> P
             (tmp / name).mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in states[name].items()}, tmp / name / "model.safetensors")
     spec = {"format_version": FORMAT_VERSION, "architecture": model.arch.to_json(),
-            "components": {name: name for name in model.components()}, **spec_extra}
+            "components": {name: name for name in model.components()}, "template": template, **spec_extra}
     (tmp / EXPORT_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -72,4 +72,4 @@ def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None
     start_step = stage.checkpointer.restore() if job.stage.resume else 0
     train(stage.engine, stage.train_batches, job.stage.steps, job.stage.grad_accum, log, stage.evaluate_fn,
           job.stage.eval_every, stage.health, start_step, stage.checkpointer.save, job.stage.checkpoint_every)
-    return export_model(stage.engine.module, stage.tokenizer, job.export_dir)
+    return export_model(stage.engine.module, stage.tokenizer, job.export_dir, job.stage.template)

@@ -1,0 +1,53 @@
+"""Answer a prompt about a video or an image with an exported model."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template, stop_token_ids
+from data_shards.frames import FrameSampling
+from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS, collate, decode_media
+from trainer.build import EXPORT_SPEC, load_export
+
+
+def media_members(path: str | Path) -> dict[str, bytes]:
+    """A media file as a sample's members ({ext: bytes}); errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file not found")
+    ext = path.suffix.lower().lstrip(".")
+    if ext not in VIDEO_EXTS + IMAGE_EXTS:
+        raise ValueError(f"{path}: not a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)})")
+    return {ext: path.read_bytes()}
+
+
+def export_template(folder: str | Path) -> str | None:
+    return json.loads((Path(folder) / EXPORT_SPEC).read_text()).get("template")
+
+
+@torch.no_grad()
+def answer(model, tokenizer, template_name: str, prompt: str, media: dict[str, bytes] | None,
+           max_new_tokens: int = 64) -> str:
+    visual = model.visual_spec()
+    template = get_template(template_name)
+    try:
+        media_kind, frames = decode_media(media or {}, visual, FrameSampling("uniform", visual.num_frames))
+    except Exception as err:  # noqa: BLE001 - PyAV/PIL raise many types for a broken file
+        raise ValueError(f"could not decode the media ({type(err).__name__}: {err})") from err
+    input_ids = encode_prompt(tokenizer, template, prompt, media_kind, visual.tokens)
+    batch = collate([{"key": "prompt", "input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids),
+                      "pixels": frames}], tokenizer.pad_token_id, visual)
+    out = model.generate(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"],
+                         max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, template),
+                         pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def generate_from_export(folder: str | Path, prompt: str, media_file: str | None, template: str | None,
+                         max_new_tokens: int) -> str:
+    template = template or export_template(folder) or "vicuna_v1"
+    model, tokenizer = load_export(folder)
+    return answer(model, tokenizer, template, prompt, media_members(media_file) if media_file else None,
+                  max_new_tokens)
