@@ -29,6 +29,8 @@ class ClusterConfig(Strict):
     cpus_per_worker: float = Field(1.0, gt=0)
     num_cpus: int | None = Field(None, ge=1, description="CPUs an embedded Ray may use (default: all)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per worker process")
+    peak_flops_per_device: float | None = Field(
+        None, gt=0, description="peak FLOP/s of one device for MFU; unset: known GPUs from a table")
 
 
 class TrackingConfig(Strict):

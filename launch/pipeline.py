@@ -126,7 +126,8 @@ class Pipeline:
             mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
             job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
                            init_export=init_export, export_dir=str(self.out / "exports" / stage.name),
-                           checkpoint_dir=str(self.out / "checkpoints" / stage.name), seed=self.cfg.seed + index)
+                           checkpoint_dir=str(self.out / "checkpoints" / stage.name), seed=self.cfg.seed + index,
+                           peak_flops_per_device=self.cfg.cluster.peak_flops_per_device)
             export = self._train_on_ray(job, run.info.run_id)
             mlflow.log_artifacts(str(export), EXPORT_ARTIFACT)
             name = registered_model_name(self.cfg.tracking, stage.name)

@@ -44,7 +44,7 @@ def resume_worker(config):
             raise SimulatedCrash
 
     try:
-        train(stage.engine, recorded(), STEPS, 1, log, None, 0, stage.health, start,
+        train(stage.engine, recorded(), STEPS, 1, log, None, 0, stage.health, stage.meter, start,
               stage.checkpointer.save if mode == "crash" else None, checkpoint_every=3)
     except SimulatedCrash:
         pass

@@ -17,7 +17,7 @@ def run_cli(*args):
 @pytest.mark.parametrize("override, expected", [
     ("stages.pretrain.steps=0", "stages.0.steps: Input should be greater than 0"),
     ("stages.instruct.optimizer.learning_rate=1", "stages.1.optimizer.learning_rate: unknown key (allowed here: lr, "),
-    ("model.reducer=avgpool", "model.reducer: Input should be 'none', 'valley' or 'spatial_pool2' (got 'avgpool')"),
+    ("model.reducer=avgpool", "model.reducer: Input should be 'none', 'valley', 'spatial_pool2' or 'temporal_diff' (got 'avgpool')"),
     ("stages.pretrain.trainable=[brain]", "stages.0.trainable.0: Input should be 'vision', 'projector', 'llm', 'embeddings', 'soft_prompt' or 'lora' (got 'brain')"),
     ("stages.nosuch.steps=3", "stages has no item 'nosuch'"),
     ("stages.pretrain.template=alpaca", "unknown template 'alpaca'"),

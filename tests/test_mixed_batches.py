@@ -43,7 +43,7 @@ def mismatched_worker(config):
     vision = stage.engine.module.vision
     before = float(sum(p.ds_tensor.float().abs().sum() for p in vision.parameters()))
     losses = []
-    train(stage.engine, tracked(), STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0, stage.health)
+    train(stage.engine, tracked(), STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0, stage.health, stage.meter)
     after = float(sum(p.ds_tensor.float().abs().sum() for p in vision.parameters()))
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(
         {"media": seen_media, "losses": losses, "vision_changed": after != before}))

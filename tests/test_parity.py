@@ -33,7 +33,7 @@ def zero3_worker(config):
     stage = prepare_stage(config["job"], Topology(rank, context.get_world_size()))
     losses = []
     train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0,
-          stage.health)
+          stage.health, stage.meter)
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(losses))
 
 

@@ -43,7 +43,7 @@ def recipe_worker(config):
                        checkpoint_dir=str(out / "checkpoints" / stage_cfg.name), seed=cfg.seed + index)
         stage = prepare_stage(job, Topology(rank, world))
         before = gather_state_dict(stage.engine.module)
-        train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: None, None, 0, stage.health)
+        train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: None, None, 0, stage.health, stage.meter)
         after = gather_state_dict(stage.engine.module)
         probe = torch.arange(5, 25).view(2, 10)
         stage.engine.module.eval()

@@ -7,7 +7,7 @@ from data_shards.conversation import IGNORE_INDEX
 from data_shards.synth import vocabulary
 from trainer.build import build_model, fill_weights, plan_from_config
 from trainer.config import ModelConfig
-from trainer.visual import KeepAllPatches, SpatialPool2x2, ValleyPooling
+from trainer.visual import KeepAllPatches, SpatialPool2x2, TemporalDifference, ValleyPooling
 
 
 def tiny_model(tmp_path, **model_fields):
@@ -47,12 +47,16 @@ def test_reducer_token_counts():
     features = torch.randn(2, 4, 1 + 16, 8)  # 4 frames of a 4x4 patch grid
     mask = torch.tensor([[True] * 4, [True, False, False, False]])
     for reducer, per_video, per_image in ((KeepAllPatches(), 64, 16), (ValleyPooling(), 20, 17),
-                                          (SpatialPool2x2(), 16, 4)):
+                                          (SpatialPool2x2(), 16, 4), (TemporalDifference(), 32, 32)):
         tokens, valid = reducer(features, mask)
         assert tokens.shape[1] == valid.shape[1] and valid.sum(1).tolist() == [per_video, per_image]
         assert reducer.num_tokens(16, 4) == per_video and reducer.num_tokens(16, 1) == per_image
     tokens, _ = SpatialPool2x2()(features, mask)
     assert torch.allclose(tokens[0, 0], features[0, 0, 1:].reshape(4, 4, 8)[:2, :2].mean((0, 1)), atol=1e-6)
+    tokens, _ = TemporalDifference()(features, mask)
+    patches = features[:, :, 1:]
+    assert torch.allclose(tokens[0, 16:], patches[0, 2:].mean(0) - patches[0, :2].mean(0), atol=1e-6)
+    assert torch.allclose(tokens[1, :16], patches[1, 0], atol=1e-6) and tokens[1, 16:].abs().max() == 0
 
 
 @pytest.mark.parametrize("fields", [
@@ -60,6 +64,7 @@ def test_reducer_token_counts():
     {"reducer": "spatial_pool2", "projector": "mlp2x_gelu"},
     {"reducer": "valley", "projector": "abstractor", "abstractor_queries": 6},
     {"reducer": "valley", "projector": "linear", "soft_prompt_tokens": 2},
+    {"reducer": "temporal_diff", "projector": "linear"},
 ], ids=lambda f: "-".join(str(v) for v in f.values()))
 def test_variants_train_on_mixed_batches(tmp_path, fields):
     model, tokenizer = tiny_model(tmp_path, **fields)

@@ -32,7 +32,7 @@ def zero3_worker(config):
     full = sum(p.ds_numel for p in params)
     losses = []
     train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0,
-          stage.health)
+          stage.health, stage.meter)
 
     probe_ids = torch.arange(5, 25).view(2, 10)
     stage.engine.module.eval()

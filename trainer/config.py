@@ -61,7 +61,7 @@ class ModelConfig(Strict):
     llm: LLMSource
     tokenizer: str | None = Field(None, description="tokenizer folder; default: the LLM path")
     word_vocab: str | None = Field(None, description="word list for a word-level tokenizer (tiny models)")
-    reducer: Literal["none", "valley", "spatial_pool2"] = "valley"
+    reducer: Literal["none", "valley", "spatial_pool2", "temporal_diff"] = "valley"
     projector: Literal["linear", "mlp2x_gelu", "abstractor"] = "linear"
     abstractor_queries: int = Field(32, ge=1, description="abstractor: learned queries = visual tokens per sample")
     abstractor_layers: int = Field(2, ge=1)

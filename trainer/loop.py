@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from data_shards.health import ReadHealth
+from trainer.throughput import StepMeter
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "frames", "frame_mask", "labels")
 
@@ -45,40 +46,33 @@ def evaluate(engine, batches: Iterator[dict], num_batches: int) -> float:
 
 
 def train(engine, batches: Iterator[dict], steps: int, grad_accum: int, log: Callable[[dict, int], None],
-          evaluate_fn: Callable[[], float] | None, eval_every: int, health: ReadHealth, start_step: int = 0,
-          checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0) -> dict:
+          evaluate_fn: Callable[[], float] | None, eval_every: int, health: ReadHealth, meter: StepMeter,
+          start_step: int = 0, checkpoint: Callable[[int], None] | None = None, checkpoint_every: int = 0) -> dict:
     """Run optimizer steps `start_step + 1 .. steps`, each of `grad_accum` micro-batches;
     returns the last metrics. Every rank sees the same read health and stops together."""
     engine.train()
     metrics: dict = {}
     for step in range(start_step + 1, steps + 1):
         started = time.perf_counter()
-        loss_sum, tokens, samples, data_wait = 0.0, 0, 0, 0.0
+        meter.begin()
         step_reads = ReadHealth(health.max_skip_fraction, health.min_samples)
         for _ in range(grad_accum):
             fetch = time.perf_counter()
             batch = next(batches)
-            data_wait += time.perf_counter() - fetch
+            data_wait = time.perf_counter() - fetch
             step_reads.add_batch(batch)
             loss = engine(**_to(batch, engine.device)).loss
             engine.backward(loss)
             engine.step()
-            loss_sum += float(loss)
-            tokens += int(batch["attention_mask"].sum())
-            samples += batch["input_ids"].shape[0]
+            meter.add(batch, float(loss), data_wait)
         elapsed = time.perf_counter() - started
         for stats in _gather_read_stats((step_reads.seen, dict(step_reads.by_reason), dict(step_reads.by_shard))):
             health.add(*stats)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        loss_all, tokens_all, samples_all, wait_all = _sum_across_ranks(
-            [loss_sum / grad_accum, tokens, samples, data_wait])
         metrics = {
-            "train/loss": loss_all / world,
+            **meter.metrics(_sum_across_ranks(meter.local()), grad_accum, world, elapsed),
             "train/lr": engine.get_lr()[0],
             "train/grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "train/tokens_per_s": tokens_all / elapsed,
-            "train/samples_per_s": samples_all / elapsed,
-            "train/data_wait_fraction": wait_all / world / elapsed,
             **health.metrics(),
         }
         if evaluate_fn and ((eval_every and step % eval_every == 0) or step == steps):

@@ -14,9 +14,10 @@ from data_shards.reader import ShardLoader, Topology, build_loader
 from trainer.build import plan_from_config, plan_from_export
 from trainer.checkpoint import Checkpointer
 from trainer.config import EngineConfig, ModelConfig, StageConfig
-from trainer.engine import build_engine
+from trainer.engine import build_engine, uses_bf16
 from trainer.export import export_model
 from trainer.loop import evaluate, train
+from trainer.throughput import FlopCounter, StepMeter, peak_flops
 
 
 @dataclass
@@ -30,6 +31,7 @@ class StageJob:
     export_dir: str
     checkpoint_dir: str
     seed: int
+    peak_flops_per_device: float | None = None  # for MFU; None: known GPUs only
 
 
 @dataclass
@@ -41,6 +43,7 @@ class PreparedStage:
     health: ReadHealth
     checkpointer: Checkpointer
     plan_table: str  # module, parameters, trainable, learning rate
+    meter: StepMeter
 
 
 def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
@@ -60,7 +63,9 @@ def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
         evaluate_fn = lambda: evaluate(engine, eval_batches, job.stage.eval_batches)  # noqa: E731
     health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
     checkpointer = Checkpointer(job.checkpoint_dir, engine, train_batches, health)
-    return PreparedStage(engine, plan.tokenizer, train_batches, evaluate_fn, health, checkpointer, plan_table)
+    meter = StepMeter(FlopCounter(engine.module, job.stage.trainable), engine.module.arch.visual_token_id,
+                      peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
+    return PreparedStage(engine, plan.tokenizer, train_batches, evaluate_fn, health, checkpointer, plan_table, meter)
 
 
 def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None],
@@ -71,5 +76,6 @@ def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None
     report_plan(stage.plan_table)
     start_step = stage.checkpointer.restore() if job.stage.resume else 0
     train(stage.engine, stage.train_batches, job.stage.steps, job.stage.grad_accum, log, stage.evaluate_fn,
-          job.stage.eval_every, stage.health, start_step, stage.checkpointer.save, job.stage.checkpoint_every)
+          job.stage.eval_every, stage.health, stage.meter, start_step, stage.checkpointer.save,
+          job.stage.checkpoint_every)
     return export_model(stage.engine.module, stage.tokenizer, job.export_dir, job.stage.template)

@@ -64,7 +64,36 @@ class SpatialPool2x2(nn.Module):
         return tokens, valid
 
 
-REDUCERS = {"none": KeepAllPatches, "valley": ValleyPooling, "spatial_pool2": SpatialPool2x2}
+class TemporalDifference(nn.Module):
+    """`temporal_diff`: each patch position averaged over the clip (what is where), then the
+    same position's mean over the clip's second half minus its mean over the first half (what
+    moved, and which way): 2*P tokens whatever the frame count. A still image's difference
+    tokens are zero."""
+
+    @staticmethod
+    def num_tokens(num_patches: int, num_frames: int) -> int:
+        return 2 * num_patches
+
+    def forward(self, features_BTND, frame_mask_BT):
+        patches_BTPD = features_BTND[:, :, 1:]
+        mask_BT = frame_mask_BT.to(patches_BTPD.dtype)
+        count_B = mask_BT.sum(1, keepdim=True)
+        # frame t is "late" when it lies in the second half of the sample's valid frames
+        position_BT = mask_BT.cumsum(1) - 1
+        late_BT = (position_BT >= count_B / 2) * mask_BT
+        early_BT = mask_BT - late_BT
+
+        def mean(weight_BT):
+            w = weight_BT[:, :, None, None]
+            return (patches_BTPD * w).sum(1) / w.sum(1).clamp(min=1)
+
+        has_media_BP = frame_mask_BT.any(1, keepdim=True).expand(-1, 2 * patches_BTPD.shape[2])
+        motion_BPD = torch.where(count_B[:, :, None] > 1, mean(late_BT) - mean(early_BT), 0.0)
+        return torch.cat([mean(mask_BT), motion_BPD], 1), has_media_BP
+
+
+REDUCERS = {"none": KeepAllPatches, "valley": ValleyPooling, "spatial_pool2": SpatialPool2x2,
+            "temporal_diff": TemporalDifference}
 
 
 class LinearProjector(nn.Linear):
