@@ -30,7 +30,8 @@ from data_shards.conversation import encode_conversation, get_template  # noqa: 
 from data_shards.frames import FrameSampling, decode_frames, uniform_indices  # noqa: E402
 from data_shards.ingest import IngestOptions  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
-from data_shards.reader import Topology, VisualSpec, build_loader, collate  # noqa: E402
+from data_shards.batching import collate  # noqa: E402
+from data_shards.reader import Topology, VisualSpec, build_loader  # noqa: E402
 from data_shards.tarstream import iter_samples  # noqa: E402
 from data_shards.tokenizer import build_word_tokenizer  # noqa: E402
 

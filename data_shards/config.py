@@ -14,6 +14,7 @@ class ReaderConfig(BaseModel):
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (decode + tokenize)")
     shuffle_buffer: int = Field(256, ge=1, description="samples held for shuffling; 1 disables")
     max_length: int = Field(512, ge=8, description="tokens per sample after placeholder expansion")
+    packing: bool = Field(False, description="pack each micro-batch's samples into rows of max_length tokens")
     seed: int = 0
     frame_sampling: Literal["uniform", "random_segment", "fps"] = Field(
         "uniform", description="training frame choice; evaluation always samples uniformly")

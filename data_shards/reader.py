@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data_shards.batching import collate
 from data_shards.config import DataSource, ReaderConfig, as_sources
-from data_shards.conversation import IGNORE_INDEX, SampleError, Template, encode_conversation
+from data_shards.conversation import SampleError, Template, encode_conversation
 from data_shards.frames import FrameSampling, decode_frames
 from data_shards.media import decode_image, to_frame_tensor
 from data_shards.sources import shard_urls
@@ -135,28 +136,6 @@ class SampleDecoder:
         return {"key": raw.key, "input_ids": input_ids, "labels": labels, "pixels": pixels}
 
 
-def collate(samples: list[dict], pad_id: int, visual: VisualSpec) -> dict:
-    """Right-padded ids/labels/attention mask; uint8 frames [B,T,3,S,S] with a frame mask
-    (an image fills frame 0, text-only samples have no valid frame)."""
-    batch_size, length = len(samples), max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((batch_size, length), pad_id, dtype=torch.long)
-    labels = torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
-    size = visual.image_size
-    frames = torch.zeros((batch_size, visual.num_frames, 3, size, size), dtype=torch.uint8)
-    frame_mask = torch.zeros((batch_size, visual.num_frames), dtype=torch.bool)
-    for b, sample in enumerate(samples):
-        n = len(sample["input_ids"])
-        input_ids[b, :n] = torch.tensor(sample["input_ids"])
-        labels[b, :n] = torch.tensor(sample["labels"])
-        attention_mask[b, :n] = 1
-        if sample["pixels"] is not None:
-            t = sample["pixels"].shape[0]
-            frames[b, :t], frame_mask[b, :t] = sample["pixels"], True
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "frames": frames, "frame_mask": frame_mask, "keys": [s["key"] for s in samples]}
-
-
 @dataclass(frozen=True)
 class ReaderSetup:
     """Everything a reader slot needs besides its position (plain data: it is sent to workers)."""
@@ -203,7 +182,8 @@ class SlotDataset(IterableDataset):
                 continue
             pending.append(sample)
             if len(pending) == cfg.micro_batch_size:
-                batch = collate(pending, setup.tokenizer.pad_token_id, setup.visual)
+                batch = collate(pending, setup.tokenizer.pad_token_id, setup.visual,
+                                cfg.max_length if cfg.packing else None)
                 rejected, rejected_by_shard = rejects.drain()
                 # An unreadable shard or tar member counts once, on top of the samples read.
                 batch.update(seen=seen + sum(n for (_, reason), n in rejected_by_shard.items()

@@ -32,6 +32,6 @@ def test_formula_matches_torch_flop_counter(tmp_path):
     assert abs(formula_llm - llm) / llm < 0.01, (formula_llm, llm)
     assert abs(formula_vision - vision) / vision < 0.01, (formula_vision, vision)
 
-    batch = {"attention_mask": torch.ones(3, 40, dtype=torch.long), "frame_mask": torch.ones(1, 5, dtype=torch.bool)}
+    batch = {"lengths": torch.full((3,), 40), "frame_mask": torch.ones(1, 5, dtype=torch.bool)}
     assert counter.batch_flops(batch) == formula_vision + 2 * formula_llm  # frozen vision, projector trains
     assert FlopCounter(model, ["vision", "llm"]).batch_flops(batch) == 3 * formula_vision + 3 * formula_llm

@@ -11,7 +11,8 @@ import torch
 from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template, stop_token_ids
 from data_shards.frames import FrameSampling
 from data_shards.manifest import read_manifest
-from data_shards.reader import collate, decode_media
+from data_shards.batching import collate
+from data_shards.reader import decode_media
 from data_shards.tarstream import iter_samples
 
 

@@ -8,7 +8,8 @@ import torch
 
 from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template, stop_token_ids
 from data_shards.frames import FrameSampling
-from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS, collate, decode_media
+from data_shards.batching import collate
+from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS, decode_media
 from trainer.build import EXPORT_SPEC, load_export
 
 

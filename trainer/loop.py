@@ -14,7 +14,8 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "frames", "frame_mask", "labels")
 
 
 def _to(batch: dict, device) -> dict:
-    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS}
+    """The model's inputs on its device (position_ids only in packed batches)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in (*MODEL_INPUTS, "position_ids") if k in batch}
 
 
 def _sum_across_ranks(values: list[float]) -> list[float]:

@@ -98,9 +98,16 @@ class VideoLanguageModel(nn.Module):
             embeds, attention_mask, labels = self.soft_prompt.prepend(embeds, attention_mask, labels, IGNORE_INDEX)
         return embeds, attention_mask, labels
 
-    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None):
+    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None, position_ids=None):
+        """`position_ids` marks a packed batch (several samples per row, positions restarting
+        at each): the LLM then gets no attention mask and keeps attention inside each sample."""
+        if position_ids is not None and self.soft_prompt is not None:
+            raise ValueError("packed batches and a soft prompt do not mix: set data.packing false")
         embeds, attention_mask, labels = self._llm_inputs(input_ids, attention_mask, frames, frame_mask, labels)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if position_ids is not None:
+            attention_mask = None
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
+                        use_cache=False)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, frames, frame_mask, max_new_tokens: int, **kwargs) -> torch.Tensor:

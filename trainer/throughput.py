@@ -7,7 +7,7 @@ their weighted sum, without causal halving). A training step multiplies that by
     2  when something before it trains (the backward pass computes input gradients),
     3  when the module itself trains (input and weight gradients; LoRA counts as the LLM training).
 The model's FLOPs are the vision encoder's over every real frame (S = 1 + patches) plus the
-LLM's over every real row (S = its non-pad length, visual tokens included); padding and the
+LLM's over every sample (S = its token count, visual tokens included); padding and the
 all-zero frames of text-only samples are not useful work and are not counted. The projector
 is small and left out.
 
@@ -66,7 +66,7 @@ class FlopCounter:
     def batch_flops(self, batch: dict) -> float:
         frames = int(batch["frame_mask"].sum())
         vision = self._forward(*self.vision, torch.full((frames,), self.frame_tokens))
-        llm = self._forward(*self.llm, batch["attention_mask"].sum(1))
+        llm = self._forward(*self.llm, batch["lengths"])  # per sample: packing saves the cross terms
         return self.vision_factor * vision + self.llm_factor * llm
 
 
