@@ -19,6 +19,7 @@ STEPS = 2
 # recipe -> per stage, the parameter-name patterns allowed (and required) to change
 INTENDED = {
     "valley": [("projector.",), ("projector.", "llm.")],
+    "clipa": [("projector.",), ("projector.", "llm.")],
     "mplug_owl": [("projector.",), ("lora_",)],
     "ep_alm": [("projector.", "soft_prompt.")],
     "multimodal_gpt": [("lora_", "projector.")],
@@ -57,7 +58,8 @@ def recipe_worker(config):
             exported = AutoModelForCausalLM.from_pretrained(Path(job.export_dir) / "llm").eval()
             with torch.no_grad():
                 logit_diff = float((exported(input_ids=probe).logits - trained_logits).abs().max())
-            report.append({"changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
+            report.append({"visual_tokens": stage.engine.module.visual_spec().tokens_per_video,
+                           "changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
                            "table": stage.plan_table, "logit_diff": logit_diff,
                            "adapter": sorted(p.name for p in (Path(job.export_dir) / "llm_adapter").glob("*"))})
     if rank == 0:
@@ -92,3 +94,5 @@ def test_tiny_twin_trains_only_what_the_recipe_says(ray_local, synth_data, tmp_p
         assert stage["logit_diff"] < 1e-4
         lora = "lora_" in patterns
         assert stage["adapter"] == (["adapter_config.json", "adapter_model.safetensors"] if lora else [])
+    if recipe == "clipa":  # a quarter of the 16 patches per frame in stage 1, all of them in stage 2
+        assert [stage["visual_tokens"] for stage in report] == [4 * 4, 4 * 16]

@@ -6,7 +6,8 @@ import torch
 from data_shards.conversation import IGNORE_INDEX
 from data_shards.synth import vocabulary
 from trainer.build import build_model, fill_weights, plan_from_config
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, TokenReductionConfig
+from trainer.stage import token_reduction_for
 from trainer.visual import KeepAllPatches, SpatialPool2x2, TemporalDifference, ValleyPooling
 
 
@@ -38,7 +39,8 @@ def batch_for(model, tokenizer, kinds):
     for i, row in enumerate(rows):
         input_ids[i, : len(row)], attention[i, : len(row)] = torch.tensor(row), 1
     labels = torch.where((input_ids != visual_id) & (attention == 1), input_ids, IGNORE_INDEX)
-    frames = torch.randint(0, 256, (len(rows), spec.num_frames, 3, 32, 32), dtype=torch.uint8)
+    size = spec.image_size
+    frames = torch.randint(0, 256, (len(rows), spec.num_frames, 3, size, size), dtype=torch.uint8)
     return {"input_ids": input_ids, "attention_mask": attention, "frames": frames,
             "frame_mask": torch.tensor(frame_masks), "labels": labels}
 
@@ -78,3 +80,25 @@ def test_variants_train_on_mixed_batches(tmp_path, fields):
         assert out.logits.shape[1] == batch["input_ids"].shape[1] + fields["soft_prompt_tokens"]
     if fields["projector"] == "abstractor":
         assert model.visual_spec().tokens_per_video == model.visual_spec().tokens_per_image == 6
+
+
+@pytest.mark.parametrize("reduction, patches", [
+    ({"mode": "random", "keep": 0.5}, 8), ({"mode": "grid", "keep": 0.25}, 4), ({"mode": "block", "keep": 0.25}, 4),
+    ({"mode": "resize", "image_size": 16}, 4),
+], ids=lambda r: r["mode"] if isinstance(r, dict) else str(r))
+def test_clipa_token_reduction(tmp_path, reduction, patches):
+    model, tokenizer = tiny_model(tmp_path, reducer="none")
+    model.token_reduction = token_reduction_for(model, TokenReductionConfig(**reduction))
+    spec = model.visual_spec()
+    assert spec.tokens_per_video == 4 * patches and spec.tokens_per_image == patches
+    assert spec.image_size == (16 if reduction["mode"] == "resize" else 32)
+    out = model(**batch_for(model, tokenizer, ["video", "image", "text"]))
+    assert torch.isfinite(out.loss)
+    if model.token_reduction.masks:
+        kept = model.token_reduction.kept_indices(64, "cpu")
+        assert kept.shape == (64, patches) and (kept.diff(dim=1) > 0).all() and kept.max() < 16
+        if reduction["mode"] != "random":  # a square: rows and columns evenly spread
+            rows, cols = kept // 4, kept % 4
+            assert (rows.view(64, 2, 2)[:, :, 0].diff(dim=1) >= 1).all() and (cols.view(64, 2, 2)[:, 0].diff(dim=1) >= 1).all()
+    model.token_reduction = None
+    assert model.visual_spec().tokens_per_video == 4 * 16  # a later stage sees every patch again

@@ -110,6 +110,19 @@ class LoraConfig(Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
+class TokenReductionConfig(Strict):
+    """CLIPA-style: fewer patch tokens through the vision encoder during this stage."""
+    mode: Literal["random", "grid", "block", "resize"]
+    keep: float = Field(0.5, gt=0, le=1, description="masking modes: fraction of patches kept")
+    image_size: int | None = Field(None, ge=1, description="resize mode: the smaller input size")
+
+    @model_validator(mode="after")
+    def _size_for_resize(self):
+        if (self.mode == "resize") != (self.image_size is not None):
+            raise ValueError("`image_size` goes with mode `resize` (and only with it)")
+        return self
+
+
 class StageConfig(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     train_data: str | list[DataSource] = Field(
@@ -119,6 +132,7 @@ class StageConfig(Strict):
     template: str = "vicuna_v1"
     trainable: list[Module] = Field(min_length=1)
     lora: LoraConfig | None = None
+    token_reduction: TokenReductionConfig | None = None
     init_from: str = Field(
         "auto", description="auto | config | models:/NAME@ALIAS | models:/NAME/VERSION | an export folder")
     steps: int = Field(gt=0, description="optimizer steps")

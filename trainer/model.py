@@ -12,6 +12,7 @@ from torch import nn
 
 from data_shards.conversation import IGNORE_INDEX
 from data_shards.reader import VisualSpec
+from trainer.token_reduction import TokenReduction, encode_kept_patches
 from trainer.visual import PROJECTORS, REDUCERS, SoftPrompt
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -52,6 +53,7 @@ class VideoLanguageModel(nn.Module):
         self.soft_prompt = SoftPrompt(arch.soft_prompt_tokens, llm.config.hidden_size) \
             if arch.soft_prompt_tokens else None
         self.llm = llm
+        self.token_reduction: TokenReduction | None = None  # set per stage (CLIPA-style pretraining)
 
     def components(self) -> list[str]:
         """The parts with weights of their own, as exports store them."""
@@ -59,12 +61,16 @@ class VideoLanguageModel(nn.Module):
 
     @property
     def num_patches(self) -> int:
+        """Patch tokens per frame the vision encoder produces (fewer under token reduction)."""
+        if self.token_reduction is not None:
+            return self.token_reduction.patches
         return (self.vision.config.image_size // self.vision.config.patch_size) ** 2
 
     def visual_spec(self) -> VisualSpec:
         """What the data reader must produce for this model."""
         return VisualSpec(
-            num_frames=self.arch.num_frames, image_size=self.vision.config.image_size,
+            num_frames=self.arch.num_frames,
+            image_size=self.token_reduction.input_size if self.token_reduction else self.vision.config.image_size,
             tokens_per_video=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, self.arch.num_frames)),
             tokens_per_image=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, 1)))
 
@@ -75,8 +81,16 @@ class VideoLanguageModel(nn.Module):
         mean = torch.tensor(self.arch.image_mean, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
         std = torch.tensor(self.arch.image_std, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
         pixels = (frames_BTCHW.flatten(0, 1).to(dtype) / 255.0 - mean) / std
-        hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states
-        features_BTND = hidden[self.arch.vision_feature_layer].unflatten(0, (batch, num_frames))
+        reduction = self.token_reduction
+        if reduction is not None and reduction.masks:
+            kept_BK = reduction.kept_indices(batch, pixels.device)
+            features = encode_kept_patches(self.vision, pixels, kept_BK.repeat_interleave(num_frames, 0),
+                                           self.arch.vision_feature_layer)
+        else:
+            resized = reduction is not None  # a smaller input: position embeddings interpolated
+            features = self.vision(pixel_values=pixels, output_hidden_states=True,
+                                   interpolate_pos_encoding=resized).hidden_states[self.arch.vision_feature_layer]
+        features_BTND = features.unflatten(0, (batch, num_frames))
         return self.projector(*self.reducer(features_BTND, frame_mask_BT))
 
     def embed(self, input_ids: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:

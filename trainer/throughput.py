@@ -52,7 +52,7 @@ class FlopCounter:
         vision_cfg, llm_cfg = model.vision.config, model.llm.config
         self.vision = (_dense_params(model.vision), vision_cfg.num_hidden_layers, vision_cfg.hidden_size)
         self.llm = (_dense_params(model.llm), llm_cfg.num_hidden_layers, llm_cfg.hidden_size)
-        self.frame_tokens = 1 + (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+        self.frame_tokens = 1 + model.num_patches  # fewer under token reduction
         vision_trains = "vision" in trainable
         upstream_of_llm = vision_trains or bool({"projector", "soft_prompt"} & set(trainable))
         self.vision_factor = 3 if vision_trains else 1
