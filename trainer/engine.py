@@ -35,6 +35,7 @@ def deepspeed_config(engine: EngineConfig, stage: StageConfig, micro_batch_size:
         "zero_optimization": zero,
         "bf16": {"enabled": uses_bf16(engine)},
         "zero_allow_untested_optimizer": True,  # torch AdamW: no fused ops to JIT-build
+        "zero_force_ds_cpu_optimizer": False,   # ... also when the optimizer state is offloaded
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
