@@ -44,8 +44,11 @@ def test_two_stages_register_and_chain_through_the_registry(ray_local, synth_dat
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert [m.step for m in history] == [1, 2, 3]
         for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "eval/loss",
-                    "data/skip_fraction"):
+                    "data/skip_fraction", "train/visual_tokens_per_sample", "train/model_tflops_per_s_per_device",
+                    "train/data_wait_fraction", "system/peak_rss_gb"):
             assert key in run.data.metrics, key
+        table = client.download_artifacts(run.info.run_id, "trainable_parameters.txt", str(tmp_path))
+        assert Path(table).read_text().splitlines()[0].split() == ["module", "parameters", "trainable", "lr"]
         parent_id = run.data.tags["mlflow.parentRunId"]
     assert client.get_run(parent_id).data.tags["config_hash"] == cfg.digest()
     assert "config.resolved.yaml" in [a.path for a in client.list_artifacts(parent_id)]
