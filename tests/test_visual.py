@@ -7,7 +7,7 @@ from data_shards.conversation import IGNORE_INDEX
 from data_shards.synth import vocabulary
 from trainer.build import build_model, fill_weights, plan_from_config
 from trainer.config import ModelConfig, TokenReductionConfig
-from trainer.stage import token_reduction_for
+from trainer.token_reduction import token_reduction_for
 from trainer.visual import KeepAllPatches, SpatialPool2x2, TemporalDifference, ValleyPooling
 
 

@@ -18,7 +18,7 @@ from trainer.engine import build_engine, uses_bf16
 from trainer.export import export_model
 from trainer.loop import evaluate, train
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
-from trainer.token_reduction import TokenReduction
+from trainer.token_reduction import token_reduction_for
 
 
 @dataclass
@@ -47,21 +47,12 @@ class PreparedStage:
     meter: StepMeter
 
 
-def token_reduction_for(model, cfg) -> TokenReduction:
-    vision = model.vision.config
-    reduction = TokenReduction(cfg, vision.image_size, vision.patch_size)
-    if model.arch.reducer == "spatial_pool2" and not reduction.square:
-        raise ValueError("token_reduction mode `random` leaves no patch grid for the spatial_pool2 reducer; "
-                         "use grid or block masking")
-    return reduction
-
-
 def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
     """The engine with its weights in place, and the stage's data streams for this rank."""
     torch.manual_seed(job.seed)
     plan = plan_from_export(job.init_export) if job.init_export else plan_from_config(job.model)
     engine, plan_table = build_engine(plan, job.engine, job.stage, job.data.micro_batch_size,
-                          job.model.attn_implementation, job.model.init_std, job.seed)
+                                      job.model.attn_implementation, job.model.init_std, job.seed)
     if job.stage.token_reduction:
         engine.module.token_reduction = token_reduction_for(engine.module, job.stage.token_reduction)
     visual = engine.module.visual_spec()

@@ -61,6 +61,16 @@ class TokenReduction:
         return (rows[:, :, None] * g + cols[:, None, :]).flatten(1)
 
 
+def token_reduction_for(model, cfg: TokenReductionConfig) -> TokenReduction:
+    """The reduction for `model`'s vision encoder; refuses one its reducer cannot follow."""
+    vision = model.vision.config
+    reduction = TokenReduction(cfg, vision.image_size, vision.patch_size)
+    if model.arch.reducer == "spatial_pool2" and not reduction.square:
+        raise ValueError("token_reduction mode `random` leaves no patch grid for the spatial_pool2 reducer; "
+                         "use grid or block masking")
+    return reduction
+
+
 def encode_kept_patches(vision, pixels_NCHW: torch.Tensor, kept_NK: torch.Tensor, feature_layer: int) -> torch.Tensor:
     """A CLIP vision tower's hidden states at `feature_layer` over [CLS] + the kept patches."""
     if not all(hasattr(vision, part) for part in ("embeddings", "pre_layrnorm", "encoder")):
