@@ -4,15 +4,11 @@ same losses as a run that never stopped."""
 import json
 from pathlib import Path
 
-import ray.train
-import torch
-from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import ReaderConfig
-from data_shards.reader import Topology
 from trainer.config import EngineConfig, ModelConfig, StageConfig
 from trainer.stage import StageJob, prepare_stage
+from two_ranks import fit_on_two_ranks, worker_topology
 
 STEPS, CRASH_AT = 6, 4
 
@@ -24,11 +20,10 @@ class SimulatedCrash(Exception):
 def resume_worker(config):
     from trainer.loop import train
 
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    topology = worker_topology()
+    rank = topology.rank
     job, mode = config["job"], config["mode"]
-    stage = prepare_stage(job, Topology(rank, world))
+    stage = prepare_stage(job, topology)
     start = stage.checkpointer.restore() if mode == "resume" else 0
     keys, losses = {}, {}
 
@@ -53,10 +48,7 @@ def resume_worker(config):
 
 
 def run(mode, job, out):
-    TorchTrainer(resume_worker, train_loop_config={"job": job, "mode": mode, "out": str(out)},
-                 torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 run_config=ray.train.RunConfig(storage_path=str(out / "ray"))).fit()
+    fit_on_two_ranks(resume_worker, {"job": job, "mode": mode, "out": str(out)}, out / "ray")
     return [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
 
 

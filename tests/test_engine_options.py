@@ -3,10 +3,7 @@ ZeRO-3 with the optimizer state offloaded to CPU trains on 2 ranks."""
 import json
 from pathlib import Path
 
-import ray.train
 import torch
-from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
@@ -15,6 +12,7 @@ from trainer.build import build_model, fill_weights, plan_from_config
 from trainer.config import EngineConfig, ModelConfig, StageConfig
 from trainer.loop import _to
 from trainer.stage import StageJob, prepare_stage
+from two_ranks import fit_on_two_ranks, worker_topology
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
@@ -45,10 +43,9 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
 def offload_worker(config):
     from trainer.loop import train
 
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    stage = prepare_stage(config["job"], Topology(rank, context.get_world_size()))
+    topology = worker_topology()
+    rank = topology.rank
+    stage = prepare_stage(config["job"], topology)
     losses = []
     train(stage.engine, stage.train_batches, 6, 1, lambda m, s: losses.append(m["train/loss"]), None, 0,
           stage.health, stage.meter)
@@ -64,9 +61,6 @@ def test_zero3_with_optimizer_offload_and_checkpointing_trains(ray_local, synth_
         stage=StageConfig(name="instruct", train_data=str(synth_data / "instruct" / "train"), template="vicuna_v1",
                           trainable=["projector", "llm"], steps=6, optimizer={"lr": 3e-3}),
         init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
-    TorchTrainer(offload_worker, train_loop_config={"job": job, "out": str(tmp_path)},
-                 torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    fit_on_two_ranks(offload_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     losses = json.loads((tmp_path / "rank0.json").read_text())
     assert len(losses) == 6 and losses[-1] < losses[0], losses

@@ -2,13 +2,8 @@
 the other gets only video batches, the vision tower training too, and the run finishes (a
 collective timeout turns a hang into a failure)."""
 import json
-from datetime import timedelta
 from pathlib import Path
 
-import ray.train
-import torch
-from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
@@ -17,6 +12,7 @@ from data_shards.synth import SynthSpec, make_sample
 from data_shards.writer import SplitWriter
 from trainer.config import EngineConfig, ModelConfig, StageConfig
 from trainer.stage import StageJob, prepare_stage
+from two_ranks import fit_on_two_ranks, worker_topology
 
 STEPS = 4
 
@@ -24,11 +20,10 @@ STEPS = 4
 def mismatched_worker(config):
     from trainer.loop import train
 
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    topology = worker_topology()
+    rank = topology.rank
     job = config["job"]
-    stage = prepare_stage(job, Topology(rank, world))
+    stage = prepare_stage(job, topology)
     split = config["text_split"] if rank == 0 else config["video_split"]
     batches = build_loader(split, job.data, stage.tokenizer, get_template(job.stage.template),
                            stage.engine.module.visual_spec(), Topology(0, 1), train=True)
@@ -64,10 +59,7 @@ def test_text_only_rank_and_video_rank_train_together(ray_local, synth_data, tmp
         init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
     config = {"job": job, "out": str(tmp_path), "text_split": str(tmp_path / "text"),
               "video_split": str(synth_data / "captions" / "heldout")}
-    TorchTrainer(mismatched_worker, train_loop_config=config,
-                 torch_config=TorchConfig(backend="gloo", timeout_s=int(timedelta(minutes=2).total_seconds())),
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    fit_on_two_ranks(mismatched_worker, config, tmp_path / "ray", timeout_s=120)
     text_rank, video_rank = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert text_rank["media"] == [0] * STEPS and all(m == 4 * 4 for m in video_rank["media"])
     assert len(text_rank["losses"]) == len(video_rank["losses"]) == STEPS

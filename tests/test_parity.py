@@ -5,10 +5,7 @@ import json
 from functools import partial
 from pathlib import Path
 
-import ray.train
 import torch
-from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 from torch.optim.lr_scheduler import LambdaLR
 
 from data_shards.config import ReaderConfig
@@ -20,6 +17,7 @@ from trainer.loop import MODEL_INPUTS
 from trainer.schedule import warmup_cosine
 from trainer.stage import StageJob, prepare_stage
 from trainer.trainable import apply_training_plan
+from two_ranks import fit_on_two_ranks, worker_topology
 
 STEPS = 6
 
@@ -27,10 +25,9 @@ STEPS = 6
 def zero3_worker(config):
     from trainer.loop import train
 
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank = context.get_world_rank()
-    stage = prepare_stage(config["job"], Topology(rank, context.get_world_size()))
+    topology = worker_topology()
+    rank = topology.rank
+    stage = prepare_stage(config["job"], topology)
     losses = []
     train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0,
           stage.health, stage.meter)
@@ -77,10 +74,7 @@ def test_zero3_on_two_ranks_matches_a_plain_pytorch_loop(ray_local, synth_data, 
                           trainable=["projector", "llm"], steps=STEPS, optimizer={"lr": 3e-3},
                           schedule={"warmup_steps": 2}, max_grad_norm=0.5),
         init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
-    TorchTrainer(zero3_worker, train_loop_config={"job": job, "out": str(tmp_path)},
-                 torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    fit_on_two_ranks(zero3_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     distributed = json.loads((tmp_path / "rank0.json").read_text())
     torch.set_num_threads(1)
     reference = plain_losses(job)

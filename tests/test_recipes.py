@@ -4,14 +4,12 @@ import json
 from pathlib import Path
 
 import pytest
-import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from launch.config import load_config
 from launch.pipeline import absolute_paths
+from two_ranks import fit_on_two_ranks, worker_topology
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS = 2
@@ -27,22 +25,20 @@ INTENDED = {
 
 
 def recipe_worker(config):
-    from data_shards.reader import Topology
     from trainer.export import export_model
     from trainer.loop import train
     from trainer.partitioned import gather_state_dict
     from trainer.stage import StageJob, prepare_stage
 
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    topology = worker_topology()
+    rank = topology.rank
     cfg, out = config["cfg"], Path(config["out"])
     previous, report = None, []
     for index, stage_cfg in enumerate(cfg.stages):
         job = StageJob(model=cfg.model, engine=cfg.engine, data=cfg.data, stage=stage_cfg, init_export=previous,
                        export_dir=str(out / "exports" / stage_cfg.name),
                        checkpoint_dir=str(out / "checkpoints" / stage_cfg.name), seed=cfg.seed + index)
-        stage = prepare_stage(job, Topology(rank, world))
+        stage = prepare_stage(job, topology)
         before = gather_state_dict(stage.engine.module)
         train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: None, None, 0, stage.health, stage.meter)
         after = gather_state_dict(stage.engine.module)
@@ -78,10 +74,7 @@ def test_tiny_twin_trains_only_what_the_recipe_says(ray_local, synth_data, tmp_p
             data = [s.model_copy(update={"url": s.url.replace("runs/demo/data", str(synth_data))}) for s in data]
         stages.append(stage.model_copy(update={"train_data": data, "steps": STEPS}))
     cfg = absolute_paths(cfg.model_copy(update={"stages": stages}))
-    TorchTrainer(recipe_worker, train_loop_config={"cfg": cfg, "out": str(tmp_path)},
-                 torch_config=TorchConfig(backend="gloo"),
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                 run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray"))).fit()
+    fit_on_two_ranks(recipe_worker, {"cfg": cfg, "out": str(tmp_path)}, tmp_path / "ray")
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report) == len(INTENDED[recipe])
     for stage, patterns in zip(report, INTENDED[recipe]):

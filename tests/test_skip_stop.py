@@ -1,24 +1,18 @@
 """Too many bad samples at read time stop a 2-rank ZeRO-3 run on Ray, every rank together,
 with a message naming the shard the skips came from."""
 import pytest
-import ray.train
-import torch
-from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import ReaderConfig
 from data_shards.manifest import read_manifest
-from data_shards.reader import Topology
 from data_shards.tarstream import iter_samples
 from data_shards.writer import SplitWriter
 from trainer.config import EngineConfig, ModelConfig, StageConfig
 from trainer.stage import StageJob, run_stage
+from two_ranks import fit_on_two_ranks, worker_topology
 
 
 def stage_worker(config):
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    run_stage(config["job"], Topology(context.get_world_rank(), context.get_world_size()), lambda m, s: None)
+    run_stage(config["job"], worker_topology(), lambda m, s: None)
 
 
 def test_skip_rate_past_threshold_stops_the_run(ray_local, synth_data, tmp_path):
@@ -38,11 +32,8 @@ def test_skip_rate_past_threshold_stops_the_run(ray_local, synth_data, tmp_path)
         stage=StageConfig(name="pretrain", train_data=str(tmp_path / "split"), template="plain",
                           trainable=["projector"], steps=50),
         init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
-    trainer = TorchTrainer(stage_worker, train_loop_config={"job": job}, torch_config=TorchConfig(backend="gloo"),
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray")))
     with pytest.raises(Exception) as failure:
-        trainer.fit()
+        fit_on_two_ranks(stage_worker, {"job": job}, tmp_path / "ray")
     message = str(failure.value)
     assert "more than data.max_skip_fraction 1.0%" in message
     assert f"most in shard {tmp_path / 'split' / 'shard-000001.tar'} (" in message and "undecodable media" in message

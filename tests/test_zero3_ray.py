@@ -3,15 +3,12 @@ export loads in plain transformers with the trained module's logits."""
 import json
 from pathlib import Path
 
-import ray.train
 import torch
-from ray.train import ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import ReaderConfig
-from data_shards.reader import Topology
 from trainer.config import EngineConfig, ModelConfig, StageConfig
 from trainer.stage import StageJob, prepare_stage
+from two_ranks import fit_on_two_ranks, worker_topology
 
 STEPS = 25
 
@@ -22,11 +19,10 @@ def zero3_worker(config):
     from trainer.export import export_model
     from trainer.loop import train
 
-    torch.set_num_threads(1)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    topology = worker_topology()
+    rank = topology.rank
     job = config["job"]
-    stage = prepare_stage(job, Topology(rank, world))
+    stage = prepare_stage(job, topology)
     params = list(stage.engine.module.parameters())
     local = sum(p.ds_tensor.numel() for p in params)
     full = sum(p.ds_numel for p in params)
@@ -56,11 +52,7 @@ def test_zero3_shards_parameters_and_learns(ray_local, synth_data, tmp_path):
         stage=StageConfig(name="instruct", train_data=str(synth_data / "instruct" / "train"), template="vicuna_v1",
                           trainable=["projector", "llm"], steps=STEPS, optimizer={"lr": 3e-3}),
         init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
-    trainer = TorchTrainer(zero3_worker, train_loop_config={"job": job, "out": str(tmp_path)},
-                           torch_config=TorchConfig(backend="gloo"),
-                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
-                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray")))
-    trainer.fit()
+    fit_on_two_ranks(zero3_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     full = results[0]["full"]
