@@ -59,6 +59,7 @@ def build_engine(plan: ModelPlan, engine_cfg: EngineConfig, stage: StageConfig, 
         torch.manual_seed(seed)
         model.llm = add_lora(model.llm, stage.lora)
     groups = apply_training_plan(model, stage)
+    table = plan_table(model, groups)  # before the scheduler scales the groups' learning rates
     opt = stage.optimizer
     optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
     multiplier = partial(warmup_cosine, total_steps=stage.steps, warmup_steps=stage.schedule.warmup_steps,
@@ -66,4 +67,4 @@ def build_engine(plan: ModelPlan, engine_cfg: EngineConfig, stage: StageConfig, 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=ds_config,
         lr_scheduler=lambda opt_: LambdaLR(opt_, multiplier), dist_init_required=False)
-    return engine, plan_table(model, groups)
+    return engine, table
