@@ -64,3 +64,10 @@ def test_overrides_parse_yaml_values_and_stage_names():
                              "stages.pretrain.trainable=[projector, llm]"])
     assert cfg.stages[1].optimizer.lr == 5e-4 and cfg.stages[1].steps == 7
     assert cfg.cluster.num_workers == 1 and cfg.stages[0].trainable == ["projector", "llm"]
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(DEMO.parent) for p in DEMO.parent.rglob("*.yaml")
+                                        if p.name != "common.yaml"), ids=str)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(DEMO.parent / path)
+    assert cfg.stages and all(stage.steps > 0 for stage in cfg.stages)
