@@ -90,5 +90,7 @@ def test_tiny_twin_trains_only_what_the_recipe_says(ray_local, synth_data, tmp_p
     if recipe == "valley":  # per-module learning rates, as the tiny twin's stage 2 sets them
         table = {line.split()[0]: line.split()[-1] for line in report[1]["table"].splitlines()[1:-1]}
         assert table["projector"] == "0.003" and table["llm"] == "0.002" and table["vision"] == "frozen"
+        assert table["embeddings"] == "0.002"  # training the LLM trains its input embeddings too
+        assert "llm.model.embed_tokens.weight" in report[1]["changed"]
     if recipe == "clipa":  # a quarter of the 16 patches per frame in stage 1, all of them in stage 2
         assert [stage["visual_tokens"] for stage in report] == [4 * 4, 4 * 16]

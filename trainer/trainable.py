@@ -35,9 +35,11 @@ def apply_training_plan(model, stage: StageConfig) -> list[dict]:
     trained module with its learning rate."""
     model.requires_grad_(False)
     owned = module_parameters(model)
+    if "llm" in stage.trainable and "embeddings" not in stage.trainable:
+        owned["llm"] += owned.pop("embeddings")  # the whole LLM trains, its embeddings at its rate
     groups = []
     for name in MODULE_ORDER:
-        if name not in stage.trainable:
+        if name not in stage.trainable or name not in owned:
             continue
         if not owned[name]:
             raise ValueError(f"stages.{stage.name}.trainable: the model has no {name!r} parameters")
@@ -49,7 +51,7 @@ def apply_training_plan(model, stage: StageConfig) -> list[dict]:
 
 def plan_table(model, groups: list[dict]) -> str:
     """`module  parameters  trainable  lr`, one row per module the model has, and a total."""
-    lr_of = {g["name"]: g["lr"] for g in groups}
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     rows = [("module", "parameters", "trainable", "lr")]
     total = trained = 0
     for name, params in module_parameters(model).items():
@@ -58,7 +60,8 @@ def plan_table(model, groups: list[dict]) -> str:
         count = sum(numel(p) for p in params)
         trainable = sum(numel(p) for p in params if p.requires_grad)
         total, trained = total + count, trained + trainable
-        rows.append((name, f"{count:,}", f"{trainable:,}", f"{lr_of[name]:g}" if name in lr_of else "frozen"))
+        rates = sorted({f"{lr_of[id(p)]:g}" for p in params if id(p) in lr_of})
+        rows.append((name, f"{count:,}", f"{trainable:,}", ", ".join(rates) or "frozen"))
     rows.append(("total", f"{total:,}", f"{trained:,} ({trained / max(total, 1):.2%})", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
