@@ -27,7 +27,7 @@ from data_shards.annotations import Record, read_records
 from data_shards.ingest import IngestOptions, Rejected, ingest
 from data_shards.manifest import ShardEntry, sha256_file, write_manifest
 from data_shards.tokenizer import token_counter
-from data_shards.writer import tar_bytes, tar_file_bytes, write_tar
+from data_shards.writer import tar_bytes, tar_file_bytes, write_shard
 
 STATE_DIR = ".build"
 
@@ -64,9 +64,7 @@ def build_chunk(chunk: int, records: list[Record], out: Path, options: BuildOpti
 
     def flush():
         if part:
-            path = out / f"shard-{chunk:06d}-{len(shards):02d}.tar"
-            write_tar(path, part)
-            shards.append(vars(ShardEntry(path.name, len(part), path.stat().st_size, sha256_file(path))))
+            shards.append(vars(write_shard(out / f"shard-{chunk:06d}-{len(shards):02d}.tar", part)))
             part.clear()
 
     part_bytes = 0

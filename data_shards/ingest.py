@@ -20,7 +20,7 @@ from PIL import Image
 from data_shards.annotations import Record
 from data_shards.conversation import PLACEHOLDERS, TEMPLATES, SampleError, render_segments
 from data_shards.frames import NoFrames, decode_at, index_video
-from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS
+from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS, media_kind
 from data_shards.transcode import TranscodeOptions, shrink_image, transcode_video
 
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
@@ -48,11 +48,9 @@ def _media_of(fields: dict) -> tuple[str | None, str | None]:
     path = fields.get("media")
     if not path:
         return None, None
-    ext = Path(path).suffix.lower().lstrip(".")
-    if ext in VIDEO_EXTS:
-        return "video", path
-    if ext in IMAGE_EXTS:
-        return "image", path
+    kind = media_kind(Path(path).suffix.lower().lstrip("."))
+    if kind:
+        return kind, path
     raise Rejected("unsupported media type", f"{path}: not one of {VIDEO_EXTS + IMAGE_EXTS}")
 
 

@@ -18,23 +18,15 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_shards.frames import FrameSampling, decode_frames, index_video
+from data_shards.frames import decode_at, index_video, uniform_indices
 from data_shards.manifest import MANIFEST_NAME, read_manifest, sha256_file
 from data_shards.media import decode_image
-from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS, conversations_of
+from data_shards.reader import conversations_of, find_media
 from data_shards.sources import shard_urls
 from data_shards.tarstream import CorruptShard, RawSample, iter_samples
 
 SHEET_FRAMES = 4
 THUMB = 96
-
-
-def media_kind(sample: RawSample) -> tuple[str, str | None]:
-    for kinds, name in ((VIDEO_EXTS, "video"), (IMAGE_EXTS, "image")):
-        ext = next((e for e in kinds if e in sample.members), None)
-        if ext:
-            return name, ext
-    return "text", None
 
 
 def _samples(urls: list[str], desc: str) -> Iterator[RawSample]:
@@ -73,19 +65,21 @@ def histogram_lines(values: list[int], width: int = 40) -> list[str]:
 def inspect_shards(spec: str, count_tokens: Callable[[str], int], sheet_samples: int = 6) -> Inspection:
     result = Inspection()
     for sample in _samples(shard_urls(spec), "inspecting"):
-        kind, ext = media_kind(sample)
-        result.counts[kind] += 1
+        kind, ext = find_media(sample.members)
+        result.counts[kind or "text"] += 1
         try:
-            turns = conversations_of(sample.members, kind if ext else None)
+            turns = conversations_of(sample.members, kind)
         except (ValueError, UnicodeDecodeError):
             turns = []
         text = " ".join(str(t.get("value", "")) for t in turns)
         result.token_lengths.append(count_tokens(text))
-        if kind == "video":
-            result.seconds.append(index_video(sample.members[ext]).duration_s)
-        if ext and len(result.sheet_rows) < sheet_samples:
-            frames = (decode_frames(sample.members[ext], FrameSampling("uniform", SHEET_FRAMES)) if kind == "video"
-                      else decode_image(sample.members[ext]))
+        index = index_video(sample.members[ext]) if kind == "video" else None
+        if index:
+            result.seconds.append(index.duration_s)
+        if kind and len(result.sheet_rows) < sheet_samples:
+            frames = (decode_at(sample.members[ext], index,
+                                [index.frame_pts[i] for i in uniform_indices(len(index.frame_pts), SHEET_FRAMES)])
+                      if index else decode_image(sample.members[ext]))
             result.sheet_rows.append((frames, f"{sample.key}: {text}"))
     return result
 
@@ -150,13 +144,14 @@ def verify_shards(spec: str) -> tuple[int, list[Problem]]:
 
 
 def _check_sample(sample: RawSample) -> str | None:
-    kind, ext = media_kind(sample)
+    kind, ext = find_media(sample.members)
     try:
         if "json" in sample.members:
             json.loads(sample.members["json"])
-        conversations_of(sample.members, kind if ext else None)
-        if kind == "video":
-            decode_frames(sample.members[ext], FrameSampling("uniform", len(index_video(sample.members[ext]).frame_pts)))
+        conversations_of(sample.members, kind)
+        if kind == "video":  # every frame
+            index = index_video(sample.members[ext])
+            decode_at(sample.members[ext], index, index.frame_pts)
         elif kind == "image":
             decode_image(sample.members[ext])
     except Exception as err:  # noqa: BLE001 - any failure is what verify reports

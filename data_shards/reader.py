@@ -76,15 +76,25 @@ class RejectCounter:
         return drained
 
 
+def media_kind(ext: str) -> str | None:
+    """"video", "image" or None for a file extension (lower case, no dot)."""
+    return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
+
+
+def find_media(members: dict[str, bytes]) -> tuple[str | None, str | None]:
+    """(kind, extension) of a sample's media member; (None, None) for a text-only sample."""
+    ext = next((e for e in VIDEO_EXTS + IMAGE_EXTS if e in members), None)
+    return (media_kind(ext), ext) if ext else (None, None)
+
+
 def decode_media(members: dict[str, bytes], visual: VisualSpec, sampling: FrameSampling,
                  rng: random.Random | None = None) -> tuple[str | None, torch.Tensor | None]:
     """A sample's media: ("video" | "image" | None, uint8 frames [T,3,S,S] or None)."""
-    video_ext = next((e for e in VIDEO_EXTS if e in members), None)
-    image_ext = next((e for e in IMAGE_EXTS if e in members), None)
-    if video_ext:
-        kind, frames = "video", decode_frames(members[video_ext], sampling, rng, visual.image_size)
-    elif image_ext:
-        kind, frames = "image", decode_image(members[image_ext], visual.image_size)
+    kind, ext = find_media(members)
+    if kind == "video":
+        frames = decode_frames(members[ext], sampling, rng, visual.image_size)
+    elif kind == "image":
+        frames = decode_image(members[ext], visual.image_size)
     else:
         return None, None
     return kind, to_frame_tensor(frames)

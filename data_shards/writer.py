@@ -37,6 +37,12 @@ def write_tar(path: Path, samples: list[dict[str, bytes]]) -> None:
     tmp.replace(path)
 
 
+def write_shard(path: Path, samples: list[dict[str, bytes]]) -> ShardEntry:
+    """Write one shard atomically and describe it for the manifest."""
+    write_tar(path, samples)
+    return ShardEntry(path.name, len(samples), path.stat().st_size, sha256_file(path))
+
+
 class SplitWriter:
     """Collects samples into shards of `samples_per_shard` in `directory`; `close()` writes the
     manifest after the last shard."""
@@ -57,10 +63,7 @@ class SplitWriter:
     def _flush(self) -> None:
         if not self._pending:
             return
-        path = self.directory / f"shard-{len(self.shards):06d}.tar"
-        write_tar(path, self._pending)
-        self.shards.append(ShardEntry(path.name, len(self._pending), path.stat().st_size,
-                                      sha256_file(path)))
+        self.shards.append(write_shard(self.directory / f"shard-{len(self.shards):06d}.tar", self._pending))
         self._pending = []
 
     def close(self) -> Path:

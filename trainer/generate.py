@@ -9,7 +9,7 @@ import torch
 from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template, stop_token_ids
 from data_shards.frames import FrameSampling
 from data_shards.batching import collate
-from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS, decode_media
+from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS, decode_media, media_kind
 from trainer.build import EXPORT_SPEC, load_export
 
 
@@ -19,7 +19,7 @@ def media_members(path: str | Path) -> dict[str, bytes]:
     if not path.is_file():
         raise ValueError(f"{path}: file not found")
     ext = path.suffix.lower().lstrip(".")
-    if ext not in VIDEO_EXTS + IMAGE_EXTS:
+    if media_kind(ext) is None:
         raise ValueError(f"{path}: not a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)})")
     return {ext: path.read_bytes()}
 

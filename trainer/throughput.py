@@ -16,6 +16,8 @@ else the dense bf16 (or TF32 for fp32) peak of a known GPU; unknown devices (CPU
 """
 from __future__ import annotations
 
+import resource
+
 import torch
 
 # dense peak FLOP/s per device: (bf16, tf32)
@@ -72,7 +74,6 @@ class FlopCounter:
 
 def peak_memory_metrics() -> dict[str, float]:
     """Peak accelerator memory where there is one, and the process's peak resident memory."""
-    import resource
     metrics = {"system/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if torch.cuda.is_available():
         metrics["system/peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
