@@ -10,9 +10,9 @@ setup(
         "torch>=2.4",
         "deepspeed>=0.16",
         "transformers>=5.0",
+        "peft>=0.13",
         "ray[train]>=2.50",
         "mlflow>=3.0",
-        "webdataset>=0.2.100",
         "av>=12",
         "pillow",
         "numpy",
@@ -26,7 +26,7 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5"],
         "cloud": ["s3fs", "gcsfs"],
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "webdataset>=0.2.100"],  # tests read our shards with the webdataset library
     },
     entry_points={"console_scripts": ["valleyforge=launch.cli:main"]},
 )

@@ -21,8 +21,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_shards.batching import collate  # noqa: E402
-from data_shards.reader import VisualSpec  # noqa: E402
+from data_shards.read.batching import collate  # noqa: E402
+from data_shards.media import VisualSpec  # noqa: E402
 
 ROW = 1024
 VISUAL = VisualSpec(num_frames=1, image_size=1, tokens_per_video=0, tokens_per_image=0)

@@ -24,15 +24,16 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from clips import write_clips  # noqa: E402
 
-from data_shards.build import BuildOptions, build_shards  # noqa: E402
+from data_shards.build.shards import BuildOptions, build_shards  # noqa: E402
 from data_shards.config import ReaderConfig  # noqa: E402
 from data_shards.conversation import encode_conversation, get_template  # noqa: E402
 from data_shards.frames import FrameSampling, decode_frames, uniform_indices  # noqa: E402
-from data_shards.ingest import IngestOptions  # noqa: E402
+from data_shards.build.ingest import IngestOptions  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
-from data_shards.batching import collate  # noqa: E402
-from data_shards.reader import Topology, VisualSpec, build_loader  # noqa: E402
-from data_shards.tarstream import iter_samples  # noqa: E402
+from data_shards.read.batching import collate  # noqa: E402
+from data_shards.media import VisualSpec  # noqa: E402
+from data_shards.read.reader import Topology, build_loader  # noqa: E402
+from data_shards.read.tarstream import iter_samples  # noqa: E402
 from data_shards.tokenizer import build_word_tokenizer  # noqa: E402
 
 FRAMES, SIZE, BATCH = 8, 224, 8

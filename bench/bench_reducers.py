@@ -20,13 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_shards.config import ReaderConfig  # noqa: E402
 from data_shards.conversation import get_template  # noqa: E402
-from data_shards.reader import Topology, build_loader  # noqa: E402
-from data_shards.synth import write_synthetic_dataset  # noqa: E402
-from trainer.build import build_model, fill_weights, plan_from_config  # noqa: E402
+from data_shards.read.reader import Topology, build_loader  # noqa: E402
+from data_shards.build.synth import write_synthetic_dataset  # noqa: E402
+from trainer.blueprint import build_model, fill_weights, blueprint_from_config  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
-from trainer.evaluate import attribute_accuracy  # noqa: E402
-from trainer.loop import MODEL_INPUTS  # noqa: E402
-from trainer.schedule import warmup_cosine  # noqa: E402
+from trainer.evaluation import attribute_accuracy  # noqa: E402
+from trainer.engine import warmup_cosine  # noqa: E402
+from trainer.model import model_inputs  # noqa: E402
 
 REDUCERS = ("none", "valley", "spatial_pool2", "temporal_diff")
 
@@ -35,21 +35,21 @@ def run(reducer: str, data: Path, steps: int, batch_size: int, lr: float, seed: 
     torch.manual_seed(seed)
     cfg = ModelConfig(vision={"tiny": {"image_size": 32, "patch_size": 8}}, llm={"tiny": {}},
                       word_vocab=str(data / "vocab.txt"), num_frames=8, reducer=reducer)
-    plan = plan_from_config(cfg)
-    model = build_model(plan, "sdpa")
-    fill_weights(model, plan, cfg.init_std, seed)
+    blueprint = blueprint_from_config(cfg)
+    model = build_model(blueprint, "sdpa")
+    fill_weights(model, blueprint, cfg.init_std, seed)
     model.vision.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine(step, total_steps=steps, warmup_steps=20, min_lr_ratio=0.1))
     reader = ReaderConfig(micro_batch_size=batch_size, num_workers=1, shuffle_buffer=256, max_length=256, seed=seed)
-    batches = build_loader(str(data / "instruct" / "train"), reader, plan.tokenizer, get_template("vicuna_v1"),
+    batches = build_loader(str(data / "instruct" / "train"), reader, blueprint.tokenizer, get_template("vicuna_v1"),
                            model.visual_spec(), Topology(), train=True)
     started = time.perf_counter()
     for step in range(1, steps + 1):
         batch = next(batches)
-        loss = model(**{k: batch[k] for k in MODEL_INPUTS}).loss
+        loss = model(**model_inputs(batch)).loss
         optimizer.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -58,7 +58,7 @@ def run(reducer: str, data: Path, steps: int, batch_size: int, lr: float, seed: 
         if step % 200 == 0:
             print(f"  {reducer} step {step}/{steps} loss {float(loss):.3f} ({time.perf_counter() - started:.0f} s)",
                   flush=True)
-    accuracy = attribute_accuracy(model.eval(), plan.tokenizer, str(data / "instruct" / "heldout"), "vicuna_v1")
+    accuracy = attribute_accuracy(model.eval(), blueprint.tokenizer, str(data / "instruct" / "heldout"), "vicuna_v1")
     return {"reducer": reducer, "tokens": model.visual_spec().tokens_per_video, "minutes": (time.perf_counter() - started) / 60,
             **{k.rsplit("/", 1)[1]: v for k, v in accuracy.items() if k.startswith("eval/attribute_accuracy/")}}
 

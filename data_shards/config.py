@@ -6,9 +6,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from data_shards.frames import SAMPLERS
+from data_shards.read.stream import MIXING
 
-class ReaderConfig(BaseModel):
+
+class Strict(BaseModel):
+    """A config section: unknown keys are errors (every section of the job config is one)."""
     model_config = ConfigDict(extra="forbid")
+
+
+class ReaderConfig(Strict):
 
     micro_batch_size: int = Field(8, ge=1, description="samples per rank per forward pass")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (decode + tokenize)")
@@ -16,18 +23,17 @@ class ReaderConfig(BaseModel):
     max_length: int = Field(512, ge=8, description="tokens per sample after placeholder expansion")
     packing: bool = Field(False, description="pack each micro-batch's samples into rows of max_length tokens")
     seed: int = 0
-    frame_sampling: Literal["uniform", "random_segment", "fps"] = Field(
+    frame_sampling: Literal[tuple(SAMPLERS)] = Field(
         "uniform", description="training frame choice; evaluation always samples uniformly")
     sample_fps: float = Field(1.0, gt=0, description="fps sampling: frames per second, capped at num_frames")
-    mixing: Literal["epoch", "resampled"] = Field(
+    mixing: Literal[tuple(MIXING)] = Field(
         "epoch", description="epoch: each source read once per epoch; resampled: sources drawn by weight without end")
     max_skip_fraction: float = Field(0.01, ge=0, le=1, description="stop when more read-time samples are skipped")
     skip_check_min_samples: int = Field(200, ge=1, description="samples read before the skip rate is judged")
 
 
-class DataSource(BaseModel):
+class DataSource(Strict):
     """One source of a mixture: a split directory, or shard URLs (globs, brace ranges, s3://, pipe:)."""
-    model_config = ConfigDict(extra="forbid")
 
     url: str
     weight: float = Field(1.0, gt=0)

@@ -7,6 +7,7 @@ tokenizer, instead of locating answers again in a re-tokenized whole.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 
@@ -157,3 +158,20 @@ def encode_prompt(tokenizer, template: Template, question: str, media_kind: str 
     text = f"<{media_kind}>\n{question}" if media_kind else question
     input_ids, _ = _encode_segments(tokenizer, [(_human_turn(template, text, first=True), False)], visual_tokens)
     return input_ids
+
+
+def conversations_of(members: dict[str, bytes], media_kind: str | None) -> list[dict]:
+    """The sample's conversation: its json `conversations`, else a caption pair built from a
+    json `caption` or a .txt member (video2dataset shards carry captions that way)."""
+    meta = json.loads(members["json"]) if "json" in members else {}
+    if not isinstance(meta, dict):
+        raise SampleError("bad json", "the .json member is not an object")
+    if "conversations" in meta:
+        return meta["conversations"]
+    caption = meta.get("caption")
+    if caption is None and "txt" in members:
+        caption = members["txt"].decode("utf-8")
+    if not caption or not str(caption).strip():
+        raise SampleError("no text", "neither conversations, a json caption nor a .txt member")
+    prompt = f"<{media_kind}>" if media_kind else ""
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(caption).strip()}]

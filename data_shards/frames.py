@@ -11,13 +11,8 @@ import bisect
 import io
 import random
 from dataclasses import dataclass
-from typing import Literal
-
 import av
 import numpy as np
-
-SamplingMode = Literal["uniform", "random_segment", "fps"]
-
 
 class NoFrames(ValueError):
     """The container holds no video frame."""
@@ -25,7 +20,7 @@ class NoFrames(ValueError):
 
 @dataclass(frozen=True)
 class FrameSampling:
-    mode: SamplingMode = "uniform"
+    mode: str = "uniform"        # a key of SAMPLERS
     num_frames: int = 8          # frames per clip (the cap, in fps mode)
     fps: float = 1.0             # fps mode: frames per second of video
 
@@ -69,20 +64,31 @@ def uniform_indices(total: int, count: int) -> list[int]:
     return [int((i + 0.5) * total / count) for i in range(count)]
 
 
-def pick_indices(index: VideoIndex, sampling: FrameSampling, rng: random.Random) -> list[int]:
+def _uniform(index: VideoIndex, sampling: FrameSampling, rng: random.Random) -> list[int]:
+    return uniform_indices(len(index.frame_pts), sampling.num_frames)
+
+
+def _random_segment(index: VideoIndex, sampling: FrameSampling, rng: random.Random) -> list[int]:
+    """One random frame in each of `num_frames` equal segments."""
     total, count = len(index.frame_pts), sampling.num_frames
-    if sampling.mode == "uniform":
-        return uniform_indices(total, count)
-    if sampling.mode == "random_segment":
-        bounds = [i * total / count for i in range(count + 1)]
-        return [min(total - 1, int(lo) + rng.randrange(max(1, int(hi) - int(lo)))) for lo, hi in zip(bounds, bounds[1:])]
-    # fps: one frame every 1/fps seconds from the first, at most `count` spread over the clip
-    start = index.frame_pts[0]
+    bounds = [i * total / count for i in range(count + 1)]
+    return [min(total - 1, int(lo) + rng.randrange(max(1, int(hi) - int(lo)))) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def _fps(index: VideoIndex, sampling: FrameSampling, rng: random.Random) -> list[int]:
+    """One frame every 1/fps seconds from the first, at most `num_frames` spread over the clip."""
     step = 1.0 / (sampling.fps * index.time_base)
-    wanted = np.arange(start, index.frame_pts[-1] + 1, step)
-    if len(wanted) > count:
-        wanted = wanted[uniform_indices(len(wanted), count)]
-    return [min(bisect.bisect_left(index.frame_pts, t), total - 1) for t in wanted]
+    wanted = np.arange(index.frame_pts[0], index.frame_pts[-1] + 1, step)
+    if len(wanted) > sampling.num_frames:
+        wanted = wanted[uniform_indices(len(wanted), sampling.num_frames)]
+    return [min(bisect.bisect_left(index.frame_pts, t), len(index.frame_pts) - 1) for t in wanted]
+
+
+SAMPLERS = {"uniform": _uniform, "random_segment": _random_segment, "fps": _fps}
+
+
+def pick_indices(index: VideoIndex, sampling: FrameSampling, rng: random.Random) -> list[int]:
+    return SAMPLERS[sampling.mode](index, sampling, rng)
 
 
 def decode_frames(data: bytes, sampling: FrameSampling, rng: random.Random | None = None,

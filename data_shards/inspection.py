@@ -18,12 +18,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from data_shards.conversation import conversations_of
 from data_shards.frames import decode_at, index_video, uniform_indices
 from data_shards.manifest import MANIFEST_NAME, read_manifest, sha256_file
-from data_shards.media import decode_image
-from data_shards.reader import conversations_of, find_media
-from data_shards.sources import shard_urls
-from data_shards.tarstream import CorruptShard, RawSample, iter_samples
+from data_shards.media import decode_image, find_media
+from data_shards.read.sources import shard_urls
+from data_shards.read.tarstream import CorruptShard, RawSample, iter_samples
 
 SHEET_FRAMES = 4
 THUMB = 96

@@ -1,13 +1,47 @@
-"""Encode media (H.264 mp4 clips with PyAV, JPEG stills), decode still images, and turn frames
-into tensors. Video decoding with frame sampling lives in data_shards/frames.py."""
+"""Media as both directions see it: which members of a sample are media, what the model expects
+of them (VisualSpec), encoding (H.264 mp4 clips with PyAV, JPEG stills), and decoding a
+sample's media into uint8 frame tensors. Frame sampling lives in data_shards/frames.py."""
 from __future__ import annotations
 
 import io
+import random
+from dataclasses import dataclass
 
 import av
 import numpy as np
 import torch
 from PIL import Image
+
+from data_shards.frames import FrameSampling, decode_frames
+
+VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+@dataclass(frozen=True)
+class VisualSpec:
+    """What the model expects of media: decided by the model, consumed by the reader."""
+    num_frames: int
+    image_size: int
+    tokens_per_video: int
+    tokens_per_image: int
+
+    @property
+    def tokens(self) -> dict[str, int]:
+        return {"video": self.tokens_per_video, "image": self.tokens_per_image}
+
+
+def media_kind(ext: str) -> str | None:
+    """"video", "image" or None for a file extension (lower case, no dot)."""
+    return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
+
+
+def find_media(members: dict[str, bytes]) -> tuple[str | None, str | None]:
+    """(kind, extension) of a sample's media member; (None, None) for a text-only sample."""
+    ext = next((e for e in VIDEO_EXTS + IMAGE_EXTS if e in members), None)
+    return (media_kind(ext), ext) if ext else (None, None)
+
+
 
 
 def encode_mp4(frames_THWC: np.ndarray, fps: int, keyframe_interval: int = 8) -> bytes:
@@ -48,3 +82,16 @@ def to_frame_tensor(frames_THWC: np.ndarray) -> torch.Tensor:
     """uint8 frames [T,H,W,3] -> uint8 tensor [T,3,H,W]. Pixels stay uint8 until the model
     normalizes them: a quarter of the bytes through worker queues and host-to-device copies."""
     return torch.from_numpy(np.ascontiguousarray(frames_THWC.transpose(0, 3, 1, 2)))
+
+
+def decode_media(members: dict[str, bytes], visual: VisualSpec, sampling: FrameSampling,
+                 rng: random.Random | None = None) -> tuple[str | None, torch.Tensor | None]:
+    """A sample's media: ("video" | "image" | None, uint8 frames [T,3,S,S] or None)."""
+    kind, ext = find_media(members)
+    if kind == "video":
+        frames = decode_frames(members[ext], sampling, rng, visual.image_size)
+    elif kind == "image":
+        frames = decode_image(members[ext], visual.image_size)
+    else:
+        return None, None
+    return kind, to_frame_tensor(frames)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
+GENERATE_LOG = Path.home() / ".cache" / "valleyforge" / "generate.log"  # library warnings of `generate`
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,7 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="synthetic shards -> stage 1 -> stage 2 -> evaluation, on this machine")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
-    generate = sub.add_parser("generate", help="answer a prompt about a video or image with an exported model")
+    generate = sub.add_parser("generate", help="answer a prompt about a video or image with an exported model "
+                                               f"(library warnings go to {GENERATE_LOG})")
     generate.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an export folder")
     media = generate.add_mutually_exclusive_group()
     media.add_argument("--video")
@@ -83,9 +85,12 @@ def _run(config_path: str, overrides: list[str]) -> int:
 
 def _demo(overrides: list[str]) -> int:
     from launch.config import load_config
-    from data_shards.synth import write_synthetic_dataset
+    from data_shards.build.synth import write_synthetic_dataset
 
     cfg = load_config(DEMO_CONFIG, overrides)
+    if not isinstance(cfg.stages[0].train_data, str):
+        raise ValueError(f"{DEMO_CONFIG}: stages.0.train_data: the demo writes its synthetic data under a split "
+                         f"directory and trains on it; a mixture needs `valleyforge run` with data of its own")
     data_dir = Path(cfg.stages[0].train_data).parents[1]
     if not (data_dir / "instruct" / "heldout" / "manifest.json").is_file():
         write_synthetic_dataset(data_dir, train_samples=2048, heldout_samples=96,
@@ -94,25 +99,28 @@ def _demo(overrides: list[str]) -> int:
 
 
 def _generate(args) -> int:
-    from launch.tracking import fetch_model
+    from launch.config import TrackingConfig
+    from launch.console import quiet_libraries
+    from launch.tracking import fetch_model, resolve_tracking_uri
     from trainer.generate import generate_from_export
 
-    folder = fetch_model(args.model)
+    quiet_libraries(GENERATE_LOG)
+    folder = fetch_model(args.model, resolve_tracking_uri(TrackingConfig()))
     print(generate_from_export(folder, args.prompt, args.video or args.image, args.template, args.max_new_tokens))
     return 0
 
 
 def _shards_synth(args) -> int:
-    from data_shards.synth import write_synthetic_dataset
+    from data_shards.build.synth import write_synthetic_dataset
     write_synthetic_dataset(Path(args.out), args.train_samples, args.heldout_samples, seed=args.seed,
                             samples_per_shard=args.samples_per_shard, progress=print)
     return 0
 
 
 def _shards_build(args) -> int:
-    from data_shards.build import BuildOptions, build_shards
-    from data_shards.ingest import IngestOptions
-    from data_shards.transcode import TranscodeOptions
+    from data_shards.build.shards import BuildOptions, build_shards
+    from data_shards.build.ingest import IngestOptions
+    from data_shards.build.transcode import TranscodeOptions
 
     transcode = TranscodeOptions(video_size=args.video_size, video_fps=args.video_fps,
                                  keyframe_interval=args.keyframe_interval, max_seconds=args.max_seconds,
@@ -157,22 +165,16 @@ SHARD_COMMANDS = {"synth": _shards_synth, "build": _shards_build, "inspect": _sh
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"run": lambda: _run(args.config, args.overrides), "demo": lambda: _demo(args.overrides),
+                "generate": lambda: _generate(args), "shards": lambda: SHARD_COMMANDS[args.shards_command](args)}
     try:
-        if args.command == "run":
-            return _run(args.config, args.overrides)
-        if args.command == "demo":
-            return _demo(args.overrides)
-        if args.command == "generate":
-            return _generate(args)
-        if args.command == "shards":
-            return SHARD_COMMANDS[args.shards_command](args)
+        return commands[args.command]()
     except ValueError as err:  # config and input errors: one line, no traceback
         print(f"valleyforge: error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
         print(f"valleyforge: error: {err}", file=sys.stderr)
         return 1
-    return 2
 
 
 if __name__ == "__main__":

@@ -7,19 +7,14 @@ import json
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from data_shards.config import ReaderConfig
-from data_shards.conversation import TEMPLATES
-from trainer.config import EngineConfig, ModelConfig, StageConfig
+from data_shards.config import ReaderConfig, Strict
+from trainer.config import EngineConfig, ModelConfig, StageConfig, TemplateName
 
 
 class ConfigError(ValueError):
     """A config problem, told in one line naming the file and the key."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class ClusterConfig(Strict):
@@ -41,14 +36,8 @@ class TrackingConfig(Strict):
 
 class EvaluationConfig(Strict):
     data: str = Field(description="held-out split whose samples carry probes")
-    template: str = "vicuna_v1"
+    template: TemplateName = "vicuna_v1"
     max_new_tokens: int = Field(8, ge=1)
-
-    @model_validator(mode="after")
-    def _known_template(self):
-        if self.template not in TEMPLATES:
-            raise ValueError(f"unknown template {self.template!r}; choose one of {sorted(TEMPLATES)}")
-        return self
 
 
 class JobConfig(Strict):

@@ -16,13 +16,14 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import as_sources
 from data_shards.manifest import read_manifest
-from data_shards.sources import data_digest, shard_urls
+from data_shards.read.reader import shards_per_source
+from data_shards.read.sources import data_digest
 from launch.config import JobConfig, save_resolved
 from launch.progress import ProgressBoard, ProgressLine
-from launch.tracking import (git_commit, register_export, registered_model_name, resolve_model_uri,
+from launch.tracking import (fetch_model, git_commit, register_export, registered_model_name, resolve_model_uri,
                              resolve_tracking_uri)
-from launch.worker import train_worker
-from trainer.stage import StageJob
+from launch.worker import StageWorker
+from trainer.config import StageJob
 
 EXPORT_ARTIFACT = "export"
 
@@ -37,13 +38,12 @@ class RegisteredStage:
 
 def check_inputs(cfg: JobConfig) -> None:
     """Fail before any worker starts when a data split or init source is unusable."""
-    readers = cfg.cluster.num_workers * max(cfg.data.num_workers, 1)
     for stage in cfg.stages:
-        for source in as_sources(stage.train_data) + as_sources(stage.eval_data or []):
-            shards = len(shard_urls(source.url))
-            if shards < readers:
-                raise ValueError(f"stages.{stage.name}: {source.url} has {shards} shards, fewer than the "
-                                 f"{readers} readers (cluster.num_workers x data.num_workers)")
+        try:
+            shards_per_source(as_sources(stage.train_data) + as_sources(stage.eval_data or []),
+                              cfg.cluster.num_workers, cfg.data.num_workers)
+        except ValueError as err:
+            raise ValueError(f"stages.{stage.name}: {err}") from None
         source = stage.init_from
         if source not in ("auto", "config") and not source.startswith("models:/") and not Path(source).is_dir():
             raise ValueError(f"stages.{stage.name}.init_from: {source!r} is not auto, config, "
@@ -61,17 +61,24 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
         if isinstance(data, str):
             return absolute(data)
         return [s.model_copy(update={"url": absolute(s.url)}) for s in data]
-    model = cfg.model.model_copy(update={"tokenizer": absolute(cfg.model.tokenizer),
-                                         "word_vocab": absolute(cfg.model.word_vocab)})
+    model = cfg.model.model_copy(update={
+        "tokenizer": absolute(cfg.model.tokenizer), "word_vocab": absolute(cfg.model.word_vocab),
+        "vision": cfg.model.vision.model_copy(update={"path": absolute(cfg.model.vision.path)}),
+        "llm": cfg.model.llm.model_copy(update={"path": absolute(cfg.model.llm.path)})})
     stages = [s.model_copy(update={"train_data": absolute_sources(s.train_data), "eval_data": absolute(s.eval_data)})
               for s in cfg.stages]
     return cfg.model_copy(update={"model": model, "stages": stages})
 
 
+def ray_address(cfg: JobConfig) -> str | None:
+    """`cluster.address`, else RAY_ADDRESS; None: an embedded Ray. The config first, as for tracking."""
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+
+
 def start_ray(cfg: JobConfig) -> None:
     env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.cluster.torch_threads)}
     env["DS_ACCELERATOR"] = "cuda" if cfg.cluster.use_gpu else "cpu"
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = ray_address(cfg)
     if ray.is_initialized():
         return
     if address:
@@ -105,7 +112,7 @@ class Pipeline:
             for index, stage in enumerate(self.cfg.stages):
                 registered.append(self.run_stage(index, stage, registered[-1] if registered else None, tags))
             if self.cfg.evaluation:
-                self.evaluate(registered[-1], parent.info.run_id)
+                self.run_evaluation(registered[-1], parent.info.run_id)
         return registered
 
     def init_source(self, stage, previous: RegisteredStage | None) -> tuple[str | None, str]:
@@ -119,13 +126,13 @@ class Pipeline:
         return str(Path(source).absolute()), source
 
     def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict) -> RegisteredStage:
-        init_export, init_desc = self.init_source(stage, previous)
+        init_from, init_desc = self.init_source(stage, previous)
         data_hash = data_digest(as_sources(stage.train_data))
         stage_tags = {**tags, "stage": stage.name, "data_manifest_hash": data_hash}
         with mlflow.start_run(run_name=stage.name, nested=True, tags=stage_tags) as run:
             mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
             job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
-                           init_export=init_export, export_dir=str(self.out / "exports" / stage.name),
+                           init_from=init_from, export_dir=str(self.out / "exports" / stage.name),
                            checkpoint_dir=str(self.out / "checkpoints" / stage.name), seed=self.cfg.seed + index,
                            peak_flops_per_device=self.cfg.cluster.peak_flops_per_device)
             export = self._train_on_ray(job, run.info.run_id)
@@ -140,10 +147,7 @@ class Pipeline:
         cluster = self.cfg.cluster
         board = ProgressBoard.remote()
         trainer = TorchTrainer(
-            train_worker,
-            train_loop_config={"job": job, "tracking_uri": self.tracking_uri, "run_id": run_id,
-                               "progress_board": board, "log_dir": str(self.out / "logs"),
-                               "torch_threads": cluster.torch_threads},
+            StageWorker(job, self.tracking_uri, run_id, board, str(self.out / "logs"), cluster.torch_threads),
             torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                          resources_per_worker={"CPU": cluster.cpus_per_worker}),
@@ -169,13 +173,13 @@ class Pipeline:
             raise StageFailed(job.stage.name, RuntimeError("no export was reported"), self.out / "logs")
         return Path(result.checkpoint.path)
 
-    def evaluate(self, stage: RegisteredStage, parent_run_id: str) -> dict:
-        from trainer.build import load_export
-        from trainer.evaluate import attribute_accuracy
+    def run_evaluation(self, stage: RegisteredStage, parent_run_id: str) -> dict:
+        """Attribute accuracy by generation of the last stage's registered model, on the driver."""
+        from trainer.blueprint import load_export
+        from trainer.evaluation import attribute_accuracy
 
         uri = f"models:/{stage.name}@latest"
-        export = mlflow.artifacts.download_artifacts(uri, dst_path=str(self.out / "eval-model"))
-        model, tokenizer = load_export(export)
+        model, tokenizer = load_export(fetch_model(uri, self.tracking_uri))
         ev = self.cfg.evaluation
         line = ProgressLine("evaluate", 1)
         metrics = attribute_accuracy(model, tokenizer, ev.data, ev.template, ev.max_new_tokens,

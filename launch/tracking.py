@@ -13,9 +13,10 @@ from launch.config import TrackingConfig
 
 
 def resolve_tracking_uri(cfg: TrackingConfig) -> str:
-    """MLFLOW_TRACKING_URI when set, else the config's, else sqlite:///mlflow.db in the working
-    directory (what `mlflow ui` opens by default), made absolute so workers elsewhere agree."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking_uri
+    """The config's `tracking_uri` when set, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in
+    the working directory (what `mlflow ui` opens by default), made absolute so workers elsewhere
+    agree. The same rule as `cluster.address` over RAY_ADDRESS: the config first."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     return uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
@@ -68,8 +69,9 @@ def resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
     return f"models:/{name}/{version}", f"{uri} -> version {version}"
 
 
-def fetch_model(model: str) -> Path:
-    """A local export folder for `model`: the folder itself, or a registry URI downloaded."""
+def fetch_model(model: str, tracking_uri: str) -> Path:
+    """A local export folder for `model`: the folder itself, or a registry URI downloaded from
+    `tracking_uri`'s registry."""
     if not model.startswith("models:/"):
         folder = Path(model)
         if not folder.is_dir():
@@ -77,10 +79,9 @@ def fetch_model(model: str) -> Path:
         return folder
     import mlflow
     from mlflow.exceptions import MlflowException
-    uri = resolve_tracking_uri(TrackingConfig())
     try:
-        pinned, _ = resolve_model_uri(MlflowClient(uri), model)
-        mlflow.set_tracking_uri(uri)
+        pinned, _ = resolve_model_uri(MlflowClient(tracking_uri), model)
+        mlflow.set_tracking_uri(tracking_uri)
         return Path(mlflow.artifacts.download_artifacts(pinned))
     except MlflowException as err:
-        raise ValueError(f"{model}: {err.message} (tracking URI {uri})") from err
+        raise ValueError(f"{model}: {err.message} (tracking URI {tracking_uri})") from err

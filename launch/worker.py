@@ -1,13 +1,15 @@
-"""The function every Ray Train worker runs for one stage."""
+"""What every Ray Train worker runs for one stage, with everything the driver hands it."""
 from __future__ import annotations
 
 import os
 import sys
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray.train
 import torch
+
+from trainer.config import StageJob
 
 
 def _redirect_output(log_file: Path) -> None:
@@ -19,40 +21,41 @@ def _redirect_output(log_file: Path) -> None:
         os.dup2(fd, stream.fileno())
 
 
-def train_worker(config: dict) -> None:
-    from data_shards.reader import Topology
-    from launch.tracking import MlflowMetricsLogger
-    from trainer.stage import run_stage
+@dataclass
+class StageWorker:
+    """Called once in each worker process: trains the job's stage on this rank and reports the
+    export (rank 0) to Ray Train. Rank 0 also logs to MLflow and posts progress."""
+    job: StageJob
+    tracking_uri: str
+    run_id: str
+    progress_board: object  # the driver's ProgressBoard actor
+    log_dir: str
+    torch_threads: int
 
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    job = config["job"]
-    _redirect_output(Path(config["log_dir"]) / f"{job.stage.name}-rank{rank}.log")
-    torch.set_num_threads(config["torch_threads"])
-    if job.init_export and job.init_export.startswith("models:/"):
-        import mlflow
-        mlflow.set_tracking_uri(config["tracking_uri"])
-        job.init_export = mlflow.artifacts.download_artifacts(job.init_export, dst_path=tempfile.mkdtemp())
+    def __call__(self) -> None:
+        from data_shards.read.reader import Topology
+        from launch.tracking import MlflowMetricsLogger, fetch_model
+        from trainer.stage import StageRunner
 
-    if rank == 0:
-        mlflow_log = MlflowMetricsLogger(config["tracking_uri"], config["run_id"])
-        board = config["progress_board"]
+        context = ray.train.get_context()
+        rank = context.get_world_rank()
+        _redirect_output(Path(self.log_dir) / f"{self.job.stage.name}-rank{rank}.log")
+        torch.set_num_threads(self.torch_threads)
+        init_folder = fetch_model(self.job.init_from, self.tracking_uri) if self.job.init_from else None
+        runner = StageRunner(self.job, Topology(rank, context.get_world_size()), init_folder)
+        if rank == 0:
+            mlflow_log = MlflowMetricsLogger(self.tracking_uri, self.run_id)
+            print(runner.trainable_table, flush=True)
+            mlflow_log.text(runner.trainable_table + "\n", "trainable_parameters.txt")
+            self.progress_board.note.remote(runner.trainable_table)
 
-        def log(metrics: dict, step: int) -> None:
-            mlflow_log(metrics, step)
-            board.post.remote(step, metrics)
-
-        def report_plan(table: str) -> None:
-            print(table, flush=True)
-            mlflow_log.text(table + "\n", "trainable_parameters.txt")
-            board.note.remote(table)
-    else:
-        def log(metrics: dict, step: int) -> None:
-            pass
-
-        def report_plan(table: str) -> None:
-            pass
-
-    export = run_stage(job, Topology(rank, world), log, report_plan)
-    checkpoint = ray.train.Checkpoint.from_directory(str(export)) if export else None
-    ray.train.report({"exported": rank == 0}, checkpoint=checkpoint)
+            def log(metrics: dict, step: int) -> None:
+                mlflow_log(metrics, step)
+                self.progress_board.post.remote(step, metrics)
+        else:
+            def log(metrics: dict, step: int) -> None:
+                pass
+        runner.train(log)
+        export = runner.export()
+        checkpoint = ray.train.Checkpoint.from_directory(str(export)) if export else None
+        ray.train.report({"exported": rank == 0}, checkpoint=checkpoint)

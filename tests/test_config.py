@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.config import ConfigError, load_config
+from launch.config import ConfigError, TrackingConfig, load_config
+from launch.pipeline import absolute_paths, ray_address
+from launch.tracking import resolve_tracking_uri
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -70,4 +72,28 @@ def test_overrides_parse_yaml_values_and_stage_names():
                                         if p.name != "common.yaml"), ids=str)
 def test_every_shipped_config_validates(path):
     cfg = load_config(DEMO.parent / path)
-    assert cfg.stages and all(stage.steps > 0 for stage in cfg.stages)
+    if cfg.evaluation:  # generation asks in the template the model was last trained with
+        assert cfg.evaluation.template == cfg.stages[-1].template
+    if path.parent.name == "tiny":  # a twin overrides its recipe's stages by name and adds none
+        assert [s.name for s in cfg.stages] == [s.name for s in load_config(DEMO.parent / path.name).stages]
+
+
+def test_demo_refuses_a_mixture_in_one_line():
+    result = run_cli("demo", "--set", "stages.pretrain.train_data=[{url: a}, {url: b}]")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "stages.0.train_data" in result.stderr
+
+
+def test_config_comes_before_the_environment(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///env.db")
+    monkeypatch.setenv("RAY_ADDRESS", "env-head:6379")
+    assert resolve_tracking_uri(TrackingConfig(tracking_uri="sqlite:///cfg.db")) == "sqlite:///cfg.db"
+    assert resolve_tracking_uri(TrackingConfig()) == "sqlite:///env.db"
+    assert ray_address(load_config(DEMO, ["cluster.address=cfg-head:6379"])) == "cfg-head:6379"
+    assert ray_address(load_config(DEMO)) == "env-head:6379"
+
+
+def test_workers_get_absolute_model_paths():
+    cfg = absolute_paths(load_config(DEMO, ["model.vision={path: ckpt/clip}", "model.llm={path: ckpt/llm}"]))
+    assert cfg.model.vision.path == str(Path("ckpt/clip").absolute())
+    assert cfg.model.llm.path == str(Path("ckpt/llm").absolute())

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from data_shards.frames import FrameSampling, decode_frames, index_video, pick_indices
-from data_shards.media import encode_jpeg, encode_mp4
-from data_shards.reader import VisualSpec, decode_media
+from data_shards.media import VisualSpec, decode_media, encode_jpeg, encode_mp4
 
 
 def clip(num_frames=90, fps=30, keyframe_interval=10):

@@ -3,7 +3,7 @@ import pytest
 
 from data_shards.conversation import (IGNORE_INDEX, TEMPLATE_SPECIAL_TOKENS, TEMPLATES, VISUAL_TOKEN, SampleError,
                                       encode_conversation, get_template, template_texts)
-from data_shards.synth import vocabulary
+from data_shards.build.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
 VISUAL = {"video": 5, "image": 3}
@@ -108,7 +108,7 @@ def test_truncation_never_leaves_an_unsupervised_sample(tokenizer):
 
 
 def test_answers_are_scored_by_their_first_choice_word():
-    from trainer.evaluate import first_choice
+    from trainer.evaluation import first_choice
     choices = ["left", "right", "up", "down"]
     assert first_choice("it moves left .", choices) == "left"
     assert first_choice("Up, then down.", choices) == "up"

@@ -2,13 +2,13 @@
 inside each sample; the loss and every gradient equal those of the padded batch."""
 import torch
 
-from data_shards.batching import pack_rows
+from data_shards.read.batching import pack_rows
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
-from data_shards.reader import Topology, build_loader
-from trainer.build import build_model, fill_weights, plan_from_config
+from data_shards.read.reader import Topology, build_loader
+from trainer.blueprint import build_model, fill_weights, blueprint_from_config
 from trainer.config import ModelConfig
-from trainer.loop import _to
+from trainer.model import model_inputs
 
 
 def test_first_fit_decreasing_rows():
@@ -17,18 +17,18 @@ def test_first_fit_decreasing_rows():
 
 
 def test_packed_loss_and_gradients_equal_padded(synth_data):
-    plan = plan_from_config(ModelConfig(vision={"tiny": {}}, llm={"tiny": {}},
+    blueprint = blueprint_from_config(ModelConfig(vision={"tiny": {}}, llm={"tiny": {}},
                                         word_vocab=str(synth_data / "vocab.txt"), num_frames=4))
-    model = build_model(plan, "sdpa")
-    fill_weights(model, plan, 0.02, seed=0)
+    model = build_model(blueprint, "sdpa")
+    fill_weights(model, blueprint, 0.02, seed=0)
     model.vision.requires_grad_(False)
     results = []
     for packing in (False, True):
         cfg = ReaderConfig(micro_batch_size=12, num_workers=0, shuffle_buffer=32, max_length=256, packing=packing)
-        batch = next(build_loader(str(synth_data / "instruct" / "train"), cfg, plan.tokenizer,
+        batch = next(build_loader(str(synth_data / "instruct" / "train"), cfg, blueprint.tokenizer,
                                   get_template("vicuna_v1"), model.visual_spec(), Topology(), train=True))
         model.zero_grad()
-        loss = model(**_to(batch, "cpu")).loss
+        loss = model(**model_inputs(batch)).loss
         loss.backward()
         results.append((batch, float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (padded, padded_loss, padded_grads), (packed, packed_loss, packed_grads) = results

@@ -8,39 +8,33 @@ from pathlib import Path
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
-from data_shards.reader import Topology, build_loader
-from trainer.build import build_model, fill_weights, plan_from_config
-from trainer.config import EngineConfig, ModelConfig, StageConfig
-from trainer.loop import MODEL_INPUTS
-from trainer.schedule import warmup_cosine
-from trainer.stage import StageJob, prepare_stage
-from trainer.trainable import apply_training_plan
-from two_ranks import fit_on_two_ranks, worker_topology
+from data_shards.read.reader import Topology, build_loader
+from trainer.blueprint import blueprint_from_config, build_model, fill_weights
+from trainer.config import StageJob
+from trainer.engine import warmup_cosine
+from trainer.model import model_inputs
+from trainer.stage import StageRunner
+from trainer.trainable import set_trainable
+from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
 
 STEPS = 6
 
 
 def zero3_worker(config):
-    from trainer.loop import train
-
     topology = worker_topology()
-    rank = topology.rank
-    stage = prepare_stage(config["job"], topology)
     losses = []
-    train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0,
-          stage.health, stage.meter)
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(losses))
+    StageRunner(config["job"], topology).train(lambda m, s: losses.append(m["train/loss"]))
+    Path(config["out"], f"rank{topology.rank}.json").write_text(json.dumps(losses))
 
 
 def plain_losses(job: StageJob) -> list[float]:
     """The same model, data and optimizer in one process: each step averages the two ranks' losses."""
     torch.manual_seed(job.seed)
-    plan = plan_from_config(job.model)
-    model = build_model(plan, job.model.attn_implementation)
-    fill_weights(model, plan, job.model.init_std, job.seed)
-    groups = apply_training_plan(model, job.stage)
+    blueprint = blueprint_from_config(job.model)
+    model = build_model(blueprint, job.model.attn_implementation)
+    fill_weights(model, blueprint, job.model.init_std, job.seed)
+    groups = set_trainable(model, job.stage)
     params = [p for group in groups for p in group["params"]]
     opt = job.stage.optimizer
     optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
@@ -48,13 +42,13 @@ def plain_losses(job: StageJob) -> list[float]:
                                             warmup_steps=job.stage.schedule.warmup_steps,
                                             min_lr_ratio=job.stage.schedule.min_lr_ratio))
     visual = model.visual_spec()
-    loaders = [build_loader(job.stage.train_data, job.data, plan.tokenizer, get_template(job.stage.template), visual,
+    loaders = [build_loader(job.stage.train_data, job.data, blueprint.tokenizer, get_template(job.stage.template), visual,
                             Topology(rank, 2), train=True) for rank in range(2)]
     losses = []
     for _ in range(STEPS):
         optimizer.zero_grad()
         batches = [next(loader) for loader in loaders]
-        rank_losses = [model(**{k: batch[k] for k in MODEL_INPUTS}).loss for batch in batches]
+        rank_losses = [model(**model_inputs(batch)).loss for batch in batches]
         loss = sum(rank_losses) / 2
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, job.stage.max_grad_norm)
@@ -65,15 +59,10 @@ def plain_losses(job: StageJob) -> list[float]:
 
 
 def test_zero3_on_two_ranks_matches_a_plain_pytorch_loop(ray_local, synth_data, tmp_path):
-    job = StageJob(
-        model=ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"),
-                          num_frames=4, attn_implementation="sdpa"),
-        engine=EngineConfig(zero_stage=3, param_persistence_threshold=0),
-        data=ReaderConfig(micro_batch_size=4, num_workers=1, max_length=256, shuffle_buffer=16),
-        stage=StageConfig(name="instruct", train_data=str(synth_data / "instruct" / "train"), template="vicuna_v1",
-                          trainable=["projector", "llm"], steps=STEPS, optimizer={"lr": 3e-3},
-                          schedule={"warmup_steps": 2}, max_grad_norm=0.5),
-        init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
+    job = tiny_job(synth_data, tmp_path, num_frames=4, attn_implementation="sdpa",
+                   stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3},
+                          "schedule": {"warmup_steps": 2}, "max_grad_norm": 0.5},
+                   data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256, "shuffle_buffer": 16})
     fit_on_two_ranks(zero3_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     distributed = json.loads((tmp_path / "rank0.json").read_text())
     torch.set_num_threads(1)

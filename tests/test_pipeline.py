@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from launch.config import load_config
 from launch.pipeline import Pipeline
 from launch.tracking import register_export, resolve_model_uri
-from trainer.build import load_export
+from trainer.blueprint import load_export
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -25,28 +25,27 @@ INTENDED = {
 
 
 def recipe_worker(config):
-    from trainer.export import export_model
-    from trainer.loop import train
+    from trainer.config import StageJob
     from trainer.partitioned import gather_state_dict
-    from trainer.stage import StageJob, prepare_stage
+    from trainer.stage import StageRunner
 
     topology = worker_topology()
     rank = topology.rank
     cfg, out = config["cfg"], Path(config["out"])
     previous, report = None, []
     for index, stage_cfg in enumerate(cfg.stages):
-        job = StageJob(model=cfg.model, engine=cfg.engine, data=cfg.data, stage=stage_cfg, init_export=previous,
+        job = StageJob(model=cfg.model, engine=cfg.engine, data=cfg.data, stage=stage_cfg, init_from=previous,
                        export_dir=str(out / "exports" / stage_cfg.name),
                        checkpoint_dir=str(out / "checkpoints" / stage_cfg.name), seed=cfg.seed + index)
-        stage = prepare_stage(job, topology)
-        before = gather_state_dict(stage.engine.module)
-        train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: None, None, 0, stage.health, stage.meter)
-        after = gather_state_dict(stage.engine.module)
+        runner = StageRunner(job, topology, init_folder=previous)
+        before = gather_state_dict(runner.model)
+        runner.train(lambda m, s: None)
+        after = gather_state_dict(runner.model)
         probe = torch.arange(5, 25).view(2, 10)
-        stage.engine.module.eval()
+        runner.model.eval()
         with torch.no_grad():
-            trained_logits = stage.engine.module.llm(input_ids=probe).logits
-        export_model(stage.engine.module, stage.tokenizer, job.export_dir)
+            trained_logits = runner.model.llm(input_ids=probe).logits
+        runner.export()
         dist.barrier()  # rank 0 has written the export the next stage starts from
         previous = job.export_dir
         if rank == 0:
@@ -54,9 +53,9 @@ def recipe_worker(config):
             exported = AutoModelForCausalLM.from_pretrained(Path(job.export_dir) / "llm").eval()
             with torch.no_grad():
                 logit_diff = float((exported(input_ids=probe).logits - trained_logits).abs().max())
-            report.append({"visual_tokens": stage.engine.module.visual_spec().tokens_per_video,
+            report.append({"visual_tokens": runner.model.visual_spec().tokens_per_video,
                            "changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
-                           "table": stage.plan_table, "logit_diff": logit_diff,
+                           "table": runner.trainable_table, "logit_diff": logit_diff,
                            "adapter": sorted(p.name for p in (Path(job.export_dir) / "llm_adapter").glob("*"))})
     if rank == 0:
         (out / "report.json").write_text(json.dumps(report))
@@ -77,12 +76,14 @@ def test_tiny_twin_trains_only_what_the_recipe_says(ray_local, synth_data, tmp_p
     fit_on_two_ranks(recipe_worker, {"cfg": cfg, "out": str(tmp_path)}, tmp_path / "ray")
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report) == len(INTENDED[recipe])
-    for stage, patterns in zip(report, INTENDED[recipe]):
+    for stage, patterns, stage_cfg in zip(report, INTENDED[recipe], cfg.stages):
         unintended = [k for k in stage["changed"] if not any(p in k for p in patterns)]
         assert not unintended, unintended[:5]
         for pattern in patterns:  # every module the stage trains did change
             assert any(pattern in k for k in stage["changed"]), (pattern, stage["table"])
-        assert "trainable" in stage["table"].splitlines()[0]
+        # the table gives a learning rate to exactly the modules the stage trains
+        rated = {row.split()[0] for row in stage["table"].splitlines()[1:-1] if row.split()[-1] != "frozen"}
+        assert rated == set(stage_cfg.trainable) | ({"embeddings"} if "llm" in stage_cfg.trainable else set())
         # the exported LLM (LoRA merged in, where the stage trained LoRA) gives the trained logits
         assert stage["logit_diff"] < 1e-4
         lora = "lora_" in patterns

@@ -2,17 +2,17 @@
 with a message naming the shard the skips came from."""
 import pytest
 
-from data_shards.config import ReaderConfig
+from data_shards.build.writer import SplitWriter
 from data_shards.manifest import read_manifest
-from data_shards.tarstream import iter_samples
-from data_shards.writer import SplitWriter
-from trainer.config import EngineConfig, ModelConfig, StageConfig
-from trainer.stage import StageJob, run_stage
-from two_ranks import fit_on_two_ranks, worker_topology
+from data_shards.read.tarstream import iter_samples
+from trainer.stage import StageRunner
+from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
 
 
 def stage_worker(config):
-    run_stage(config["job"], worker_topology(), lambda m, s: None)
+    runner = StageRunner(config["job"], worker_topology())
+    runner.train(lambda m, s: None)
+    runner.export()
 
 
 def test_skip_rate_past_threshold_stops_the_run(ray_local, synth_data, tmp_path):
@@ -23,15 +23,11 @@ def test_skip_rate_past_threshold_stops_the_run(ray_local, synth_data, tmp_path)
         broken = len(samples) // 4 <= i < len(samples) // 2 and i % 8 == 0
         writer.write({"__key__": sample.key, **sample.members, **({"mp4": b"\x00" * 64} if broken else {})})
     writer.close()
-    job = StageJob(
-        model=ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"),
-                          num_frames=2),
-        engine=EngineConfig(zero_stage=3, param_persistence_threshold=0),
-        data=ReaderConfig(micro_batch_size=4, num_workers=1, max_length=128, shuffle_buffer=8,
-                          max_skip_fraction=0.01, skip_check_min_samples=40),
-        stage=StageConfig(name="pretrain", train_data=str(tmp_path / "split"), template="plain",
-                          trainable=["projector"], steps=50),
-        init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
+    job = tiny_job(synth_data, tmp_path, num_frames=2,
+                   stage={"name": "pretrain", "train_data": str(tmp_path / "split"), "template": "plain",
+                          "trainable": ["projector"], "steps": 50},
+                   data={"micro_batch_size": 4, "num_workers": 1, "max_length": 128, "shuffle_buffer": 8,
+                         "max_skip_fraction": 0.01, "skip_check_min_samples": 40})
     with pytest.raises(Exception) as failure:
         fit_on_two_ranks(stage_worker, {"job": job}, tmp_path / "ray")
     message = str(failure.value)

@@ -12,14 +12,15 @@ import pytest
 
 from data_shards.config import DataSource, ReaderConfig
 from data_shards.conversation import get_template
-from data_shards.health import ReadHealth, TooManySkipped
+from data_shards.read.health import ReadHealth, TooManySkipped
 from data_shards.manifest import read_manifest
-from data_shards.reader import Topology, VisualSpec, build_loader
-from data_shards.sources import expand_braces, shard_urls
-from data_shards.synth import vocabulary
-from data_shards.tarstream import iter_samples
+from data_shards.media import VisualSpec
+from data_shards.read.reader import Topology, build_loader
+from data_shards.read.sources import expand_braces, shard_urls
+from data_shards.build.synth import vocabulary
+from data_shards.read.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
-from data_shards.writer import SplitWriter
+from data_shards.build.writer import SplitWriter
 
 VISUAL = VisualSpec(num_frames=2, image_size=16, tokens_per_video=3, tokens_per_image=2)
 TOKENIZER = build_word_tokenizer(vocabulary())

@@ -3,8 +3,8 @@ model's own forward passes, and the step factors follow what trains."""
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_shards.synth import vocabulary
-from trainer.build import build_model, fill_weights, plan_from_config
+from data_shards.build.synth import vocabulary
+from trainer.blueprint import build_model, fill_weights, blueprint_from_config
 from trainer.config import ModelConfig
 from trainer.throughput import FlopCounter
 
@@ -18,9 +18,9 @@ def measured(fn) -> int:
 def test_formula_matches_torch_flop_counter(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(vocabulary()))
     cfg = ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(tmp_path / "vocab.txt"), num_frames=2)
-    plan = plan_from_config(cfg)
-    model = build_model(plan, "eager")  # attention as plain matmuls, which the counter sees
-    fill_weights(model, plan, 0.02, seed=0)
+    blueprint = blueprint_from_config(cfg)
+    model = build_model(blueprint, "eager")  # attention as plain matmuls, which the counter sees
+    fill_weights(model, blueprint, 0.02, seed=0)
     counter = FlopCounter(model, ["projector"])
     ids = torch.randint(5, 50, (3, 40))
     with torch.no_grad():

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from data_shards.conversation import IGNORE_INDEX
-from data_shards.synth import vocabulary
-from trainer.build import build_model, fill_weights, plan_from_config
+from data_shards.build.synth import vocabulary
+from trainer.blueprint import build_model, fill_weights, blueprint_from_config
 from trainer.config import ModelConfig, TokenReductionConfig
 from trainer.token_reduction import token_reduction_for
 from trainer.visual import KeepAllPatches, SpatialPool2x2, TemporalDifference, ValleyPooling
@@ -16,10 +16,10 @@ def tiny_model(tmp_path, **model_fields):
     vocab.write_text("\n".join(vocabulary()))
     cfg = ModelConfig(vision={"tiny": {"image_size": 32, "patch_size": 8}}, llm={"tiny": {}}, word_vocab=str(vocab),
                       num_frames=4, **model_fields)
-    plan = plan_from_config(cfg)
-    model = build_model(plan, "sdpa")
-    fill_weights(model, plan, 0.02, seed=0)
-    return model, plan.tokenizer
+    blueprint = blueprint_from_config(cfg)
+    model = build_model(blueprint, "sdpa")
+    fill_weights(model, blueprint, 0.02, seed=0)
+    return model, blueprint.tokenizer
 
 
 def batch_for(model, tokenizer, kinds):

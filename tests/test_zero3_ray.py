@@ -5,10 +5,8 @@ from pathlib import Path
 
 import torch
 
-from data_shards.config import ReaderConfig
-from trainer.config import EngineConfig, ModelConfig, StageConfig
-from trainer.stage import StageJob, prepare_stage
-from two_ranks import fit_on_two_ranks, worker_topology
+from trainer.stage import StageRunner
+from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
 
 STEPS = 25
 
@@ -16,42 +14,31 @@ STEPS = 25
 def zero3_worker(config):
     from transformers import AutoModelForCausalLM
 
-    from trainer.export import export_model
-    from trainer.loop import train
-
     topology = worker_topology()
-    rank = topology.rank
-    job = config["job"]
-    stage = prepare_stage(job, topology)
-    params = list(stage.engine.module.parameters())
+    runner = StageRunner(config["job"], topology)
+    params = list(runner.model.parameters())
     local = sum(p.ds_tensor.numel() for p in params)
     full = sum(p.ds_numel for p in params)
     losses = []
-    train(stage.engine, stage.train_batches, STEPS, 1, lambda m, s: losses.append(m["train/loss"]), None, 0,
-          stage.health, stage.meter)
+    runner.train(lambda m, s: losses.append(m["train/loss"]))
 
     probe_ids = torch.arange(5, 25).view(2, 10)
-    stage.engine.module.eval()
+    runner.model.eval()
     with torch.no_grad():
-        trained_logits = stage.engine.module.llm(input_ids=probe_ids).logits
-    export = export_model(stage.engine.module, stage.tokenizer, job.export_dir)
-    result = {"rank": rank, "local": local, "full": full, "losses": losses}
+        trained_logits = runner.model.llm(input_ids=probe_ids).logits
+    export = runner.export()
+    result = {"rank": topology.rank, "local": local, "full": full, "losses": losses}
     if export is not None:
         plain = AutoModelForCausalLM.from_pretrained(export / "llm").eval()
         with torch.no_grad():
             result["max_logit_diff"] = float((plain(input_ids=probe_ids).logits - trained_logits).abs().max())
-    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(result))
+    Path(config["out"], f"rank{topology.rank}.json").write_text(json.dumps(result))
 
 
 def test_zero3_shards_parameters_and_learns(ray_local, synth_data, tmp_path):
-    job = StageJob(
-        model=ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"),
-                          num_frames=4),
-        engine=EngineConfig(zero_stage=3, param_persistence_threshold=0),
-        data=ReaderConfig(micro_batch_size=4, num_workers=1, max_length=256),
-        stage=StageConfig(name="instruct", train_data=str(synth_data / "instruct" / "train"), template="vicuna_v1",
-                          trainable=["projector", "llm"], steps=STEPS, optimizer={"lr": 3e-3}),
-        init_export=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
+    job = tiny_job(synth_data, tmp_path, num_frames=4,
+                   stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3}},
+                   data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256})
     fit_on_two_ranks(zero3_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -1,10 +1,13 @@
-"""Running a test's worker function on 2 gloo ranks under Ray Train, as the launcher does."""
+"""Running a test's worker function on 2 gloo ranks under Ray Train, as the launcher does, and the
+tiny stage job those tests train."""
 import ray.train
 import torch
 from ray.train import ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from data_shards.reader import Topology
+from data_shards.config import ReaderConfig
+from data_shards.read.reader import Topology
+from trainer.config import EngineConfig, ModelConfig, StageConfig, StageJob
 
 
 def fit_on_two_ranks(worker, config: dict, storage, timeout_s: int = 1800) -> None:
@@ -19,3 +22,14 @@ def worker_topology() -> Topology:
     torch.set_num_threads(1)
     context = ray.train.get_context()
     return Topology(context.get_world_rank(), context.get_world_size())
+
+
+def tiny_job(synth_data, tmp_path, stage: dict, data: dict, engine: dict | None = None, **model) -> StageJob:
+    """A ZeRO-3 stage job on the tiny random model; the stage trains on the synthetic instruct
+    split with the vicuna_v1 template unless `stage` says otherwise."""
+    return StageJob(
+        model=ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"), **model),
+        engine=EngineConfig(zero_stage=3, param_persistence_threshold=0, **(engine or {})),
+        data=ReaderConfig(**data),
+        stage=StageConfig(**{"train_data": str(synth_data / "instruct" / "train"), "template": "vicuna_v1", **stage}),
+        init_from=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)

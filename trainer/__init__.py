@@ -1,1 +1,2 @@
-"""Everything that runs inside one training worker: model, engine, loop, export."""
+"""The model and how it trains: blueprint, engine, stage runner, checkpoint, export. Workers run
+the training; loading an export, generation and evaluation serve the driver and the CLI too."""

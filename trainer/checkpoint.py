@@ -29,12 +29,19 @@ def _rank() -> int:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, engine, loader, health, keep: int = 2):
-        self.directory, self.engine, self.loader, self.health, self.keep = Path(directory), engine, loader, health, keep
+    """Saves every `every` steps and after the last (never when `every` is 0), keeping `keep` tags."""
+
+    def __init__(self, directory: str | Path, every: int, engine, loader, health, keep: int = 2):
+        self.directory, self.every, self.keep = Path(directory), every, keep
+        self.engine, self.loader, self.health = engine, loader, health
 
     def latest_tag(self) -> str | None:
         pointer = self.directory / LATEST
         return pointer.read_text().strip() if pointer.is_file() else None
+
+    def after_step(self, step: int, last: bool) -> None:
+        if self.every and (step % self.every == 0 or last):
+            self.save(step)
 
     def save(self, step: int) -> Path:
         tag = f"step-{step:08d}"

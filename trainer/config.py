@@ -1,20 +1,27 @@
-"""Config sections owned by the trainer: model, engine, and the stages."""
+"""Config sections owned by the trainer (model, engine, the stages), and the stage job the
+driver hands each worker."""
 from __future__ import annotations
 
-from typing import Literal
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from data_shards.config import DataSource
+from data_shards.config import DataSource, ReaderConfig, Strict
 from data_shards.conversation import TEMPLATES
+from trainer.trainable import TRAINABLE_MODULES
+from trainer.visual import PROJECTORS, REDUCERS
 
-# What a stage can train: the vision encoder, the projector (abstractor included), the whole
-# LLM, only the LLM's input embeddings, eP-ALM's soft prompt, or LoRA adapters on the LLM.
-Module = Literal["vision", "projector", "llm", "embeddings", "soft_prompt", "lora"]
+Module = Literal[tuple(TRAINABLE_MODULES)]
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _known_template(name: str) -> str:
+    if name not in TEMPLATES:
+        raise ValueError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)}")
+    return name
+
+
+TemplateName = Annotated[str, AfterValidator(_known_template)]
 
 
 class TinyVision(Strict):
@@ -61,8 +68,8 @@ class ModelConfig(Strict):
     llm: LLMSource
     tokenizer: str | None = Field(None, description="tokenizer folder; default: the LLM path")
     word_vocab: str | None = Field(None, description="word list for a word-level tokenizer (tiny models)")
-    reducer: Literal["none", "valley", "spatial_pool2", "temporal_diff"] = "valley"
-    projector: Literal["linear", "mlp2x_gelu", "abstractor"] = "linear"
+    reducer: Literal[tuple(REDUCERS)] = "valley"
+    projector: Literal[tuple(PROJECTORS)] = "linear"
     abstractor_queries: int = Field(32, ge=1, description="abstractor: learned queries = visual tokens per sample")
     abstractor_layers: int = Field(2, ge=1)
     soft_prompt_tokens: int = Field(0, ge=0, description="eP-ALM: trainable prompt embeddings before the text")
@@ -129,7 +136,7 @@ class StageConfig(Strict):
         description="a split directory, shard URLs (globs, {000..099} ranges, s3://, gs://, https://, pipe:), "
                     "or a weighted mixture: a list of {url, weight}")
     eval_data: str | None = None
-    template: str = "vicuna_v1"
+    template: TemplateName = "vicuna_v1"
     trainable: list[Module] = Field(min_length=1)
     lora: LoraConfig | None = None
     token_reduction: TokenReductionConfig | None = None
@@ -156,9 +163,16 @@ class StageConfig(Strict):
             raise ValueError(f"optimizer.module_lr names modules this stage does not train: {sorted(untrained)}")
         return self
 
-    @field_validator("template")
-    @classmethod
-    def _known_template(cls, name: str) -> str:
-        if name not in TEMPLATES:
-            raise ValueError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)}")
-        return name
+
+@dataclass
+class StageJob:
+    """Everything a worker needs for one stage (plain data: Ray sends it to workers on any node)."""
+    model: ModelConfig
+    engine: EngineConfig
+    data: ReaderConfig
+    stage: StageConfig
+    init_from: str | None  # an export folder or a pinned models:/NAME/VERSION; None: build from `model`
+    export_dir: str
+    checkpoint_dir: str
+    seed: int
+    peak_flops_per_device: float | None = None  # for MFU; None: known GPUs only

@@ -1,7 +1,9 @@
-"""Build the DeepSpeed engine for one stage: the model under zero.Init, what trains, AdamW,
-warmup + cosine schedule, gradient accumulation and clipping."""
+"""Build the DeepSpeed engine for one stage: the model under zero.Init (token reduction, LoRA
+and gradient checkpointing included), what trains, AdamW, warmup + cosine schedule, gradient
+accumulation and clipping."""
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import deepspeed
@@ -9,11 +11,19 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers.initialization import no_init_weights
 
-from trainer.build import ModelPlan, build_model, fill_weights
-from trainer.config import EngineConfig, StageConfig
+from trainer.blueprint import Blueprint, build_model, fill_weights
+from trainer.config import EngineConfig, StageConfig, StageJob
 from trainer.lora import add_lora
-from trainer.trainable import apply_training_plan, plan_table
-from trainer.schedule import warmup_cosine
+from trainer.trainable import set_trainable, trainable_table
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate at optimizer step `step` (0-based): linear warmup,
+    then cosine decay to `min_lr_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def uses_bf16(engine: EngineConfig) -> bool:
@@ -41,25 +51,25 @@ def deepspeed_config(engine: EngineConfig, stage: StageConfig, micro_batch_size:
     }
 
 
-def build_engine(plan: ModelPlan, engine_cfg: EngineConfig, stage: StageConfig, micro_batch_size: int,
-                 attn_implementation: str, init_std: float, seed: int):
-    """A DeepSpeed engine around the planned model, weights filled, ready to train `stage`, and
-    the table of what trains at which learning rate."""
-    ds_config = deepspeed_config(engine_cfg, stage, micro_batch_size)
+def build_engine(job: StageJob, blueprint: Blueprint):
+    """A DeepSpeed engine around the blueprint's model, weights filled, ready to train the job's
+    stage, and the table of what trains at which learning rate."""
+    stage, seed = job.stage, job.seed
+    ds_config = deepspeed_config(job.engine, stage, job.data.micro_batch_size)
     # transformers' own init would write into already-partitioned (empty) tensors; skip it,
     # fill_weights initialises or loads every parameter right after.
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=engine_cfg.zero_stage == 3), no_init_weights():
-        model = build_model(plan, attn_implementation)
-    fill_weights(model, plan, init_std, seed)
-    for name in engine_cfg.gradient_checkpointing:
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=job.engine.zero_stage == 3), no_init_weights():
+        model = build_model(blueprint, job.model.attn_implementation, stage.token_reduction)
+    fill_weights(model, blueprint, job.model.init_std, seed)
+    for name in job.engine.gradient_checkpointing:
         getattr(model, name).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage.lora:
         # Added outside zero.Init (peft initialises its weights in place); identical on every
         # rank from the common seed, DeepSpeed partitions them when it wraps the model.
         torch.manual_seed(seed)
         model.llm = add_lora(model.llm, stage.lora)
-    groups = apply_training_plan(model, stage)
-    table = plan_table(model, groups)  # before the scheduler scales the groups' learning rates
+    groups = set_trainable(model, stage)
+    table = trainable_table(model, groups)  # before the scheduler scales the groups' learning rates
     opt = stage.optimizer
     optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
     multiplier = partial(warmup_cosine, total_steps=stage.steps, warmup_steps=stage.schedule.warmup_steps,

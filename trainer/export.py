@@ -17,7 +17,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from trainer.build import EXPORT_SPEC
+from trainer.blueprint import EXPORT_SPEC
 from trainer.lora import ADAPTER, has_lora, split_lora_state
 from trainer.model import VideoLanguageModel
 from trainer.partitioned import is_writer_rank, gather_state_dict

@@ -8,9 +8,9 @@ import torch
 
 from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template, stop_token_ids
 from data_shards.frames import FrameSampling
-from data_shards.batching import collate
-from data_shards.reader import IMAGE_EXTS, VIDEO_EXTS, decode_media, media_kind
-from trainer.build import EXPORT_SPEC, load_export
+from data_shards.media import IMAGE_EXTS, VIDEO_EXTS, decode_media, media_kind
+from data_shards.read.batching import collate
+from trainer.blueprint import EXPORT_SPEC, load_export
 
 
 def media_members(path: str | Path) -> dict[str, bytes]:
@@ -31,6 +31,7 @@ def export_template(folder: str | Path) -> str | None:
 @torch.no_grad()
 def answer(model, tokenizer, template_name: str, prompt: str, media: dict[str, bytes] | None,
            max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to `prompt` about `media` (a sample's members, {ext: bytes})."""
     visual = model.visual_spec()
     template = get_template(template_name)
     try:

@@ -11,12 +11,19 @@ import torch
 from torch import nn
 
 from data_shards.conversation import IGNORE_INDEX
-from data_shards.reader import VisualSpec
+from data_shards.media import VisualSpec
 from trainer.token_reduction import TokenReduction, encode_kept_patches
 from trainer.visual import PROJECTORS, REDUCERS, SoftPrompt
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "frames", "frame_mask", "labels", "position_ids")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def model_inputs(batch: dict, device="cpu") -> dict:
+    """A batch's tensors that `VideoLanguageModel.forward` takes, on `device` (position_ids
+    only in packed batches)."""
+    return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
 
 
 @dataclass(frozen=True)

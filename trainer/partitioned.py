@@ -1,15 +1,15 @@
 """Read and write the weights of a module whose parameters may be ZeRO-3 partitioned.
 
 Each works one submodule at a time (its own parameters, gathered whole for that moment), so
-memory stays bounded by the largest layer. Outside ZeRO-3 the gathers are no-ops and the same
-code serves plain modules (evaluation, exports loaded for inference).
+memory stays bounded by the largest layer. Plain modules (evaluation, exports loaded for
+inference) need no gathering and the same code serves them without importing DeepSpeed.
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
@@ -24,6 +24,14 @@ def _own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return list(module.named_parameters(recurse=False))
 
 
+def _whole(params: list[tuple[str, nn.Parameter]], modifier_rank: int | None):
+    """ZeRO-3 partitioned parameters gathered whole for the block; plain ones are whole already."""
+    if not any(hasattr(p, "ds_id") for _, p in params):
+        return contextlib.nullcontext()
+    import deepspeed  # only partitioned parameters need it
+    return deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=modifier_rank)
+
+
 def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
     """Deterministic random init: matrices and embeddings ~ N(0, std), biases 0, norm scales 1.
 
@@ -33,7 +41,7 @@ def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
         params = _own_params(sub)
         if not params:
             continue
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+        with _whole(params, modifier_rank=0):
             if not is_writer_rank():
                 continue
             generator = torch.Generator().manual_seed(seed ^ zlib.crc32(prefix.encode()))
@@ -82,7 +90,7 @@ def load_weights(module: nn.Module, source: SafetensorsFolder) -> None:
         raise ValueError(f"{source.folder}: weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
     for prefix, sub in module.named_modules():
         params = _own_params(sub)
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0):
+        with _whole(params, modifier_rank=0):
             if is_writer_rank():
                 for name, param in params:
                     _copy_into(param, source.get(f"{prefix}.{name}" if prefix else name), source.folder, name)
@@ -108,7 +116,7 @@ def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     state = {}
     for prefix, sub in module.named_modules():
         params = _own_params(sub)
-        with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
+        with _whole(params, modifier_rank=None):
             if is_writer_rank():
                 for name, param in params:
                     state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()

@@ -1,84 +1,127 @@
-"""One stage inside one worker: plan the model, build the engine, stream the data, train, export."""
+"""One stage inside one worker: the engine (built from the blueprint), the stage's data streams,
+the checkpointer and the step meter, and the step loop that trains them."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
-from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
-from data_shards.health import ReadHealth
-from data_shards.reader import ShardLoader, Topology, build_loader
-from trainer.build import plan_from_config, plan_from_export
+from data_shards.read.health import ReadHealth
+from data_shards.read.reader import Topology, build_loader
+from trainer.blueprint import blueprint_from_config, blueprint_from_export
 from trainer.checkpoint import Checkpointer
-from trainer.config import EngineConfig, ModelConfig, StageConfig
+from trainer.config import StageJob
 from trainer.engine import build_engine, uses_bf16
 from trainer.export import export_model
-from trainer.loop import evaluate, train
+from trainer.model import model_inputs
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
-from trainer.token_reduction import token_reduction_for
+
+Log = Callable[[dict, int], None]
 
 
-@dataclass
-class StageJob:
-    """Everything a worker needs for one stage (plain data: it travels to remote workers)."""
-    model: ModelConfig
-    engine: EngineConfig
-    data: ReaderConfig
-    stage: StageConfig
-    init_export: str | None  # local export folder to start from; None: build from `model`
-    export_dir: str
-    checkpoint_dir: str
-    seed: int
-    peak_flops_per_device: float | None = None  # for MFU; None: known GPUs only
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
-@dataclass
-class PreparedStage:
-    engine: object
-    tokenizer: object
-    train_batches: ShardLoader
-    evaluate_fn: Callable[[], float] | None
-    health: ReadHealth
-    checkpointer: Checkpointer
-    plan_table: str  # module, parameters, trainable, learning rate
-    meter: StepMeter
+def _sum_across_ranks(values: list[float]) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
 
 
-def prepare_stage(job: StageJob, topology: Topology) -> PreparedStage:
-    """The engine with its weights in place, and the stage's data streams for this rank."""
-    torch.manual_seed(job.seed)
-    plan = plan_from_export(job.init_export) if job.init_export else plan_from_config(job.model)
-    engine, plan_table = build_engine(plan, job.engine, job.stage, job.data.micro_batch_size,
-                                      job.model.attn_implementation, job.model.init_std, job.seed)
-    if job.stage.token_reduction:
-        engine.module.token_reduction = token_reduction_for(engine.module, job.stage.token_reduction)
-    visual = engine.module.visual_spec()
-    template = get_template(job.stage.template)
-    train_batches = build_loader(job.stage.train_data, job.data, plan.tokenizer, template, visual,
-                                 topology, train=True)
-    evaluate_fn = None
-    if job.stage.eval_data:
-        eval_batches = iter(build_loader(job.stage.eval_data, job.data, plan.tokenizer, template, visual,
-                                         topology, train=False))
-        evaluate_fn = lambda: evaluate(engine, eval_batches, job.stage.eval_batches)  # noqa: E731
-    health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
-    checkpointer = Checkpointer(job.checkpoint_dir, engine, train_batches, health)
-    meter = StepMeter(FlopCounter(engine.module, job.stage.trainable), engine.module.arch.visual_token_id,
-                      peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
-    return PreparedStage(engine, plan.tokenizer, train_batches, evaluate_fn, health, checkpointer, plan_table, meter)
+def _gather_read_stats(reads: ReadHealth) -> list[tuple]:
+    """Every rank's (seen, rejected by reason, rejected by shard) of this step."""
+    stats = (reads.seen, dict(reads.by_reason), dict(reads.by_shard))
+    if not dist.is_initialized():
+        return [stats]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, stats)
+    return gathered
 
 
-def run_stage(job: StageJob, topology: Topology, log: Callable[[dict, int], None],
-              report_plan: Callable[[str], None] = print) -> Path | None:
-    """Train the stage (from its newest checkpoint when `resume`) and export it; returns the
-    export folder on rank 0, None elsewhere. `report_plan` receives the trainable-parameter table."""
-    stage = prepare_stage(job, topology)
-    report_plan(stage.plan_table)
-    start_step = stage.checkpointer.restore() if job.stage.resume else 0
-    train(stage.engine, stage.train_batches, job.stage.steps, job.stage.grad_accum, log, stage.evaluate_fn,
-          job.stage.eval_every, stage.health, stage.meter, start_step, stage.checkpointer.save,
-          job.stage.checkpoint_every)
-    return export_model(stage.engine.module, stage.tokenizer, job.export_dir, job.stage.template)
+class StageRunner:
+    """Builds everything one worker needs for `job.stage` on creation; `train` runs the steps
+    (from the newest checkpoint when the stage resumes), `export` writes the weights.
+
+    `init_folder` is the local export folder the stage starts from (the job's `init_from`,
+    fetched); None builds the model from `job.model`.
+    """
+
+    def __init__(self, job: StageJob, topology: Topology, init_folder: str | Path | None = None):
+        self.job = job
+        torch.manual_seed(job.seed)
+        blueprint = blueprint_from_export(init_folder) if init_folder else blueprint_from_config(job.model)
+        self.engine, self.trainable_table = build_engine(job, blueprint)
+        self.model = self.engine.module
+        self.tokenizer = blueprint.tokenizer
+        visual, template = self.model.visual_spec(), get_template(job.stage.template)
+        self.train_batches = build_loader(job.stage.train_data, job.data, self.tokenizer, template, visual,
+                                          topology, train=True)
+        self.eval_batches = iter(build_loader(job.stage.eval_data, job.data, self.tokenizer, template, visual,
+                                              topology, train=False)) if job.stage.eval_data else None
+        self.health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
+        self.checkpointer = Checkpointer(job.checkpoint_dir, job.stage.checkpoint_every, self.engine,
+                                         self.train_batches, self.health)
+        self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable), self.model.arch.visual_token_id,
+                               peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
+
+    def train(self, log: Log, batches: Iterator[dict] | None = None) -> dict:
+        """Optimizer steps up to `stage.steps`, each of `grad_accum` micro-batches, from the
+        stage's own stream or `batches`; returns the last step's metrics. Every rank sees the
+        same read health and stops together."""
+        stage = self.job.stage
+        batches = batches if batches is not None else self.train_batches
+        start = self.checkpointer.restore() if stage.resume else 0
+        self.engine.train()
+        metrics: dict = {}
+        for step in range(start + 1, stage.steps + 1):
+            started = time.perf_counter()
+            self.meter.begin()
+            step_reads = ReadHealth(self.health.max_skip_fraction, self.health.min_samples)
+            for _ in range(stage.grad_accum):
+                fetch = time.perf_counter()
+                batch = next(batches)
+                data_wait = time.perf_counter() - fetch
+                step_reads.add_batch(batch)
+                loss = self.engine(**model_inputs(batch, self.engine.device)).loss
+                self.engine.backward(loss)
+                self.engine.step()
+                self.meter.add(batch, float(loss), data_wait)
+            metrics = self._step_metrics(step_reads, time.perf_counter() - started)
+            if self.eval_batches and ((stage.eval_every and step % stage.eval_every == 0) or step == stage.steps):
+                metrics["eval/loss"] = self.heldout_loss()
+            log(metrics, step)
+            self.health.check()
+            self.checkpointer.after_step(step, last=step == stage.steps)
+        return metrics
+
+    def _step_metrics(self, step_reads: ReadHealth, elapsed: float) -> dict:
+        for stats in _gather_read_stats(step_reads):
+            self.health.add(*stats)
+        return {
+            **self.meter.metrics(_sum_across_ranks(self.meter.local()), self.job.stage.grad_accum, _world_size(),
+                                 elapsed),
+            "train/lr": self.engine.get_lr()[0],
+            "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+            **self.health.metrics(),
+        }
+
+    def heldout_loss(self) -> float:
+        """Mean loss over `eval_batches` held-out batches per rank, averaged over ranks."""
+        self.engine.eval()
+        total = 0.0
+        with torch.no_grad():
+            for _ in range(self.job.stage.eval_batches):
+                total += float(self.engine(**model_inputs(next(self.eval_batches), self.engine.device)).loss)
+        self.engine.train()
+        summed, = _sum_across_ranks([total / self.job.stage.eval_batches])
+        return summed / _world_size()
+
+    def export(self) -> Path | None:
+        """Gather the weights and write the export; its folder on rank 0, None elsewhere."""
+        return export_model(self.model, self.tokenizer, self.job.export_dir, self.job.stage.template)

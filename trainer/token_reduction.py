@@ -10,10 +10,12 @@ later stage without reduction sees every patch again.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
-from trainer.config import TokenReductionConfig
+if TYPE_CHECKING:
+    from trainer.config import TokenReductionConfig
 
 
 class TokenReduction:

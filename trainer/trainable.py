@@ -1,13 +1,26 @@
-"""A stage's training plan: which modules train, at which learning rate, and the table that
-shows it (each module's parameter count, trainable count and learning rate)."""
+"""What a stage trains: which modules, at which learning rate, and the table that shows it
+(each module's parameter count, trainable count and learning rate)."""
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from torch import nn
 
-from trainer.config import StageConfig
+if TYPE_CHECKING:
+    from trainer.config import StageConfig
 
-# The most specific first: a parameter belongs to the first module that holds it.
-MODULE_ORDER = ("embeddings", "lora", "soft_prompt", "projector", "vision", "llm")
+# The modules a stage can name in `trainable`, each with the parameters it holds: the vision
+# encoder, the projector (abstractor included), the whole LLM, only the LLM's input embeddings,
+# eP-ALM's soft prompt, LoRA adapters on the LLM. A module listed later is more specific than
+# one it lies inside: a parameter belongs to the last module that holds it.
+TRAINABLE_MODULES = {
+    "vision": lambda model: list(model.vision.parameters()),
+    "projector": lambda model: list(model.projector.parameters()),
+    "llm": lambda model: list(model.llm.parameters()),
+    "embeddings": lambda model: list(model.llm.get_input_embeddings().parameters()),
+    "soft_prompt": lambda model: list(model.soft_prompt.parameters()) if model.soft_prompt is not None else [],
+    "lora": lambda model: [p for name, p in model.llm.named_parameters() if "lora_" in name],
+}
 
 
 def numel(param: nn.Parameter) -> int:
@@ -15,22 +28,14 @@ def numel(param: nn.Parameter) -> int:
 
 
 def module_parameters(model) -> dict[str, list[nn.Parameter]]:
-    params = {
-        "vision": list(model.vision.parameters()),
-        "projector": list(model.projector.parameters()),
-        "soft_prompt": list(model.soft_prompt.parameters()) if model.soft_prompt is not None else [],
-        "llm": list(model.llm.parameters()),
-        "embeddings": list(model.llm.get_input_embeddings().parameters()),
-        "lora": [p for name, p in model.llm.named_parameters() if "lora_" in name],
-    }
     owned, claimed = {}, set()
-    for name in MODULE_ORDER:
-        owned[name] = [p for p in params[name] if id(p) not in claimed]
+    for name, parameters_of in reversed(TRAINABLE_MODULES.items()):
+        owned[name] = [p for p in parameters_of(model) if id(p) not in claimed]
         claimed |= {id(p) for p in owned[name]}
-    return owned
+    return {name: owned[name] for name in TRAINABLE_MODULES}
 
 
-def apply_training_plan(model, stage: StageConfig) -> list[dict]:
+def set_trainable(model, stage: StageConfig) -> list[dict]:
     """Freeze everything, unfreeze the stage's modules; optimizer parameter groups, one per
     trained module with its learning rate."""
     model.requires_grad_(False)
@@ -38,7 +43,7 @@ def apply_training_plan(model, stage: StageConfig) -> list[dict]:
     if "llm" in stage.trainable and "embeddings" not in stage.trainable:
         owned["llm"] += owned.pop("embeddings")  # the whole LLM trains, its embeddings at its rate
     groups = []
-    for name in MODULE_ORDER:
+    for name in TRAINABLE_MODULES:
         if name not in stage.trainable or name not in owned:
             continue
         if not owned[name]:
@@ -49,7 +54,7 @@ def apply_training_plan(model, stage: StageConfig) -> list[dict]:
     return groups
 
 
-def plan_table(model, groups: list[dict]) -> str:
+def trainable_table(model, groups: list[dict]) -> str:
     """`module  parameters  trainable  lr`, one row per module the model has, and a total."""
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     rows = [("module", "parameters", "trainable", "lr")]

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Callable, Iterator
 
-from data_shards.tarstream import CorruptShard, RawSample, iter_samples, read_sample_at
-
-Mixing = Literal["epoch", "resampled"]
-
+from data_shards.read.tarstream import CorruptShard, RawSample, iter_samples, read_sample_at
 
 @dataclass(frozen=True)
-class SlotPlan:
+class SlotSetup:
     """What a slot reads: the sources' shard URLs and weights, and where the slot sits."""
     sources: tuple[tuple[str, ...], ...]
     weights: tuple[float, ...]
@@ -36,23 +33,19 @@ class SlotPlan:
 class SourceCursor:
     """Reads one source's shards for one slot, epoch by epoch, remembering its position."""
 
-    def __init__(self, plan: SlotPlan, index: int, on_corrupt: Callable[[CorruptShard], None]):
-        self.plan, self.index, self.on_corrupt = plan, index, on_corrupt
+    def __init__(self, setup: SlotSetup, index: int, on_corrupt: Callable[[CorruptShard], None]):
+        self.setup, self.index, self.on_corrupt = setup, index, on_corrupt
         self.epoch, self.shard, self.offset = 0, 0, 0
         self.exhausted = False
         self._samples: Iterator[RawSample] | None = None
         self._shards = self._shards_of(0)
 
     def _shards_of(self, epoch: int) -> list[str]:
-        urls = list(self.plan.sources[self.index])
-        if self.plan.shuffle:
-            random.Random(f"{self.plan.seed}-{self.index}-{epoch}").shuffle(urls)
-        mine = urls[self.plan.rank:: self.plan.world_size][self.plan.slot:: self.plan.num_slots]
-        if not mine:
-            raise ValueError(f"source {self.plan.names[self.index]!r}: {len(urls)} shards leave none for rank "
-                             f"{self.plan.rank} reader {self.plan.slot} ({self.plan.world_size} ranks x "
-                             f"{self.plan.num_slots} readers)")
-        return mine
+        urls = list(self.setup.sources[self.index])
+        if self.setup.shuffle:
+            random.Random(f"{self.setup.seed}-{self.index}-{epoch}").shuffle(urls)
+        # never empty: reader.shards_per_source checked there is a shard for every rank x slot
+        return urls[self.setup.rank:: self.setup.world_size][self.setup.slot:: self.setup.num_slots]
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.shard, self.offset, self.exhausted = epoch, 0, 0, False
@@ -91,10 +84,10 @@ class SourceCursor:
 class SlotStream:
     """Mixture of sources -> shuffle buffer, endless; `state()` between samples resumes it."""
 
-    def __init__(self, plan: SlotPlan, mixing: Mixing, buffer_size: int, on_corrupt: Callable[[CorruptShard], None],
+    def __init__(self, setup: SlotSetup, mixing: str, buffer_size: int, on_corrupt: Callable[[CorruptShard], None],
                  state: dict | None = None):
-        self.plan, self.mixing, self.buffer_size = plan, mixing, buffer_size
-        self.cursors = [SourceCursor(plan, i, on_corrupt) for i in range(len(plan.sources))]
+        self.setup, self.mixing, self.buffer_size = setup, mixing, buffer_size
+        self.cursors = [SourceCursor(setup, i, on_corrupt) for i in range(len(setup.sources))]
         self.epoch, self.draws, self.pops = 0, 0, 0
         self.buffer: list[RawSample] = []
         if state:
@@ -104,29 +97,32 @@ class SlotStream:
             self.buffer = [_reread(url, offset, epoch) for url, offset, epoch in state["buffer"]]
 
     def _rng(self, purpose: str, count: int) -> random.Random:
-        return random.Random(f"{self.plan.seed}-{purpose}-{self.plan.rank}-{self.plan.slot}-{count}")
+        return random.Random(f"{self.setup.seed}-{purpose}-{self.setup.rank}-{self.setup.slot}-{count}")
 
     def _pick(self, candidates: list[int]) -> SourceCursor:
         if len(candidates) == 1:
             return self.cursors[candidates[0]]
-        weights = [self.plan.weights[i] for i in candidates]
+        weights = [self.setup.weights[i] for i in candidates]
         choice = self._rng("mix", self.draws).choices(candidates, weights)[0]
         self.draws += 1
         return self.cursors[choice]
 
-    def _next_mixed(self) -> RawSample:
+    def _next_resampled(self) -> RawSample:
+        """`resampled`: a source drawn by weight for every sample; each source restarts on its own."""
+        cursor = self._pick(list(range(len(self.cursors))))
+        sample = cursor.read()
+        if sample is None:
+            cursor.start_epoch(cursor.epoch + 1)
+            sample = cursor.read()
+        if sample is None:
+            raise ValueError(f"source {self.setup.names[cursor.index]!r} has no readable sample for rank "
+                             f"{self.setup.rank} reader {self.setup.slot}")
+        return sample
+
+    def _next_by_epoch(self) -> RawSample:
+        """`epoch`: every source read once per epoch, interleaved by weight."""
         empty_epochs = 0
         while True:
-            if self.mixing == "resampled":
-                cursor = self._pick(list(range(len(self.cursors))))
-                sample = cursor.read()
-                if sample is None:
-                    cursor.start_epoch(cursor.epoch + 1)
-                    sample = cursor.read()
-                if sample is None:
-                    raise ValueError(f"source {self.plan.names[cursor.index]!r} has no readable sample for rank "
-                                     f"{self.plan.rank} reader {self.plan.slot}")
-                return sample
             live = [i for i, c in enumerate(self.cursors) if not c.exhausted]
             if live:
                 sample = self._pick(live).read()
@@ -135,15 +131,15 @@ class SlotStream:
                 continue
             empty_epochs += 1
             if empty_epochs > 1:
-                raise ValueError(f"no readable sample in a whole epoch for rank {self.plan.rank} reader "
-                                 f"{self.plan.slot} (sources {list(self.plan.names)})")
+                raise ValueError(f"no readable sample in a whole epoch for rank {self.setup.rank} reader "
+                                 f"{self.setup.slot} (sources {list(self.setup.names)})")
             self.epoch += 1
             for cursor in self.cursors:
                 cursor.start_epoch(self.epoch)
 
     def __iter__(self) -> Iterator[RawSample]:
         while True:
-            sample = self._next_mixed()
+            sample = MIXING[self.mixing](self)
             if self.buffer_size <= 1:
                 yield sample
                 continue
@@ -159,6 +155,10 @@ class SlotStream:
         return {"epoch": self.epoch, "draws": self.draws, "pops": self.pops,
                 "sources": [c.state() for c in self.cursors],
                 "buffer": [[s.url, s.offset, s.epoch] for s in self.buffer]}
+
+
+# data.mixing: how a slot interleaves its sources
+MIXING = {"epoch": SlotStream._next_by_epoch, "resampled": SlotStream._next_resampled}
 
 
 def _reread(url: str, offset: int, epoch: int) -> RawSample:

@@ -10,8 +10,9 @@ import torch
 
 from data_shards.config import DataSource, ReaderConfig
 from data_shards.conversation import get_template
-from data_shards.reader import Topology, VisualSpec, build_loader
-from data_shards.synth import vocabulary
+from data_shards.media import VisualSpec
+from data_shards.read.reader import Topology, build_loader
+from data_shards.build.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
 VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=20, tokens_per_image=17)
@@ -40,7 +41,7 @@ def run_child(*args: str) -> None:
 
 
 @pytest.mark.parametrize("mixing", ["epoch", "resampled"])
-def test_resume_in_new_process_gives_the_same_next_batches(synth_data, tmp_path, mixing):
+def test_reader_resume_in_new_process_gives_the_same_next_batches(synth_data, tmp_path, mixing):
     # Each slot holds 64 samples of each source per epoch; 40 batches take the captions source
     # of both slots past its first epoch.
     first, after = 40, 12
@@ -59,7 +60,7 @@ def test_resume_in_new_process_gives_the_same_next_batches(synth_data, tmp_path,
     assert max(epochs) >= 1 if mixing == "resampled" else all(s["epoch"] == 0 for s in state["slots"])
 
 
-def test_resume_refuses_another_topology(synth_data):
+def test_reader_resume_refuses_another_topology(synth_data):
     loader = make_loader(str(synth_data), "epoch", rank=0)
     read(loader, 2)
     state = loader.state_dict()

@@ -1,8 +1,8 @@
-"""Turn a model config, or an exported model, into a plan, and a plan into a model.
+"""Turn a model config, or an exported model, into a blueprint, and a blueprint into a model.
 
-A plan names the two HF configs, the architecture, the tokenizer and where each component's
-weights come from (a folder, or a random init). Building from config and resuming from an
-export are the same path.
+A blueprint names the two HF configs, the architecture, the tokenizer and where each
+component's weights come from (a folder, or a random init). Building from config and starting
+from an export are the same path.
 """
 from __future__ import annotations
 
@@ -16,15 +16,16 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPVision
 
 from data_shards.conversation import VISUAL_TOKEN
 from data_shards.tokenizer import load_tokenizer, word_tokenizer_from_file
-from trainer.config import ModelConfig
+from trainer.config import ModelConfig, TokenReductionConfig
 from trainer.model import Architecture, VideoLanguageModel
 from trainer.partitioned import SafetensorsFolder, init_random_weights, load_weights
+from trainer.token_reduction import token_reduction_for
 
 EXPORT_SPEC = "valleyforge_model.json"
 
 
 @dataclass
-class ModelPlan:
+class Blueprint:
     tokenizer: object
     vision_config: object
     llm_config: object
@@ -46,7 +47,7 @@ def _vision_config_from(path: str):
     return getattr(config, "vision_config", config)  # a full CLIP checkpoint: take its vision tower
 
 
-def plan_from_config(cfg: ModelConfig) -> ModelPlan:
+def blueprint_from_config(cfg: ModelConfig) -> Blueprint:
     if cfg.tokenizer:
         tokenizer = load_tokenizer(cfg.tokenizer)
     elif cfg.word_vocab:
@@ -77,16 +78,16 @@ def plan_from_config(cfg: ModelConfig) -> ModelPlan:
                         soft_prompt_tokens=cfg.soft_prompt_tokens)
     weights = {"vision": Path(cfg.vision.path) if cfg.vision.path else None,
                "llm": Path(cfg.llm.path) if cfg.llm.path else None, "projector": None, "soft_prompt": None}
-    return ModelPlan(tokenizer, vision_config, llm_config, arch, weights)
+    return Blueprint(tokenizer, vision_config, llm_config, arch, weights)
 
 
-def plan_from_export(folder: str | Path) -> ModelPlan:
+def blueprint_from_export(folder: str | Path) -> Blueprint:
     folder = Path(folder)
     spec_path = folder / EXPORT_SPEC
     if not spec_path.is_file():
         raise ValueError(f"{folder}: not a ValleyForge export (no {EXPORT_SPEC})")
     spec = json.loads(spec_path.read_text())
-    return ModelPlan(
+    return Blueprint(
         tokenizer=load_tokenizer(folder / "llm"),
         vision_config=AutoConfig.from_pretrained(folder / "vision"),
         llm_config=AutoConfig.from_pretrained(folder / "llm"),
@@ -94,19 +95,24 @@ def plan_from_export(folder: str | Path) -> ModelPlan:
         weights={name: folder / name for name in spec["components"]})
 
 
-def build_model(plan: ModelPlan, attn_implementation: str = "auto") -> VideoLanguageModel:
-    """The module tree with uninitialised weights (call under `deepspeed.zero.Init` to shard it)."""
+def build_model(blueprint: Blueprint, attn_implementation: str = "auto",
+                token_reduction: TokenReductionConfig | None = None) -> VideoLanguageModel:
+    """The module tree with uninitialised weights (call under `deepspeed.zero.Init` to shard it),
+    showing the vision encoder fewer patches when a stage asks for `token_reduction`."""
     attn = pick_attention(attn_implementation)
-    vision = AutoModel.from_config(plan.vision_config, attn_implementation=attn)
-    llm = AutoModelForCausalLM.from_config(plan.llm_config, attn_implementation=attn)
-    return VideoLanguageModel(vision, llm, plan.arch)
+    vision = AutoModel.from_config(blueprint.vision_config, attn_implementation=attn)
+    llm = AutoModelForCausalLM.from_config(blueprint.llm_config, attn_implementation=attn)
+    model = VideoLanguageModel(vision, llm, blueprint.arch)
+    if token_reduction is not None:
+        model.token_reduction = token_reduction_for(model, token_reduction)
+    return model
 
 
-def fill_weights(model: VideoLanguageModel, plan: ModelPlan, init_std: float, seed: int) -> None:
+def fill_weights(model: VideoLanguageModel, blueprint: Blueprint, init_std: float, seed: int) -> None:
     """Load each component from its folder, or initialise it randomly. All ranks must call."""
     for name in model.components():
         module = getattr(model, name)
-        folder = plan.weights.get(name)
+        folder = blueprint.weights.get(name)
         if folder is None:
             init_random_weights(module, init_std, seed)
         else:
@@ -115,7 +121,7 @@ def fill_weights(model: VideoLanguageModel, plan: ModelPlan, init_std: float, se
 
 def load_export(folder: str | Path) -> tuple[VideoLanguageModel, object]:
     """A plain (unsharded) model and its tokenizer from an export folder, for inference."""
-    plan = plan_from_export(folder)
-    model = build_model(plan)
-    fill_weights(model, plan, init_std=0.0, seed=0)
-    return model.eval(), plan.tokenizer
+    blueprint = blueprint_from_export(folder)
+    model = build_model(blueprint)
+    fill_weights(model, blueprint, init_std=0.0, seed=0)
+    return model.eval(), blueprint.tokenizer

@@ -6,46 +6,30 @@ import json
 from collections import defaultdict
 from typing import Callable
 
-import torch
-
-from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template, stop_token_ids
-from data_shards.frames import FrameSampling
 from data_shards.manifest import read_manifest
-from data_shards.batching import collate
-from data_shards.reader import decode_media
-from data_shards.tarstream import iter_samples
+from data_shards.read.tarstream import iter_samples
+from trainer.generate import answer
 
 
-def first_choice(answer: str, choices: list[str]) -> str | None:
-    """The first word of the answer that is one of the choices (None when there is none)."""
-    words = answer.lower().replace(".", " ").replace(",", " ").split()
+def first_choice(reply: str, choices: list[str]) -> str | None:
+    """The first word of the reply that is one of the choices (None when there is none)."""
+    words = reply.lower().replace(".", " ").replace(",", " ").split()
     return next((w for w in words if w in choices), None)
 
 
-@torch.no_grad()
 def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new_tokens: int = 8,
                        progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
     """Metrics `eval/attribute_accuracy[/<attribute>]` and `eval/attribute_chance` on `split`."""
     model.eval()
-    template = get_template(template_name)
-    visual = model.visual_spec()
     manifest = read_manifest(split)
-    sampling = FrameSampling("uniform", visual.num_frames)
     correct, asked, chance = defaultdict(int), defaultdict(int), {}
     samples = (sample for url in manifest.urls for sample in iter_samples(url))
     for done, raw in enumerate(samples, 1):
-        media_kind, pixels = decode_media(raw.members, visual, sampling)
         for probe in json.loads(raw.members["json"]).get("probes", []):
-            input_ids = encode_prompt(tokenizer, template, probe["question"], media_kind, visual.tokens)
-            batch = collate([{"key": raw.key, "input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids),
-                              "pixels": pixels}], tokenizer.pad_token_id, visual)
-            out = model.generate(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"],
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, template),
-                                 pad_token_id=tokenizer.pad_token_id)
-            answer = tokenizer.decode(out[0], skip_special_tokens=True)
+            reply = answer(model, tokenizer, template_name, probe["question"], raw.members, max_new_tokens)
             attribute = probe["attribute"]
             asked[attribute] += 1
-            correct[attribute] += first_choice(answer, probe["choices"]) == probe["answer"]
+            correct[attribute] += first_choice(reply, probe["choices"]) == probe["answer"]
             chance[attribute] = 1.0 / len(probe["choices"])
         progress(done, manifest.num_samples)
     if not asked:

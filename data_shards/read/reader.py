@@ -2,8 +2,9 @@
 
 The pipeline, stage by stage: each source's shards in a seeded per-epoch order -> this
 rank's shards -> this DataLoader worker's (slot's) shards -> tar samples -> a seeded mixture
-of sources -> a seeded shuffle buffer (data_shards/stream.py) -> decode media (PyAV, only the
-sampled frames), resize, normalize, tokenize with the conversation template -> batches.
+of sources -> a seeded shuffle buffer (data_shards/read/stream.py) -> decode media (PyAV, only
+the sampled frames, scaled by the decoder to the model's size; pixels stay uint8 and the model
+normalizes them) -> tokenize with the conversation template -> batches.
 Samples that cannot be used are skipped and counted by reason and shard; each batch carries
 the counts since the previous batch of its slot, and the slot's state after it, from which
 `ShardLoader.load_state_dict` resumes exactly.
@@ -16,36 +17,20 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_shards.batching import collate
+from data_shards.read.batching import collate
 from data_shards.config import DataSource, ReaderConfig, as_sources
-from data_shards.conversation import SampleError, Template, encode_conversation
-from data_shards.frames import FrameSampling, decode_frames
-from data_shards.media import decode_image, to_frame_tensor
-from data_shards.sources import shard_urls
-from data_shards.stream import SlotPlan, SlotStream
-from data_shards.tarstream import CorruptShard, RawSample
+from data_shards.conversation import SampleError, Template, conversations_of, encode_conversation
+from data_shards.frames import FrameSampling
+from data_shards.media import VisualSpec, decode_media
+from data_shards.read.sources import shard_urls
+from data_shards.read.stream import SlotSetup, SlotStream
+from data_shards.read.tarstream import CorruptShard, RawSample
 
 log = logging.getLogger(__name__)
-VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 STATE_VERSION = 1
 SHARD_LEVEL_REASONS = ("corrupt tar member", "unreadable shard")
-
-
-@dataclass(frozen=True)
-class VisualSpec:
-    """What the model expects of media: decided by the model, consumed by the reader."""
-    num_frames: int
-    image_size: int
-    tokens_per_video: int
-    tokens_per_image: int
-
-    @property
-    def tokens(self) -> dict[str, int]:
-        return {"video": self.tokens_per_video, "image": self.tokens_per_image}
 
 
 @dataclass(frozen=True)
@@ -74,47 +59,6 @@ class RejectCounter:
         drained = dict(self.by_reason), dict(self.by_shard)
         self.by_reason, self.by_shard = Counter(), Counter()
         return drained
-
-
-def media_kind(ext: str) -> str | None:
-    """"video", "image" or None for a file extension (lower case, no dot)."""
-    return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
-
-
-def find_media(members: dict[str, bytes]) -> tuple[str | None, str | None]:
-    """(kind, extension) of a sample's media member; (None, None) for a text-only sample."""
-    ext = next((e for e in VIDEO_EXTS + IMAGE_EXTS if e in members), None)
-    return (media_kind(ext), ext) if ext else (None, None)
-
-
-def decode_media(members: dict[str, bytes], visual: VisualSpec, sampling: FrameSampling,
-                 rng: random.Random | None = None) -> tuple[str | None, torch.Tensor | None]:
-    """A sample's media: ("video" | "image" | None, uint8 frames [T,3,S,S] or None)."""
-    kind, ext = find_media(members)
-    if kind == "video":
-        frames = decode_frames(members[ext], sampling, rng, visual.image_size)
-    elif kind == "image":
-        frames = decode_image(members[ext], visual.image_size)
-    else:
-        return None, None
-    return kind, to_frame_tensor(frames)
-
-
-def conversations_of(members: dict[str, bytes], media_kind: str | None) -> list[dict]:
-    """The sample's conversation: its json `conversations`, else a caption pair built from a
-    json `caption` or a .txt member (video2dataset shards carry captions that way)."""
-    meta = json.loads(members["json"]) if "json" in members else {}
-    if not isinstance(meta, dict):
-        raise SampleError("bad json", "the .json member is not an object")
-    if "conversations" in meta:
-        return meta["conversations"]
-    caption = meta.get("caption")
-    if caption is None and "txt" in members:
-        caption = members["txt"].decode("utf-8")
-    if not caption or not str(caption).strip():
-        raise SampleError("no text", "neither conversations, a json caption nor a .txt member")
-    prompt = f"<{media_kind}>" if media_kind else ""
-    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": str(caption).strip()}]
 
 
 class SampleDecoder:
@@ -175,10 +119,10 @@ class SlotDataset(IterableDataset):
         worker = get_worker_info()
         worker_id, num_slots = (worker.id, worker.num_workers) if worker else (0, 1)
         slot = (worker_id + self.rotation) % num_slots
-        plan = SlotPlan(setup.sources, setup.weights, setup.names, cfg.seed, shuffle=setup.train,
+        slot_setup = SlotSetup(setup.sources, setup.weights, setup.names, cfg.seed, shuffle=setup.train,
                         rank=setup.topology.rank, world_size=setup.topology.world_size, slot=slot, num_slots=num_slots)
         rejects = RejectCounter()
-        stream = SlotStream(plan, cfg.mixing, cfg.shuffle_buffer if setup.train else 1, rejects.corrupt_shard,
+        stream = SlotStream(slot_setup, cfg.mixing, cfg.shuffle_buffer if setup.train else 1, rejects.corrupt_shard,
                             self.slot_states[slot])
         sampling = FrameSampling(cfg.frame_sampling if setup.train else "uniform", setup.visual.num_frames,
                                  cfg.sample_fps)
@@ -257,16 +201,23 @@ class ShardLoader:
         self.slot_states, self.next_slot = list(state["slots"]), state["next_slot"]
 
 
-def reader_setup(data: str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
-                 visual: VisualSpec, topology: Topology, train: bool) -> ReaderSetup:
-    """Resolve the sources' shard URLs; every rank x slot must get a shard of each source."""
+def shards_per_source(data: str | list[DataSource], world_size: int, loader_workers: int) -> tuple[tuple[str, ...], ...]:
+    """Each source's shard URLs; every rank x DataLoader worker (slot) must get a shard of each."""
     sources = as_sources(data)
     urls = tuple(tuple(shard_urls(s.url)) for s in sources)
-    needed = topology.world_size * max(config.num_workers, 1)
+    needed = world_size * max(loader_workers, 1)
     for source, shards in zip(sources, urls):
         if len(shards) < needed:
-            raise ValueError(f"{source.url}: {len(shards)} shards cannot feed {topology.world_size} ranks x "
-                             f"{max(config.num_workers, 1)} readers; write at least {needed} shards")
+            raise ValueError(f"{source.url}: {len(shards)} shards cannot feed {world_size} ranks x "
+                             f"{max(loader_workers, 1)} readers (cluster.num_workers x data.num_workers); "
+                             f"write at least {needed} shards")
+    return urls
+
+
+def reader_setup(data: str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
+                 visual: VisualSpec, topology: Topology, train: bool) -> ReaderSetup:
+    sources = as_sources(data)
+    urls = shards_per_source(sources, topology.world_size, config.num_workers)
     return ReaderSetup(urls, tuple(s.weight for s in sources), tuple(s.url for s in sources), config, tokenizer,
                        template, visual, topology, train)
 

@@ -14,11 +14,12 @@ import hashlib
 import re
 import subprocess
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import fsspec
 
-from data_shards.config import DataSource
+if TYPE_CHECKING:
+    from data_shards.config import DataSource
 from data_shards.manifest import MANIFEST_NAME, manifest_hash, read_manifest
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -119,12 +120,6 @@ class PipeReader:
     def close(self) -> None:
         self.process.stdout.close()
         self.process.wait()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def _skip(stream, count: int):

@@ -11,7 +11,7 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from data_shards.sources import open_shard
+from data_shards.read.sources import open_shard
 
 
 @dataclass

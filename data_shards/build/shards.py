@@ -23,11 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_shards.annotations import Record, read_records
-from data_shards.ingest import IngestOptions, Rejected, ingest
+from data_shards.build.annotations import Record, read_records
+from data_shards.build.ingest import IngestOptions, Rejected, ingest
 from data_shards.manifest import ShardEntry, sha256_file, write_manifest
 from data_shards.tokenizer import token_counter
-from data_shards.writer import tar_bytes, tar_file_bytes, write_shard
+from data_shards.build.writer import tar_bytes, tar_file_bytes, write_shard
 
 STATE_DIR = ".build"
 
@@ -91,7 +91,7 @@ def _build_chunk_job(args) -> dict:
     return build_chunk(*args)
 
 
-def _plan(annotations: list[str], options: BuildOptions, num_records: int) -> dict:
+def _fingerprint(annotations: list[str], options: BuildOptions, num_records: int) -> dict:
     return {"annotations": [[str(Path(a).absolute()), sha256_file(Path(a))] for a in annotations],
             "options": asdict(options), "num_records": num_records}
 
@@ -112,12 +112,12 @@ def build_shards(annotations: list[str], out: str | Path, options: BuildOptions,
         raise ValueError(f"{', '.join(map(str, annotations))}: no samples in the annotation file(s)")
     state_dir = out / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
-    plan = _plan(annotations, options, len(records))
-    plan_file = state_dir / "plan.json"
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != json.loads(json.dumps(plan)):
+    fingerprint = _fingerprint(annotations, options, len(records))  # what this build is of
+    fingerprint_file = state_dir / "fingerprint.json"
+    if fingerprint_file.is_file() and json.loads(fingerprint_file.read_text()) != json.loads(json.dumps(fingerprint)):
         raise ValueError(f"{out}: holds a build of other annotations or options; resume it with the same "
                          f"command, or build into an empty --out")
-    _write_json_atomic(plan_file, plan)
+    _write_json_atomic(fingerprint_file, fingerprint)
 
     size = options.samples_per_shard
     chunks = [records[i: i + size] for i in range(0, len(records), size)]

@@ -1,0 +1,1 @@
+"""Annotations + media -> webdataset shards: ingest, transcode, write, and the synthetic set."""

@@ -1,0 +1,1 @@
+"""Shards -> batches: sources, tar streaming, resumable mixed streams, the reader, batching, read health."""
