@@ -1,7 +1,6 @@
 """Engine options change how, not what: gradient checkpointing gives the same loss and gradients;
 ZeRO-3 with the optimizer state offloaded to CPU trains on 2 ranks."""
 import json
-from pathlib import Path
 
 import torch
 
@@ -11,8 +10,7 @@ from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import ModelConfig
 from trainer.model import model_inputs
-from trainer.stage import StageRunner
-from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
+from two_ranks import fit_on_two_ranks, losses_worker, tiny_job
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
@@ -40,18 +38,11 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
             assert torch.allclose(grad, ckpt_grads[name], atol=1e-6), name
 
 
-def offload_worker(config):
-    topology = worker_topology()
-    losses = []
-    StageRunner(config["job"], topology).train(lambda m, s: losses.append(m["train/loss"]))
-    Path(config["out"], f"rank{topology.rank}.json").write_text(json.dumps(losses))
-
-
 def test_zero3_with_optimizer_offload_and_checkpointing_trains(ray_local, synth_data, tmp_path):
     job = tiny_job(synth_data, tmp_path, num_frames=2,
                    engine={"offload_optimizer": True, "gradient_checkpointing": ["llm"]},
                    stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": 6, "optimizer": {"lr": 3e-3}},
                    data={"micro_batch_size": 4, "num_workers": 0, "max_length": 256, "shuffle_buffer": 1})
-    fit_on_two_ranks(offload_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
+    fit_on_two_ranks(losses_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     losses = json.loads((tmp_path / "rank0.json").read_text())
     assert len(losses) == 6 and losses[-1] < losses[0], losses

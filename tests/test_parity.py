@@ -3,7 +3,6 @@ on 2 ranks under Ray give the losses of a plain single-process PyTorch loop over
 batches (no DeepSpeed, no Ray), within fp32 tolerance."""
 import json
 from functools import partial
-from pathlib import Path
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -14,18 +13,10 @@ from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import StageJob
 from trainer.engine import warmup_cosine
 from trainer.model import model_inputs
-from trainer.stage import StageRunner
 from trainer.trainable import set_trainable
-from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
+from two_ranks import fit_on_two_ranks, losses_worker, tiny_job
 
 STEPS = 6
-
-
-def zero3_worker(config):
-    topology = worker_topology()
-    losses = []
-    StageRunner(config["job"], topology).train(lambda m, s: losses.append(m["train/loss"]))
-    Path(config["out"], f"rank{topology.rank}.json").write_text(json.dumps(losses))
 
 
 def plain_losses(job: StageJob) -> list[float]:
@@ -63,7 +54,7 @@ def test_zero3_on_two_ranks_matches_a_plain_pytorch_loop(ray_local, synth_data, 
                    stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3},
                           "schedule": {"warmup_steps": 2}, "max_grad_norm": 0.5},
                    data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256, "shuffle_buffer": 16})
-    fit_on_two_ranks(zero3_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
+    fit_on_two_ranks(losses_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     distributed = json.loads((tmp_path / "rank0.json").read_text())
     torch.set_num_threads(1)
     reference = plain_losses(job)

@@ -1,5 +1,8 @@
 """Running a test's worker function on 2 gloo ranks under Ray Train, as the launcher does, and the
 tiny stage job those tests train."""
+import json
+from pathlib import Path
+
 import ray.train
 import torch
 from ray.train import ScalingConfig
@@ -22,6 +25,14 @@ def worker_topology() -> Topology:
     torch.set_num_threads(1)
     context = ray.train.get_context()
     return Topology(context.get_world_rank(), context.get_world_size())
+
+
+def losses_worker(config) -> None:
+    """Trains `config["job"]`; each rank writes the losses it logged to OUT/rank<R>.json."""
+    from trainer.stage import StageRunner
+    topology, losses = worker_topology(), []
+    StageRunner(config["job"], topology).train(lambda metrics, step: losses.append(metrics["train/loss"]))
+    Path(config["out"], f"rank{topology.rank}.json").write_text(json.dumps(losses))
 
 
 def tiny_job(synth_data, tmp_path, stage: dict, data: dict, engine: dict | None = None, **model) -> StageJob:

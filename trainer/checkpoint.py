@@ -35,10 +35,6 @@ class Checkpointer:
         self.directory, self.every, self.keep = Path(directory), every, keep
         self.engine, self.loader, self.health = engine, loader, health
 
-    def latest_tag(self) -> str | None:
-        pointer = self.directory / LATEST
-        return pointer.read_text().strip() if pointer.is_file() else None
-
     def after_step(self, step: int, last: bool) -> None:
         if self.every and (step % self.every == 0 or last):
             self.save(step)
@@ -69,9 +65,10 @@ class Checkpointer:
 
     def restore(self) -> int:
         """Load the newest checkpoint, if there is one; returns the step it was taken at (0: none)."""
-        tag = self.latest_tag()
-        if tag is None:
+        pointer = self.directory / LATEST
+        if not pointer.is_file():
             return 0
+        tag = pointer.read_text().strip()
         rank_file = self.directory / tag / f"rank-{_rank()}.pt"
         if not rank_file.is_file():
             raise ValueError(f"{rank_file}: missing; the checkpoint was written by fewer ranks than this run has")

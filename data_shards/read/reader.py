@@ -214,16 +214,11 @@ def shards_per_source(data: str | list[DataSource], world_size: int, loader_work
     return urls
 
 
-def reader_setup(data: str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
-                 visual: VisualSpec, topology: Topology, train: bool) -> ReaderSetup:
-    sources = as_sources(data)
-    urls = shards_per_source(sources, topology.world_size, config.num_workers)
-    return ReaderSetup(urls, tuple(s.weight for s in sources), tuple(s.url for s in sources), config, tokenizer,
-                       template, visual, topology, train)
-
-
 def build_loader(data: str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
                  visual: VisualSpec, topology: Topology, train: bool) -> ShardLoader:
     """Training reads shuffled (and mixed, when several sources); evaluation reads in order.
     Both repeat, so every rank can take the same number of batches whatever its share."""
-    return ShardLoader(reader_setup(data, config, tokenizer, template, visual, topology, train))
+    sources = as_sources(data)
+    urls = shards_per_source(sources, topology.world_size, config.num_workers)
+    return ShardLoader(ReaderSetup(urls, tuple(s.weight for s in sources), tuple(s.url for s in sources), config,
+                                   tokenizer, template, visual, topology, train))
