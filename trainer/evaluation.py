@@ -26,7 +26,10 @@ def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new
     samples = (sample for url in manifest.urls for sample in iter_samples(url))
     for done, raw in enumerate(samples, 1):
         for probe in json.loads(raw.members["json"]).get("probes", []):
-            reply = answer(model, tokenizer, template_name, probe["question"], raw.members, max_new_tokens)
+            try:
+                reply = answer(model, tokenizer, template_name, probe["question"], raw.members, max_new_tokens)
+            except ValueError as err:
+                raise ValueError(f"{raw.url}: sample {raw.key}: {err}") from err
             attribute = probe["attribute"]
             asked[attribute] += 1
             correct[attribute] += first_choice(reply, probe["choices"]) == probe["answer"]

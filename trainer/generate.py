@@ -24,10 +24,6 @@ def media_members(path: str | Path) -> dict[str, bytes]:
     return {ext: path.read_bytes()}
 
 
-def export_template(folder: str | Path) -> str | None:
-    return json.loads((Path(folder) / EXPORT_SPEC).read_text()).get("template")
-
-
 @torch.no_grad()
 def answer(model, tokenizer, template_name: str, prompt: str, media: dict[str, bytes] | None,
            max_new_tokens: int = 64) -> str:
@@ -49,7 +45,7 @@ def answer(model, tokenizer, template_name: str, prompt: str, media: dict[str, b
 
 def generate_from_export(folder: str | Path, prompt: str, media_file: str | None, template: str | None,
                          max_new_tokens: int) -> str:
-    template = template or export_template(folder) or "vicuna_v1"
+    template = template or json.loads((Path(folder) / EXPORT_SPEC).read_text()).get("template") or "vicuna_v1"
     model, tokenizer = load_export(folder)
     return answer(model, tokenizer, template, prompt, media_members(media_file) if media_file else None,
                   max_new_tokens)

@@ -20,8 +20,6 @@ from trainer.export import export_model
 from trainer.model import model_inputs
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
 
-Log = Callable[[dict, int], None]
-
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
@@ -70,7 +68,7 @@ class StageRunner:
         self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable), self.model.arch.visual_token_id,
                                peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
 
-    def train(self, log: Log, batches: Iterator[dict] | None = None) -> dict:
+    def train(self, log: Callable[[dict, int], None], batches: Iterator[dict] | None = None) -> dict:
         """Optimizer steps up to `stage.steps`, each of `grad_accum` micro-batches, from the
         stage's own stream or `batches`; returns the last step's metrics. Every rank sees the
         same read health and stops together."""
@@ -82,7 +80,7 @@ class StageRunner:
         for step in range(start + 1, stage.steps + 1):
             started = time.perf_counter()
             self.meter.begin()
-            step_reads = ReadHealth(self.health.max_skip_fraction, self.health.min_samples)
+            step_reads = ReadHealth()
             for _ in range(stage.grad_accum):
                 fetch = time.perf_counter()
                 batch = next(batches)

@@ -2,7 +2,10 @@
 skip rate passes the configured threshold, naming the shard that contributed most."""
 from __future__ import annotations
 
+import logging
 from collections import Counter
+
+log = logging.getLogger(__name__)
 
 
 class TooManySkipped(RuntimeError):
@@ -10,7 +13,10 @@ class TooManySkipped(RuntimeError):
 
 
 class ReadHealth:
-    def __init__(self, max_skip_fraction: float, min_samples: int):
+    """Samples seen and skipped (by reason, by shard): a reader slot's since its last batch, a
+    step's across ranks, or a stage's, which `check` judges against the threshold."""
+
+    def __init__(self, max_skip_fraction: float = 1.0, min_samples: int = 0):
         self.max_skip_fraction, self.min_samples = max_skip_fraction, min_samples
         self.seen = 0
         self.by_reason: Counter = Counter()
@@ -23,6 +29,16 @@ class ReadHealth:
 
     def add_batch(self, batch: dict) -> None:
         self.add(batch["seen"], batch["rejected"], batch["rejected_by_shard"])
+
+    def reject(self, reason: str, url: str, detail: str) -> None:
+        self.add(0, {reason: 1}, {(url, reason): 1})
+        log.warning("skipped sample %s: %s (%s)", url, reason, detail)
+
+    def drain(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
+        """The skips counted so far, counting anew from here."""
+        drained = dict(self.by_reason), dict(self.by_shard)
+        self.by_reason, self.by_shard = Counter(), Counter()
+        return drained
 
     @property
     def skipped(self) -> int:

@@ -12,9 +12,7 @@ the counts since the previous batch of its slot, and the slot's state after it, 
 from __future__ import annotations
 
 import json
-import logging
 import random
-from collections import Counter
 from dataclasses import dataclass
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -25,10 +23,10 @@ from data_shards.conversation import SampleError, Template, conversations_of, en
 from data_shards.frames import FrameSampling
 from data_shards.media import VisualSpec, decode_media
 from data_shards.read.sources import shard_urls
+from data_shards.read.health import ReadHealth
 from data_shards.read.stream import SlotSetup, SlotStream
-from data_shards.read.tarstream import CorruptShard, RawSample
+from data_shards.read.tarstream import RawSample
 
-log = logging.getLogger(__name__)
 STATE_VERSION = 1
 SHARD_LEVEL_REASONS = ("corrupt tar member", "unreadable shard")
 
@@ -40,32 +38,11 @@ class Topology:
     world_size: int = 1
 
 
-class RejectCounter:
-    """Counts skipped samples by reason and by shard inside one reader slot."""
-
-    def __init__(self):
-        self.by_reason: Counter = Counter()
-        self.by_shard: Counter = Counter()
-
-    def add(self, reason: str, url: str, detail: str) -> None:
-        self.by_reason[reason] += 1
-        self.by_shard[(url, reason)] += 1
-        log.warning("skipped sample %s: %s (%s)", url, reason, detail)
-
-    def corrupt_shard(self, err: CorruptShard) -> None:
-        self.add(err.reason, err.url, str(err))
-
-    def drain(self) -> tuple[dict[str, int], dict[tuple[str, str], int]]:
-        drained = dict(self.by_reason), dict(self.by_shard)
-        self.by_reason, self.by_shard = Counter(), Counter()
-        return drained
-
-
 class SampleDecoder:
     """Raw tar sample -> model-ready sample, or None (counted) when unusable."""
 
     def __init__(self, tokenizer, template: Template, visual: VisualSpec, sampling: FrameSampling, max_length: int,
-                 seed: int, rejects: RejectCounter):
+                 seed: int, rejects: ReadHealth):
         self.tokenizer, self.template, self.visual, self.sampling = tokenizer, template, visual, sampling
         self.max_length, self.seed, self.rejects = max_length, seed, rejects
 
@@ -73,11 +50,11 @@ class SampleDecoder:
         try:
             return self.decode(raw)
         except SampleError as err:
-            self.rejects.add(err.reason, raw.url, f"{raw.key}: {err}")
+            self.rejects.reject(err.reason, raw.url, f"{raw.key}: {err}")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            self.rejects.add("broken json", raw.url, f"{raw.key}: {err}")
+            self.rejects.reject("broken json", raw.url, f"{raw.key}: {err}")
         except Exception as err:  # noqa: BLE001 - any decoder failure is a bad sample, counted
-            self.rejects.add("undecodable media", raw.url, f"{raw.key}: {type(err).__name__}: {err}")
+            self.rejects.reject("undecodable media", raw.url, f"{raw.key}: {type(err).__name__}: {err}")
         return None
 
     def decode(self, raw: RawSample) -> dict:
@@ -121,8 +98,9 @@ class SlotDataset(IterableDataset):
         slot = (worker_id + self.rotation) % num_slots
         slot_setup = SlotSetup(setup.sources, setup.weights, setup.names, cfg.seed, shuffle=setup.train,
                         rank=setup.topology.rank, world_size=setup.topology.world_size, slot=slot, num_slots=num_slots)
-        rejects = RejectCounter()
-        stream = SlotStream(slot_setup, cfg.mixing, cfg.shuffle_buffer if setup.train else 1, rejects.corrupt_shard,
+        rejects = ReadHealth()  # this slot's skips, handed out with each batch
+        stream = SlotStream(slot_setup, cfg.mixing, cfg.shuffle_buffer if setup.train else 1,
+                            lambda err: rejects.reject(err.reason, err.url, str(err)),
                             self.slot_states[slot])
         sampling = FrameSampling(cfg.frame_sampling if setup.train else "uniform", setup.visual.num_frames,
                                  cfg.sample_fps)
