@@ -16,7 +16,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import as_sources
 from data_shards.manifest import read_manifest
-from data_shards.read.reader import shards_per_source
+from data_shards.read.reader import check_enough_shards, shard_lists
+from data_shards.read.stream import ShardLists
 from data_shards.read.sources import data_digest
 from launch.config import JobConfig, save_resolved
 from launch.progress import ProgressBoard, ProgressLine
@@ -36,12 +37,16 @@ class RegisteredStage:
     run_id: str
 
 
-def check_inputs(cfg: JobConfig) -> None:
-    """Fail before any worker starts when a data split or init source is unusable."""
+def resolve_inputs(cfg: JobConfig) -> dict[str, tuple[ShardLists, ShardLists | None]]:
+    """Each stage's train and eval shard lists, expanded once here for every worker; fails before
+    any worker starts when a data split or init source is unusable."""
+    lists = {}
     for stage in cfg.stages:
         try:
-            shards_per_source(as_sources(stage.train_data) + as_sources(stage.eval_data or []),
-                              cfg.cluster.num_workers, cfg.data.num_workers)
+            train, evaluation = stage.train_data, stage.eval_data
+            lists[stage.name] = (shard_lists(train), shard_lists(evaluation) if evaluation else None)
+            for data in filter(None, lists[stage.name]):
+                check_enough_shards(data, cfg.cluster.num_workers, cfg.data.num_workers)
         except ValueError as err:
             raise ValueError(f"stages.{stage.name}: {err}") from None
         source = stage.init_from
@@ -50,6 +55,7 @@ def check_inputs(cfg: JobConfig) -> None:
                              f"a models:/ URI or an export folder")
     if cfg.evaluation:
         read_manifest(cfg.evaluation.data)
+    return lists
 
 
 def absolute_paths(cfg: JobConfig) -> JobConfig:
@@ -98,7 +104,7 @@ class Pipeline:
         self.client = MlflowClient(self.tracking_uri)
 
     def run(self) -> list[RegisteredStage]:
-        check_inputs(self.cfg)
+        self.shard_lists = resolve_inputs(self.cfg)
         cfg_path = save_resolved(self.cfg, self.out / "config.resolved.yaml")
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_experiment(self.cfg.tracking.experiment)
@@ -132,6 +138,7 @@ class Pipeline:
         with mlflow.start_run(run_name=stage.name, nested=True, tags=stage_tags) as run:
             mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
             job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
+                           train_shards=self.shard_lists[stage.name][0], eval_shards=self.shard_lists[stage.name][1],
                            init_from=init_from, export_dir=str(self.out / "exports" / stage.name),
                            checkpoint_dir=str(self.out / "checkpoints" / stage.name), seed=self.cfg.seed + index,
                            peak_flops_per_device=self.cfg.cluster.peak_flops_per_device)

@@ -25,6 +25,7 @@ INTENDED = {
 
 
 def recipe_worker(config):
+    from data_shards.read.reader import shard_lists
     from trainer.config import StageJob
     from trainer.partitioned import gather_state_dict
     from trainer.stage import StageRunner
@@ -34,7 +35,8 @@ def recipe_worker(config):
     cfg, out = config["cfg"], Path(config["out"])
     previous, report = None, []
     for index, stage_cfg in enumerate(cfg.stages):
-        job = StageJob(model=cfg.model, engine=cfg.engine, data=cfg.data, stage=stage_cfg, init_from=previous,
+        job = StageJob(model=cfg.model, engine=cfg.engine, data=cfg.data, stage=stage_cfg,
+                       train_shards=shard_lists(stage_cfg.train_data), eval_shards=None, init_from=previous,
                        export_dir=str(out / "exports" / stage_cfg.name),
                        checkpoint_dir=str(out / "checkpoints" / stage_cfg.name), seed=cfg.seed + index)
         runner = StageRunner(job, topology, init_folder=previous)

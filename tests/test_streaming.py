@@ -6,6 +6,7 @@ import io
 import json
 import threading
 from collections import Counter
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -15,7 +16,7 @@ from data_shards.conversation import get_template
 from data_shards.read.health import ReadHealth, TooManySkipped
 from data_shards.manifest import read_manifest
 from data_shards.media import VisualSpec
-from data_shards.read.reader import Topology, build_loader
+from data_shards.read.reader import Topology, build_loader, shard_lists
 from data_shards.read.sources import expand_braces, shard_urls
 from data_shards.build.synth import vocabulary
 from data_shards.read.tarstream import iter_samples
@@ -90,6 +91,18 @@ def test_local_http_memory_glob_and_pipe_sources_read_the_same(http_shards):
     url = shard_urls(f"{base_url}/shard-000001.tar")[0]
     samples = list(iter_samples(url))
     assert [s.key for s in iter_samples(url, samples[2].offset)] == [s.key for s in samples[2:]]
+
+
+def test_ranks_read_the_shard_lists_the_driver_expanded(tmp_path, synth_data):
+    """A glob expanded once is what every rank splits, whatever appears in the store after."""
+    shards = read_manifest(synth_data / "captions" / "train").urls
+    for shard in shards[:2]:
+        (tmp_path / Path(shard).name).write_bytes(Path(shard).read_bytes())
+    lists = shard_lists(f"{tmp_path}/*.tar")
+    (tmp_path / "a-late.tar").write_bytes(Path(shards[2]).read_bytes())  # one more, first in glob order
+    expected = sorted(s.key for shard in shards[:2] for s in iter_samples(shard))
+    assert sorted(ordered_keys(lists, batches=len(expected) // 8)) == expected
+    assert len(shard_lists(f"{tmp_path}/*.tar").shards[0]) == 3  # expanding again would read it
 
 
 def test_missing_sources_are_named(tmp_path):

@@ -9,7 +9,7 @@ from ray.train import ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import ReaderConfig
-from data_shards.read.reader import Topology
+from data_shards.read.reader import Topology, shard_lists
 from trainer.config import EngineConfig, ModelConfig, StageConfig, StageJob
 
 
@@ -38,9 +38,9 @@ def losses_worker(config) -> None:
 def tiny_job(synth_data, tmp_path, stage: dict, data: dict, engine: dict | None = None, **model) -> StageJob:
     """A ZeRO-3 stage job on the tiny random model; the stage trains on the synthetic instruct
     split with the vicuna_v1 template unless `stage` says otherwise."""
+    stage_cfg = StageConfig(**{"train_data": str(synth_data / "instruct" / "train"), "template": "vicuna_v1", **stage})
     return StageJob(
         model=ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"), **model),
         engine=EngineConfig(zero_stage=3, param_persistence_threshold=0, **(engine or {})),
-        data=ReaderConfig(**data),
-        stage=StageConfig(**{"train_data": str(synth_data / "instruct" / "train"), "template": "vicuna_v1", **stage}),
+        data=ReaderConfig(**data), stage=stage_cfg, train_shards=shard_lists(stage_cfg.train_data), eval_shards=None,
         init_from=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)

@@ -9,6 +9,7 @@ from pydantic import AfterValidator, Field, model_validator
 
 from data_shards.config import DataSource, ReaderConfig, Strict
 from data_shards.conversation import TEMPLATES
+from data_shards.read.stream import ShardLists
 from trainer.trainable import TRAINABLE_MODULES
 from trainer.visual import PROJECTORS, REDUCERS
 
@@ -171,6 +172,8 @@ class StageJob:
     engine: EngineConfig
     data: ReaderConfig
     stage: StageConfig
+    train_shards: ShardLists  # the stage's data as the driver expanded it: every rank splits these lists
+    eval_shards: ShardLists | None
     init_from: str | None  # an export folder or a pinned models:/NAME/VERSION; None: build from `model`
     export_dir: str
     checkpoint_dir: str

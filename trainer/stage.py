@@ -58,10 +58,10 @@ class StageRunner:
         self.model = self.engine.module
         self.tokenizer = blueprint.tokenizer
         visual, template = self.model.visual_spec(), get_template(job.stage.template)
-        self.train_batches = build_loader(job.stage.train_data, job.data, self.tokenizer, template, visual,
-                                          topology, train=True)
-        self.eval_batches = iter(build_loader(job.stage.eval_data, job.data, self.tokenizer, template, visual,
-                                              topology, train=False)) if job.stage.eval_data else None
+        self.train_batches = build_loader(job.train_shards, job.data, self.tokenizer, template, visual, topology,
+                                          train=True)
+        self.eval_batches = iter(build_loader(job.eval_shards, job.data, self.tokenizer, template, visual, topology,
+                                              train=False)) if job.eval_shards else None
         self.health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
         self.checkpointer = Checkpointer(job.checkpoint_dir, job.stage.checkpoint_every, self.engine,
                                          self.train_batches, self.health)

@@ -24,7 +24,7 @@ from data_shards.frames import FrameSampling
 from data_shards.media import VisualSpec, decode_media
 from data_shards.read.sources import shard_urls
 from data_shards.read.health import ReadHealth
-from data_shards.read.stream import SlotSetup, SlotStream
+from data_shards.read.stream import ShardLists, SlotSetup, SlotStream
 from data_shards.read.tarstream import RawSample
 
 STATE_VERSION = 1
@@ -70,9 +70,7 @@ class SampleDecoder:
 @dataclass(frozen=True)
 class ReaderSetup:
     """Everything a reader slot needs besides its position (plain data: it is sent to workers)."""
-    sources: tuple[tuple[str, ...], ...]
-    weights: tuple[float, ...]
-    names: tuple[str, ...]
+    data: ShardLists
     config: ReaderConfig
     tokenizer: object
     template: Template
@@ -96,7 +94,7 @@ class SlotDataset(IterableDataset):
         worker = get_worker_info()
         worker_id, num_slots = (worker.id, worker.num_workers) if worker else (0, 1)
         slot = (worker_id + self.rotation) % num_slots
-        slot_setup = SlotSetup(setup.sources, setup.weights, setup.names, cfg.seed, shuffle=setup.train,
+        slot_setup = SlotSetup(setup.data, cfg.seed, shuffle=setup.train,
                         rank=setup.topology.rank, world_size=setup.topology.world_size, slot=slot, num_slots=num_slots)
         rejects = ReadHealth()  # this slot's skips, handed out with each batch
         stream = SlotStream(slot_setup, cfg.mixing, cfg.shuffle_buffer if setup.train else 1,
@@ -157,7 +155,7 @@ class ShardLoader:
 
     def _fingerprint(self) -> dict:
         return {"world_size": self.setup.topology.world_size, "rank": self.setup.topology.rank,
-                "num_slots": self.num_slots, "sources": [list(urls) for urls in self.setup.sources],
+                "num_slots": self.num_slots, "sources": [list(urls) for urls in self.setup.data.shards],
                 "seed": self.setup.config.seed}
 
     def state_dict(self) -> dict:
@@ -179,24 +177,28 @@ class ShardLoader:
         self.slot_states, self.next_slot = list(state["slots"]), state["next_slot"]
 
 
-def shards_per_source(data: str | list[DataSource], world_size: int, loader_workers: int) -> tuple[tuple[str, ...], ...]:
-    """Each source's shard URLs; every rank x DataLoader worker (slot) must get a shard of each."""
+def shard_lists(data: str | list[DataSource]) -> ShardLists:
+    """A stage's data (a split, shard URLs or a mixture) expanded to each source's shard URLs."""
     sources = as_sources(data)
-    urls = tuple(tuple(shard_urls(s.url)) for s in sources)
+    return ShardLists(tuple(s.url for s in sources), tuple(s.weight for s in sources),
+                      tuple(tuple(shard_urls(s.url)) for s in sources))
+
+
+def check_enough_shards(data: ShardLists, world_size: int, loader_workers: int) -> None:
+    """Every rank x DataLoader worker (slot) must get a shard of each source."""
     needed = world_size * max(loader_workers, 1)
-    for source, shards in zip(sources, urls):
+    for name, shards in zip(data.names, data.shards):
         if len(shards) < needed:
-            raise ValueError(f"{source.url}: {len(shards)} shards cannot feed {world_size} ranks x "
+            raise ValueError(f"{name}: {len(shards)} shards cannot feed {world_size} ranks x "
                              f"{max(loader_workers, 1)} readers (cluster.num_workers x data.num_workers); "
                              f"write at least {needed} shards")
-    return urls
 
 
-def build_loader(data: str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
+def build_loader(data: ShardLists | str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
                  visual: VisualSpec, topology: Topology, train: bool) -> ShardLoader:
     """Training reads shuffled (and mixed, when several sources); evaluation reads in order.
-    Both repeat, so every rank can take the same number of batches whatever its share."""
-    sources = as_sources(data)
-    urls = shards_per_source(sources, topology.world_size, config.num_workers)
-    return ShardLoader(ReaderSetup(urls, tuple(s.weight for s in sources), tuple(s.url for s in sources), config,
-                                   tokenizer, template, visual, topology, train))
+    Both repeat, so every rank can take the same number of batches whatever its share. `data`
+    is expanded here unless it comes as the driver's ShardLists."""
+    data = data if isinstance(data, ShardLists) else shard_lists(data)
+    check_enough_shards(data, topology.world_size, config.num_workers)
+    return ShardLoader(ReaderSetup(data, config, tokenizer, template, visual, topology, train))

@@ -17,11 +17,18 @@ from typing import Callable, Iterator
 from data_shards.read.tarstream import CorruptShard, RawSample, iter_samples, read_sample_at
 
 @dataclass(frozen=True)
-class SlotSetup:
-    """What a slot reads: the sources' shard URLs and weights, and where the slot sits."""
-    sources: tuple[tuple[str, ...], ...]
-    weights: tuple[float, ...]
+class ShardLists:
+    """A stage's data expanded once, on the driver: per source its name, weight and shard URLs.
+    Every rank splits these same lists, whatever its node sees of the store."""
     names: tuple[str, ...]
+    weights: tuple[float, ...]
+    shards: tuple[tuple[str, ...], ...]
+
+
+@dataclass(frozen=True)
+class SlotSetup:
+    """What a slot reads (the shard lists) and where the slot sits."""
+    data: ShardLists
     seed: int
     shuffle: bool
     rank: int
@@ -41,10 +48,10 @@ class SourceCursor:
         self._shards = self._shards_of(0)
 
     def _shards_of(self, epoch: int) -> list[str]:
-        urls = list(self.setup.sources[self.index])
+        urls = list(self.setup.data.shards[self.index])
         if self.setup.shuffle:
             random.Random(f"{self.setup.seed}-{self.index}-{epoch}").shuffle(urls)
-        # never empty: reader.shards_per_source checked there is a shard for every rank x slot
+        # never empty: reader.check_enough_shards made sure of a shard for every rank x slot
         return urls[self.setup.rank:: self.setup.world_size][self.setup.slot:: self.setup.num_slots]
 
     def start_epoch(self, epoch: int) -> None:
@@ -87,7 +94,7 @@ class SlotStream:
     def __init__(self, setup: SlotSetup, mixing: str, buffer_size: int, on_corrupt: Callable[[CorruptShard], None],
                  state: dict | None = None):
         self.setup, self.mixing, self.buffer_size = setup, mixing, buffer_size
-        self.cursors = [SourceCursor(setup, i, on_corrupt) for i in range(len(setup.sources))]
+        self.cursors = [SourceCursor(setup, i, on_corrupt) for i in range(len(setup.data.shards))]
         self.epoch, self.draws, self.pops = 0, 0, 0
         self.buffer: list[RawSample] = []
         if state:
@@ -102,7 +109,7 @@ class SlotStream:
     def _pick(self, candidates: list[int]) -> SourceCursor:
         if len(candidates) == 1:
             return self.cursors[candidates[0]]
-        weights = [self.setup.weights[i] for i in candidates]
+        weights = [self.setup.data.weights[i] for i in candidates]
         choice = self._rng("mix", self.draws).choices(candidates, weights)[0]
         self.draws += 1
         return self.cursors[choice]
@@ -115,7 +122,7 @@ class SlotStream:
             cursor.start_epoch(cursor.epoch + 1)
             sample = cursor.read()
         if sample is None:
-            raise ValueError(f"source {self.setup.names[cursor.index]!r} has no readable sample for rank "
+            raise ValueError(f"source {self.setup.data.names[cursor.index]!r} has no readable sample for rank "
                              f"{self.setup.rank} reader {self.setup.slot}")
         return sample
 
@@ -132,7 +139,7 @@ class SlotStream:
             empty_epochs += 1
             if empty_epochs > 1:
                 raise ValueError(f"no readable sample in a whole epoch for rank {self.setup.rank} reader "
-                                 f"{self.setup.slot} (sources {list(self.setup.names)})")
+                                 f"{self.setup.slot} (sources {list(self.setup.data.names)})")
             self.epoch += 1
             for cursor in self.cursors:
                 cursor.start_epoch(self.epoch)
