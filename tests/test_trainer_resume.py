@@ -1,9 +1,11 @@
 """The trainer's checkpoint on 2 ZeRO-3 ranks under Ray: a run that dies after its step-3
 checkpoint, resumed by new worker processes, trains steps 4-6 on the same batches with the
-same losses as a run that never stopped."""
+same losses as a run that never stopped; a rank that cannot see the checkpoint stops the run."""
 import dataclasses
 import json
 from pathlib import Path
+
+import pytest
 
 from trainer.stage import StageRunner
 from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
@@ -17,8 +19,10 @@ class SimulatedCrash(Exception):
 
 def resume_worker(config):
     topology = worker_topology()
-    mode = config["mode"]
-    runner = StageRunner(config["job"], topology)
+    mode, job = config["mode"], config["job"]
+    if mode == "blind" and topology.rank == 1:  # as on a node that does not see the run's disk
+        job = dataclasses.replace(job, checkpoint_dir=str(Path(config["out"]) / "elsewhere"))
+    runner = StageRunner(job, topology)
     keys, losses, pending = {}, {}, []
 
     def recorded():
@@ -62,3 +66,6 @@ def test_trainer_resume_after_crash_matches_uninterrupted_run(ray_local, synth_d
         for step in ("4", "5", "6"):
             assert resumed[rank]["keys"][step] == full[rank]["keys"][step]
             assert abs(resumed[rank]["losses"][step] - full[rank]["losses"][step]) < 1e-5
+    with pytest.raises(Exception) as failure:  # rank 1 never starts from step 0 on its own
+        run("blind", job, tmp_path)
+    assert "rank(s) [1] cannot read their files of the checkpoint rank 0 resumes from" in str(failure.value)

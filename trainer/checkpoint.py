@@ -28,6 +28,24 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _from_rank0(value):
+    """Rank 0's `value`, on every rank."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _ranks_where(flag: bool) -> list[int]:
+    """The ranks whose `flag` is true (every rank must call)."""
+    if not dist.is_initialized():
+        return [0] if flag else []
+    flags = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return [rank for rank, raised in enumerate(flags) if raised]
+
+
 class Checkpointer:
     """Saves every `every` steps and after the last (never when `every` is 0), keeping `keep` tags."""
 
@@ -64,14 +82,19 @@ class Checkpointer:
             shutil.rmtree(self.directory / old, ignore_errors=True)
 
     def restore(self) -> int:
-        """Load the newest checkpoint, if there is one; returns the step it was taken at (0: none)."""
+        """Load the checkpoint rank 0 finds newest, the same tag on every rank; returns the step it
+        was taken at (0: none). A rank that cannot see its files of that tag stops every rank,
+        named: no rank ever starts from step 0 while the others resume."""
         pointer = self.directory / LATEST
-        if not pointer.is_file():
+        tag = _from_rank0(pointer.read_text().strip() if pointer.is_file() else None)
+        if tag is None:
             return 0
-        tag = pointer.read_text().strip()
         rank_file = self.directory / tag / f"rank-{_rank()}.pt"
-        if not rank_file.is_file():
-            raise ValueError(f"{rank_file}: missing; the checkpoint was written by fewer ranks than this run has")
+        blind = _ranks_where(not rank_file.is_file())
+        if blind:
+            raise ValueError(f"{self.directory / tag}: rank(s) {blind} cannot read their files of the checkpoint "
+                             f"rank 0 resumes from; every rank must see the same checkpoint folder, and a "
+                             f"checkpoint resumes on as many ranks as wrote it")
         path, client_state = self.engine.load_checkpoint(str(self.directory), tag=tag)
         if path is None:
             raise ValueError(f"{self.directory / tag}: DeepSpeed could not load this checkpoint")
