@@ -16,7 +16,7 @@ from launch.tracking import register_export
 from trainer.blueprint import build_model, fill_weights, load_export, blueprint_from_config
 from trainer.config import ModelConfig
 from trainer.export import export_model
-from trainer.generate import answer, media_members
+from trainer.generate import answer, media_for, media_members
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,7 +49,7 @@ def test_generate_from_folder_and_registry(export, tmp_path):
     root, folder = export
     model, tokenizer = load_export(folder)
     expected = answer(model, tokenizer, "chatml", "what colour is the shape ?",
-                      media_members(root / "clip.mp4"), max_new_tokens=6)
+                      media_for(model, media_members(root / "clip.mp4")), max_new_tokens=6)
     assert expected
     result = run_cli("generate", "--model", str(folder), "--video", str(root / "clip.mp4"),
                      "--prompt", "what colour is the shape ?", "--max-new-tokens", "6",

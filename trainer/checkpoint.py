@@ -14,36 +14,10 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from trainer.ranks import barrier, from_rank0, gather, rank
 
 LATEST = "latest"
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _from_rank0(value):
-    """Rank 0's `value`, on every rank."""
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _ranks_where(flag: bool) -> list[int]:
-    """The ranks whose `flag` is true (every rank must call)."""
-    if not dist.is_initialized():
-        return [0] if flag else []
-    flags = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, flag)
-    return [rank for rank, raised in enumerate(flags) if raised]
 
 
 class Checkpointer:
@@ -61,19 +35,19 @@ class Checkpointer:
         tag = f"step-{step:08d}"
         folder = self.directory / tag
         folder.mkdir(parents=True, exist_ok=True)
-        rank_file = folder / f"rank-{_rank()}.pt"
+        rank_file = folder / f"rank-{rank()}.pt"
         torch.save({"reader": self.loader.state_dict(), "torch_rng": torch.get_rng_state()},
                    rank_file.with_suffix(".tmp"))
         os.replace(rank_file.with_suffix(".tmp"), rank_file)
         self.engine.save_checkpoint(str(self.directory), tag=tag, save_latest=False,
                                     client_state={"step": step, "read_health": self.health.state_dict()})
-        _barrier()  # every rank's files are on disk before the pointer moves
-        if _rank() == 0:
+        barrier()  # every rank's files are on disk before the pointer moves
+        if rank() == 0:
             pointer = self.directory / LATEST
             pointer.with_suffix(".tmp").write_text(tag)
             os.replace(pointer.with_suffix(".tmp"), pointer)
             self._prune(keep_tag=tag)
-        _barrier()
+        barrier()
         return folder
 
     def _prune(self, keep_tag: str) -> None:
@@ -86,11 +60,11 @@ class Checkpointer:
         was taken at (0: none). A rank that cannot see its files of that tag stops every rank,
         named: no rank ever starts from step 0 while the others resume."""
         pointer = self.directory / LATEST
-        tag = _from_rank0(pointer.read_text().strip() if pointer.is_file() else None)
+        tag = from_rank0(pointer.read_text().strip() if pointer.is_file() else None)
         if tag is None:
             return 0
-        rank_file = self.directory / tag / f"rank-{_rank()}.pt"
-        blind = _ranks_where(not rank_file.is_file())
+        rank_file = self.directory / tag / f"rank-{rank()}.pt"
+        blind = [r for r, missing in enumerate(gather(not rank_file.is_file())) if missing]
         if blind:
             raise ValueError(f"{self.directory / tag}: rank(s) {blind} cannot read their files of the checkpoint "
                              f"rank 0 resumes from; every rank must see the same checkpoint folder, and a "

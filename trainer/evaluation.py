@@ -8,7 +8,7 @@ from typing import Callable
 
 from data_shards.manifest import read_manifest
 from data_shards.read.tarstream import iter_samples
-from trainer.generate import answer
+from trainer.generate import answer, media_for
 
 
 def first_choice(reply: str, choices: list[str]) -> str | None:
@@ -25,11 +25,12 @@ def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new
     correct, asked, chance = defaultdict(int), defaultdict(int), {}
     samples = (sample for url in manifest.urls for sample in iter_samples(url))
     for done, raw in enumerate(samples, 1):
+        try:
+            media = media_for(model, raw.members)  # once per clip, whatever the number of probes
+        except ValueError as err:
+            raise ValueError(f"{raw.url}: sample {raw.key}: {err}") from err
         for probe in json.loads(raw.members["json"]).get("probes", []):
-            try:
-                reply = answer(model, tokenizer, template_name, probe["question"], raw.members, max_new_tokens)
-            except ValueError as err:
-                raise ValueError(f"{raw.url}: sample {raw.key}: {err}") from err
+            reply = answer(model, tokenizer, template_name, probe["question"], media, max_new_tokens)
             attribute = probe["attribute"]
             asked[attribute] += 1
             correct[attribute] += first_choice(reply, probe["choices"]) == probe["answer"]

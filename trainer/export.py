@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from trainer.blueprint import EXPORT_SPEC
 from trainer.lora import ADAPTER, has_lora, split_lora_state
 from trainer.model import VideoLanguageModel
-from trainer.partitioned import is_writer_rank, gather_state_dict
+from trainer.partitioned import gather_state_dict
+from trainer.ranks import rank
 
 FORMAT_VERSION = 1
 
@@ -33,7 +34,7 @@ def export_model(model: VideoLanguageModel, tokenizer, out_dir: str | Path, temp
     """
     out_dir = Path(out_dir)
     states = {name: gather_state_dict(getattr(model, name)) for name in model.components()}
-    if not is_writer_rank():
+    if rank() != 0:
         return None
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

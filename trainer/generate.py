@@ -24,16 +24,22 @@ def media_members(path: str | Path) -> dict[str, bytes]:
     return {ext: path.read_bytes()}
 
 
-@torch.no_grad()
-def answer(model, tokenizer, template_name: str, prompt: str, media: dict[str, bytes] | None,
-           max_new_tokens: int = 64) -> str:
-    """The model's greedy answer to `prompt` about `media` (a sample's members, {ext: bytes})."""
+def media_for(model, members: dict[str, bytes] | None) -> tuple[str | None, torch.Tensor | None]:
+    """A sample's media (members {ext: bytes}) decoded as `model` takes it: (kind, uint8 frames)."""
     visual = model.visual_spec()
-    template = get_template(template_name)
     try:
-        media_kind, frames = decode_media(media or {}, visual, FrameSampling("uniform", visual.num_frames))
+        return decode_media(members or {}, visual, FrameSampling("uniform", visual.num_frames))
     except Exception as err:  # noqa: BLE001 - PyAV/PIL raise many types for a broken file
         raise ValueError(f"could not decode the media ({type(err).__name__}: {err})") from err
+
+
+@torch.no_grad()
+def answer(model, tokenizer, template_name: str, prompt: str, media: tuple[str | None, torch.Tensor | None],
+           max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to `prompt` about `media` (from `media_for`)."""
+    visual = model.visual_spec()
+    template = get_template(template_name)
+    media_kind, frames = media
     input_ids = encode_prompt(tokenizer, template, prompt, media_kind, visual.tokens)
     batch = collate([{"key": "prompt", "input_ids": input_ids, "labels": [IGNORE_INDEX] * len(input_ids),
                       "pixels": frames}], tokenizer.pad_token_id, visual)
@@ -47,5 +53,5 @@ def generate_from_export(folder: str | Path, prompt: str, media_file: str | None
                          max_new_tokens: int) -> str:
     template = template or json.loads((Path(folder) / EXPORT_SPEC).read_text()).get("template") or "vicuna_v1"
     model, tokenizer = load_export(folder)
-    return answer(model, tokenizer, template, prompt, media_members(media_file) if media_file else None,
-                  max_new_tokens)
+    return answer(model, tokenizer, template, prompt,
+                  media_for(model, media_members(media_file) if media_file else None), max_new_tokens)

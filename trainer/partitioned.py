@@ -11,13 +11,10 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
 
-
-def is_writer_rank() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
+from trainer.ranks import rank
 
 
 def _own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -42,7 +39,7 @@ def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
         if not params:
             continue
         with _whole(params, modifier_rank=0):
-            if not is_writer_rank():
+            if not rank() == 0:
                 continue
             generator = torch.Generator().manual_seed(seed ^ zlib.crc32(prefix.encode()))
             for name, param in params:
@@ -91,7 +88,7 @@ def load_weights(module: nn.Module, source: SafetensorsFolder) -> None:
     for prefix, sub in module.named_modules():
         params = _own_params(sub)
         with _whole(params, modifier_rank=0):
-            if is_writer_rank():
+            if rank() == 0:
                 for name, param in params:
                     _copy_into(param, source.get(f"{prefix}.{name}" if prefix else name), source.folder, name)
         for name, buffer in sub.named_buffers(recurse=False):
@@ -117,10 +114,10 @@ def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     for prefix, sub in module.named_modules():
         params = _own_params(sub)
         with _whole(params, modifier_rank=None):
-            if is_writer_rank():
+            if rank() == 0:
                 for name, param in params:
                     state[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
-    if is_writer_rank():
+    if rank() == 0:
         for name, buffer in module.named_buffers():
             state[name] = buffer.detach().cpu().clone()
     return state

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.distributed as dist
 
 from data_shards.conversation import get_template
 from data_shards.read.health import ReadHealth
@@ -18,28 +17,8 @@ from trainer.config import StageJob
 from trainer.engine import build_engine, uses_bf16
 from trainer.export import export_model
 from trainer.model import model_inputs
+from trainer.ranks import gather, sum_across_ranks, world_size
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _sum_across_ranks(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def _gather_read_stats(reads: ReadHealth) -> list[tuple]:
-    """Every rank's (seen, rejected by reason, rejected by shard) of this step."""
-    stats = (reads.seen, dict(reads.by_reason), dict(reads.by_shard))
-    if not dist.is_initialized():
-        return [stats]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, stats)
-    return gathered
 
 
 class StageRunner:
@@ -99,10 +78,10 @@ class StageRunner:
         return metrics
 
     def _step_metrics(self, step_reads: ReadHealth, elapsed: float) -> dict:
-        for stats in _gather_read_stats(step_reads):
+        for stats in gather((step_reads.seen, dict(step_reads.by_reason), dict(step_reads.by_shard))):
             self.health.add(*stats)
         return {
-            **self.meter.metrics(_sum_across_ranks(self.meter.local()), self.job.stage.grad_accum, _world_size(),
+            **self.meter.metrics(sum_across_ranks(self.meter.local()), self.job.stage.grad_accum, world_size(),
                                  elapsed),
             "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
@@ -117,8 +96,8 @@ class StageRunner:
             for _ in range(self.job.stage.eval_batches):
                 total += float(self.engine(**model_inputs(next(self.eval_batches), self.engine.device)).loss)
         self.engine.train()
-        summed, = _sum_across_ranks([total / self.job.stage.eval_batches])
-        return summed / _world_size()
+        summed, = sum_across_ranks([total / self.job.stage.eval_batches])
+        return summed / world_size()
 
     def export(self) -> Path | None:
         """Gather the weights and write the export; its folder on rank 0, None elsewhere."""
