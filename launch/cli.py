@@ -175,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"valleyforge: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("valleyforge: interrupted" + (": a rerun resumes each stage from its newest checkpoint"
+                                            if args.command in ("run", "demo") else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ class ConfigError(ValueError):
 
 class ClusterConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; unset: RAY_ADDRESS, else an embedded Ray")
+    storage: str | None = Field(
+        None, description="checkpoints, exports, Ray's own files: a URL (s3://, gs://, ...) or a path every node "
+                          "sees; {name} is the job name; unset: output_dir")
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -42,7 +45,7 @@ class EvaluationConfig(Strict):
 
 class JobConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    output_dir: str = Field("runs/{name}", description="run files: resolved config, logs, Ray storage")
+    output_dir: str = Field("runs/{name}", description="the driver's files: resolved config, logs")
     seed: int = 0
     data: ReaderConfig = ReaderConfig()
     model: ModelConfig
@@ -61,6 +64,14 @@ class JobConfig(Strict):
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name)).absolute()
+
+    def resolved_storage(self) -> str:
+        """`cluster.storage` with the job name filled in, a path made absolute; the output
+        directory when unset."""
+        if self.cluster.storage is None:
+            return str(self.resolved_output_dir())
+        storage = self.cluster.storage.format(name=self.name)
+        return storage if "://" in storage else str(Path(storage).absolute())
 
     def digest(self) -> str:
         """Short hash of the resolved config: tags runs and registered versions."""

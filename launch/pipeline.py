@@ -3,6 +3,7 @@ register each stage's export and start the next stage from the registry."""
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -20,11 +21,14 @@ from data_shards.read.reader import check_enough_shards, shard_lists
 from data_shards.read.stream import ShardLists
 from data_shards.read.sources import data_digest
 from launch.config import JobConfig, save_resolved
-from launch.progress import ProgressBoard, ProgressLine
-from launch.tracking import (fetch_model, git_commit, register_export, registered_model_name, resolve_model_uri,
-                             resolve_tracking_uri)
-from launch.worker import StageWorker
+from launch.inbox import DriverInbox, Mail
+from launch.progress import ProgressLine
+from launch.tracking import (RunWriter, fetch_model, git_commit, register_export, registered_model_name,
+                             resolve_model_uri, resolve_tracking_uri)
+from launch.worker import StageWorker, StorageMarker
+from launch.worker_logs import StageLogs
 from trainer.config import StageJob
+from trainer.storage import Storage
 
 EXPORT_ARTIFACT = "export"
 
@@ -91,7 +95,9 @@ def start_ray(cfg: JobConfig) -> None:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
     else:
         needed = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
-        ray.init(num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed), include_dashboard=False,
+        # "local": a new embedded Ray, even where a `ray start` cluster runs on this machine
+        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed),
+                 include_dashboard=False,
                  runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
 
 
@@ -100,6 +106,7 @@ class Pipeline:
         self.cfg = absolute_paths(cfg)
         self.console = console
         self.out = cfg.resolved_output_dir()
+        self.storage = Storage(cfg.resolved_storage())
         self.tracking_uri = resolve_tracking_uri(cfg.tracking)
         self.client = MlflowClient(self.tracking_uri)
 
@@ -114,7 +121,8 @@ class Pipeline:
         with mlflow.start_run(run_name=self.cfg.name, tags=tags) as parent:
             mlflow.log_artifact(str(cfg_path))
             mlflow.log_params(_flatten(self.cfg.model_dump(mode="json", exclude={"stages"})))
-            self.console(f"MLflow run {parent.info.run_id} ({self.tracking_uri}); logs in {self.out / 'logs'}")
+            self.console(f"MLflow run {parent.info.run_id} ({self.tracking_uri}); storage {self.storage.url}; "
+                         f"logs in {self.out / 'logs'}")
             for index, stage in enumerate(self.cfg.stages):
                 registered.append(self.run_stage(index, stage, registered[-1] if registered else None, tags))
             if self.cfg.evaluation:
@@ -122,6 +130,8 @@ class Pipeline:
         return registered
 
     def init_source(self, stage, previous: RegisteredStage | None) -> tuple[str | None, str]:
+        """(the stage's start: a models:/ URI pinned to a version or an export folder, None to build
+        from the model config; how to describe it)."""
         source = stage.init_from
         if source == "auto":
             source = "config" if previous is None else f"models:/{previous.name}@latest"
@@ -131,54 +141,77 @@ class Pipeline:
             return resolve_model_uri(self.client, source)
         return str(Path(source).absolute()), source
 
+    def stage_init(self, stage_name: str, source: str) -> Storage:
+        """The stage's starting export, put into storage once for every worker: from the registry
+        (downloaded here, the only MLflow client) or from a folder on this machine."""
+        target = self.storage.child("inits", stage_name)
+        with tempfile.TemporaryDirectory(prefix="valleyforge-init-") as tmp:
+            target.upload(fetch_model(source, self.tracking_uri, Path(tmp) / "export"))
+        return target
+
     def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict) -> RegisteredStage:
-        init_from, init_desc = self.init_source(stage, previous)
+        source, init_desc = self.init_source(stage, previous)
         data_hash = data_digest(as_sources(stage.train_data))
         stage_tags = {**tags, "stage": stage.name, "data_manifest_hash": data_hash}
         with mlflow.start_run(run_name=stage.name, nested=True, tags=stage_tags) as run:
             mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
+            init = self.stage_init(stage.name, source) if source else None
             job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
                            train_shards=self.shard_lists[stage.name][0], eval_shards=self.shard_lists[stage.name][1],
-                           init_from=init_from, export_dir=str(self.out / "exports" / stage.name),
-                           checkpoint_dir=str(self.out / "checkpoints" / stage.name), seed=self.cfg.seed + index,
-                           peak_flops_per_device=self.cfg.cluster.peak_flops_per_device)
-            export = self._train_on_ray(job, run.info.run_id)
-            mlflow.log_artifacts(str(export), EXPORT_ARTIFACT)
+                           init_from=init.url if init else None,
+                           export_dir=self.storage.child("exports", stage.name).url,
+                           checkpoint_dir=self.storage.child("checkpoints", stage.name).url,
+                           seed=self.cfg.seed + index, peak_flops_per_device=self.cfg.cluster.peak_flops_per_device)
+            export = Storage(self._train_on_ray(job, run.info.run_id))
+            with export.fetched() as folder:
+                mlflow.log_artifacts(str(folder), EXPORT_ARTIFACT)
+            if init:
+                init.remove()
             name = registered_model_name(self.cfg.tracking, stage.name)
             version = register_export(self.client, name, run.info.run_id, EXPORT_ARTIFACT, stage_tags)
             self.console(f"[{stage.name}] registered {name} version {version.version} "
                          f"(models:/{name}@latest); started from {init_desc}")
             return RegisteredStage(stage.name, name, str(version.version), run.info.run_id)
 
-    def _train_on_ray(self, job: StageJob, run_id: str) -> Path:
+    def _train_on_ray(self, job: StageJob, run_id: str) -> str:
+        """Trains the stage on the Ray workers; where rank 0 wrote the export."""
         cluster = self.cfg.cluster
-        board = ProgressBoard.remote()
+        inbox = DriverInbox.remote()
+        marker = None
+        if self.storage.is_local:  # every worker must see it; a node that does not stops the run
+            marker = StorageMarker(self.storage.url, f".node-check-{run_id}")
+            self.storage.write_text(marker.name, "written by the driver; workers check they see it\n")
+        ray_storage = self.storage.child("ray")
         trainer = TorchTrainer(
-            StageWorker(job, self.tracking_uri, run_id, board, str(self.out / "logs"), cluster.torch_threads),
+            StageWorker(job, run_id, inbox, marker, cluster.torch_threads),
             torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                          resources_per_worker={"CPU": cluster.cpus_per_worker}),
             run_config=RunConfig(name=f"{self.cfg.name}-{job.stage.name}-{int(time.time())}",
-                                 storage_path=str(self.out / "ray")),
+                                 storage_path=ray_storage.root,
+                                 storage_filesystem=None if ray_storage.is_local else ray_storage.pyarrow_fs()),
         )
+        stage = StageRun(job.stage.name, job.stage.steps, run_id, RunWriter(self.tracking_uri, run_id),
+                         StageLogs(self.out / "logs", job.stage.name), cluster.num_workers)
         outcome: dict = {}
         fit = threading.Thread(target=lambda: outcome.update(result=_capture(trainer.fit)), daemon=True)
-        line = ProgressLine(job.stage.name, job.stage.steps)
         fit.start()
         while fit.is_alive():
-            for note in ray.get(board.take_notes.remote()):
-                line.print_above(note)
-            line.update(ray.get(board.read.remote()))
+            stage.receive(ray.get(inbox.take.remote()))
             fit.join(timeout=1.0)
-        result, error = outcome["result"]
+        mail = ray.get(inbox.take.remote())
+        stage.receive(mail)
+        if marker:
+            self.storage.remove(marker.name)
+        stage.store_logs()
+        _, error = outcome["result"]
         if error is not None:
-            line.finish("failed")
-            raise StageFailed(job.stage.name, error, self.out / "logs")
-        latest = ray.get(board.read.remote())
-        line.finish(f"{latest.get('step', 0)} steps, final loss {latest.get('train/loss', float('nan')):.3f}")
-        if result.checkpoint is None:
-            raise StageFailed(job.stage.name, RuntimeError("no export was reported"), self.out / "logs")
-        return Path(result.checkpoint.path)
+            stage.line.finish("failed")
+            raise StageFailed(job.stage.name, error, stage)
+        stage.finish()
+        if mail.export is None:
+            raise StageFailed(job.stage.name, RuntimeError("rank 0 reported no export"), stage)
+        return mail.export
 
     def run_evaluation(self, stage: RegisteredStage, parent_run_id: str) -> dict:
         """Attribute accuracy by generation of the last stage's registered model, on the driver."""
@@ -186,7 +219,8 @@ class Pipeline:
         from trainer.evaluation import attribute_accuracy
 
         uri = f"models:/{stage.name}@latest"
-        model, tokenizer = load_export(fetch_model(uri, self.tracking_uri))
+        with tempfile.TemporaryDirectory(prefix="valleyforge-eval-") as tmp:
+            model, tokenizer = load_export(fetch_model(uri, self.tracking_uri, Path(tmp) / "export"))
         ev = self.cfg.evaluation
         line = ProgressLine("evaluate", 1)
         metrics = attribute_accuracy(model, tokenizer, ev.data, ev.template, ev.max_new_tokens,
@@ -201,9 +235,61 @@ class Pipeline:
         return metrics
 
 
+class StageRun:
+    """The driver's side of one running stage: what the workers send it goes to the console, the
+    stage's MLflow run and the log folder."""
+
+    def __init__(self, name: str, steps: int, run_id: str, run: RunWriter, logs: StageLogs, ranks: int):
+        self.name, self.run, self.logs = name, run, logs
+        self.line = ProgressLine(name, steps)
+        self.latest: dict = {}
+        self.placement: dict[int, tuple[str, str]] = {}
+        logs.begin(run_id, ranks)
+
+    def receive(self, mail: Mail) -> None:
+        for rank, text in mail.logs:
+            self.logs.append(rank, text)
+        for text, artifact_file in mail.notes:
+            self.line.print_above(text)
+            if artifact_file:
+                self.run.text(text + "\n", artifact_file)
+        for step, metrics in mail.metrics:
+            self.run(metrics, step)
+            self.latest = {"step": step, **metrics}
+        if mail.placement != self.placement:
+            self.placement = mail.placement
+            self.run.tag("placement", self.where())
+        self.line.update(self.latest)
+
+    def where(self, ranks=None) -> str:
+        """`rank 0: node 1a2b3c (host), ...`: where the ranks ran, as far as they said."""
+        return ", ".join(f"rank {r}: node {node[:8]} ({host})" for r, (node, host) in sorted(self.placement.items())
+                         if ranks is None or r in ranks)
+
+    def store_logs(self) -> None:
+        for file in self.logs.files():
+            self.run.artifact(file, "logs")
+
+    def finish(self) -> None:
+        self.line.finish(f"{self.latest.get('step', 0)} steps, final loss "
+                         f"{self.latest.get('train/loss', float('nan')):.3f}")
+
+
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, error: BaseException, log_dir: Path):
-        super().__init__(f"stage {stage!r} failed: {_root_message(error)} (worker logs: {log_dir})")
+    """A stage's workers failed: names the failing rank(s) and quotes the end of their logs."""
+
+    def __init__(self, stage_name: str, error: BaseException, stage: StageRun):
+        failures = getattr(error, "worker_failures", None) or {}
+        ranks = sorted(failures)
+        cause = _root_message(failures[ranks[0]]) if ranks else _root_message(error)
+        where = f" on {stage.where(ranks) or 'rank(s) ' + str(ranks)}" if ranks else ""
+        lines = [f"stage {stage_name!r} failed{where}: {cause}"]
+        for rank in ranks[:2]:
+            tail = stage.logs.tail(rank)
+            if tail:
+                lines.append(f"  last lines of {stage.logs.path(rank)}:")
+                lines += [f"    {line}" for line in tail]
+        super().__init__("\n".join(lines))
 
 
 def _root_message(error: BaseException) -> str:

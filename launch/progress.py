@@ -1,33 +1,8 @@
-"""One progress line per stage on the driver console, fed by rank 0 through a Ray actor."""
+"""One progress line per stage on the driver console, fed with rank 0's metrics."""
 from __future__ import annotations
 
 import sys
 import time
-
-import ray
-
-
-@ray.remote(num_cpus=0)
-class ProgressBoard:
-    """The latest training metrics of the running stage, posted by rank 0."""
-
-    def __init__(self):
-        self.latest: dict = {}
-        self.notes: list[str] = []
-
-    def post(self, step: int, metrics: dict) -> None:
-        self.latest = {"step": step, **metrics}
-
-    def note(self, text: str) -> None:
-        """Text for the driver to print once (the trainable-parameter table)."""
-        self.notes.append(text)
-
-    def read(self) -> dict:
-        return self.latest
-
-    def take_notes(self) -> list[str]:
-        notes, self.notes = self.notes, []
-        return notes
 
 
 def _duration(seconds: float) -> str:

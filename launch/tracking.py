@@ -1,4 +1,4 @@
-"""MLflow: where runs go, metric logging from rank 0, and the model registry."""
+"""MLflow: where runs go, the driver's metric logging, and the model registry."""
 from __future__ import annotations
 
 import os
@@ -29,8 +29,8 @@ def git_commit() -> str:
         return "unknown"
 
 
-class MlflowMetricsLogger:
-    """`log(metrics, step)` into one run; used on rank 0 only."""
+class RunWriter:
+    """Writes into one MLflow run: `writer(metrics, step)`, text, files, tags."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
@@ -41,6 +41,12 @@ class MlflowMetricsLogger:
 
     def text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
+
+    def artifact(self, path: Path, folder: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
 
 def registered_model_name(cfg: TrackingConfig, stage_name: str) -> str:
@@ -69,9 +75,9 @@ def resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
     return f"models:/{name}/{version}", f"{uri} -> version {version}"
 
 
-def fetch_model(model: str, tracking_uri: str) -> Path:
+def fetch_model(model: str, tracking_uri: str, dst: Path | None = None) -> Path:
     """A local export folder for `model`: the folder itself, or a registry URI downloaded from
-    `tracking_uri`'s registry."""
+    `tracking_uri`'s registry (into `dst` when given, else a new temporary folder)."""
     if not model.startswith("models:/"):
         folder = Path(model)
         if not folder.is_dir():
@@ -82,6 +88,6 @@ def fetch_model(model: str, tracking_uri: str) -> Path:
     try:
         pinned, _ = resolve_model_uri(MlflowClient(tracking_uri), model)
         mlflow.set_tracking_uri(tracking_uri)
-        return Path(mlflow.artifacts.download_artifacts(pinned))
+        return Path(mlflow.artifacts.download_artifacts(pinned, dst_path=str(dst) if dst else None))
     except MlflowException as err:
         raise ValueError(f"{model}: {err.message} (tracking URI {tracking_uri})") from err

@@ -1,19 +1,28 @@
-"""What every Ray Train worker runs for one stage, with everything the driver hands it."""
+"""What every Ray Train worker runs for one stage, with everything the driver hands it. A worker
+never talks to MLflow: it sends metrics, notes, its log and its export's location to the driver."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import sys
+import tempfile
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import ray
 import ray.train
 import torch
 
 from trainer.config import StageJob
+from trainer.storage import Storage
 
 
 def _redirect_output(log_file: Path) -> None:
-    """Worker stdout/stderr (library warnings included) go to the run's log folder."""
+    """Worker stdout/stderr (library warnings included) go to a log file on this node."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     for stream in (sys.stdout, sys.stderr):
@@ -22,40 +31,87 @@ def _redirect_output(log_file: Path) -> None:
 
 
 @dataclass
+class StorageMarker:
+    """A file the driver wrote into a local-path `cluster.storage`: a worker that does not see it
+    is on a node that does not share that path."""
+    storage: str
+    name: str
+
+    def check(self) -> None:
+        if not Storage(self.storage).exists(self.name):
+            raise ValueError(
+                f"cluster.storage {self.storage} is a local path that node {socket.gethostname()} "
+                f"({ray.util.get_node_ip_address()}) does not see: with workers on more than one node, "
+                f"set cluster.storage to a URL (s3://, gs://) or a mount every node shares")
+
+
+@dataclass
 class StageWorker:
-    """Called once in each worker process: trains the job's stage on this rank and reports the
-    export (rank 0) to Ray Train. Rank 0 also logs to MLflow and posts progress."""
+    """Called once in each worker process: trains the job's stage on this rank; rank 0 posts
+    the metrics, the trainable-parameter table and the export's location."""
     job: StageJob
-    tracking_uri: str
     run_id: str
-    progress_board: object  # the driver's ProgressBoard actor
-    log_dir: str
+    inbox: object  # the driver's DriverInbox actor
+    marker: StorageMarker | None  # checked before anything else when storage is a local path
     torch_threads: int
 
     def __call__(self) -> None:
         from data_shards.read.reader import Topology
-        from launch.tracking import MlflowMetricsLogger, fetch_model
+        from launch.worker_logs import LogShipper
         from trainer.stage import StageRunner
 
         context = ray.train.get_context()
         rank = context.get_world_rank()
-        _redirect_output(Path(self.log_dir) / f"{self.job.stage.name}-rank{rank}.log")
-        torch.set_num_threads(self.torch_threads)
-        init_folder = fetch_model(self.job.init_from, self.tracking_uri) if self.job.init_from else None
-        runner = StageRunner(self.job, Topology(rank, context.get_world_size()), init_folder)
-        if rank == 0:
-            mlflow_log = MlflowMetricsLogger(self.tracking_uri, self.run_id)
-            print(runner.trainable_table, flush=True)
-            mlflow_log.text(runner.trainable_table + "\n", "trainable_parameters.txt")
-            self.progress_board.note.remote(runner.trainable_table)
+        log_file = Path(tempfile.gettempdir()) / "valleyforge-logs" / f"{self.run_id}-rank{rank}.log"
+        _redirect_output(log_file)
+        shipper = LogShipper(log_file, rank, self.inbox).start()
+        try:
+            self.inbox.hello.remote(rank, ray.get_runtime_context().get_node_id(), socket.gethostname())
+            if self.marker:
+                self.marker.check()
+            torch.set_num_threads(self.torch_threads)
+            with self._init_folder() as init_folder:
+                runner = StageRunner(self.job, Topology(rank, context.get_world_size()), init_folder)
+            if rank == 0:
+                print(runner.trainable_table, flush=True)
+                self.inbox.note.remote(runner.trainable_table, "trainable_parameters.txt")
+            runner.train(self._post if rank == 0 else lambda metrics, step: None)
+            export = runner.export()
+            if export is not None:
+                self.inbox.exported.remote(export.url)
+        except BaseException:
+            traceback.print_exc()  # into this rank's log, which the driver quotes
+            raise
+        finally:
+            shipper.stop()
+        log_file.unlink(missing_ok=True)  # the driver has it all
 
-            def log(metrics: dict, step: int) -> None:
-                mlflow_log(metrics, step)
-                self.progress_board.post.remote(step, metrics)
-        else:
-            def log(metrics: dict, step: int) -> None:
-                pass
-        runner.train(log)
-        export = runner.export()
-        checkpoint = ray.train.Checkpoint.from_directory(str(export)) if export else None
-        ray.train.report({"exported": rank == 0}, checkpoint=checkpoint)
+    def _post(self, metrics: dict, step: int) -> None:
+        self.inbox.post.remote(step, metrics)
+
+    @contextmanager
+    def _init_folder(self) -> Iterator[Path | None]:
+        """The stage's starting export as a local folder: storage's own folder when storage is a
+        local path; else one copy per node, made by the node's first rank and removed once every
+        rank has loaded it. Nodes are told apart by Ray node id (several nodes may share an IP)."""
+        from trainer.ranks import barrier, gather, rank
+
+        if self.job.init_from is None:
+            yield None
+            return
+        storage = Storage(self.job.init_from)
+        if storage.is_local:
+            yield Path(storage.root)
+            return
+        node = ray.get_runtime_context().get_node_id()
+        first_on_node = gather(node).index(node) == rank()
+        node_copy = Path(tempfile.gettempdir()) / f"valleyforge-init-{self.run_id}-{node[:12]}"
+        if first_on_node:
+            storage.download("", node_copy)
+        barrier()
+        try:
+            yield node_copy
+            barrier()  # every rank on this node has loaded it
+        finally:
+            if first_on_node:
+                shutil.rmtree(node_copy, ignore_errors=True)

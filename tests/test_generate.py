@@ -16,6 +16,7 @@ from launch.tracking import register_export
 from trainer.blueprint import build_model, fill_weights, load_export, blueprint_from_config
 from trainer.config import ModelConfig
 from trainer.export import export_model
+from trainer.storage import Storage
 from trainer.generate import answer, media_for, media_members
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def export(tmp_path_factory):
     blueprint = blueprint_from_config(cfg)
     model = build_model(blueprint, "sdpa")
     fill_weights(model, blueprint, 0.5, seed=3)  # a large init: answers differ with the input
-    folder = export_model(model, blueprint.tokenizer, root / "export", template="chatml")
+    folder = Path(export_model(model, blueprint.tokenizer, Storage(str(root / "export")), template="chatml").url)
     frames = np.zeros((8, 32, 32, 3), dtype=np.uint8)
     frames[:, 8:20, 8:20] = (200, 40, 40)
     (root / "clip.mp4").write_bytes(encode_mp4(frames, fps=8))
@@ -61,6 +62,7 @@ def test_generate_from_folder_and_registry(export, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("generate")
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(folder), "export")
     register_export(client, "gen", run.info.run_id, "export", {"stage": "instruct"})

@@ -175,7 +175,7 @@ class StageJob:
     train_shards: ShardLists  # the stage's data as the driver expanded it: every rank splits these lists
     eval_shards: ShardLists | None
     init_from: str | None  # an export folder or a pinned models:/NAME/VERSION; None: build from `model`
-    export_dir: str
+    export_dir: str  # in storage (a URL or a path): trainer/storage.py
     checkpoint_dir: str
     seed: int
     peak_flops_per_device: float | None = None  # for MFU; None: known GPUs only

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -22,41 +21,41 @@ from trainer.lora import ADAPTER, has_lora, split_lora_state
 from trainer.model import VideoLanguageModel
 from trainer.partitioned import gather_state_dict
 from trainer.ranks import rank
+from trainer.storage import Storage
 
 FORMAT_VERSION = 1
 
 
-def export_model(model: VideoLanguageModel, tokenizer, out_dir: str | Path, template: str | None = None) -> Path | None:
-    """Gather the weights and write the export on rank 0 (returns its path there, None elsewhere);
-    `template` is the conversation template the model was trained with (generation uses it).
-
-    Written to a temporary folder and renamed when complete. All ranks must call.
-    """
-    out_dir = Path(out_dir)
+def export_model(model: VideoLanguageModel, tokenizer, storage: Storage, template: str | None = None) -> Storage | None:
+    """Gather the weights and write the export into `storage`, replacing what was there, on rank 0
+    (returns that storage there, None elsewhere); `template` is the conversation template the
+    model was trained with (generation uses it). All ranks must call."""
     states = {name: gather_state_dict(getattr(model, name)) for name in model.components()}
     if rank() != 0:
         return None
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.vision.save_pretrained(tmp / "vision", state_dict=states["vision"])
+    storage.remove()
+    with storage.staged() as folder:
+        _write_export(model, tokenizer, states, folder, template)
+    return storage
+
+
+def _write_export(model: VideoLanguageModel, tokenizer, states: dict, folder: Path, template: str | None) -> None:
+    model.vision.save_pretrained(folder / "vision", state_dict=states["vision"])
     spec_extra = {}
     if has_lora(model.llm):  # the merged LLM for plain loading; the adapter alone beside it
         peft_config = model.llm.peft_config[ADAPTER]
         merged, adapter = split_lora_state(states["llm"], peft_config.lora_alpha / peft_config.r)
-        model.llm.get_base_model().save_pretrained(tmp / "llm", state_dict=merged)
-        peft_config.save_pretrained(tmp / "llm_adapter")
-        save_file({k: v.contiguous() for k, v in adapter.items()}, tmp / "llm_adapter" / "adapter_model.safetensors")
+        model.llm.get_base_model().save_pretrained(folder / "llm", state_dict=merged)
+        peft_config.save_pretrained(folder / "llm_adapter")
+        save_file({k: v.contiguous() for k, v in adapter.items()}, folder / "llm_adapter" / "adapter_model.safetensors")
         spec_extra["lora_adapter"] = "llm_adapter"
     else:
-        model.llm.save_pretrained(tmp / "llm", state_dict=states["llm"])
-    tokenizer.save_pretrained(tmp / "llm")
+        model.llm.save_pretrained(folder / "llm", state_dict=states["llm"])
+    tokenizer.save_pretrained(folder / "llm")
     for name in model.components():
         if name not in ("vision", "llm"):  # our own modules: plain safetensors
-            (tmp / name).mkdir(parents=True)
-            save_file({k: v.contiguous() for k, v in states[name].items()}, tmp / name / "model.safetensors")
+            (folder / name).mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in states[name].items()}, folder / name / "model.safetensors")
     spec = {"format_version": FORMAT_VERSION, "architecture": model.arch.to_json(),
             "components": {name: name for name in model.components()}, "template": template, **spec_extra}
-    (tmp / EXPORT_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
+    (folder / EXPORT_SPEC).write_text(json.dumps(spec, indent=2) + "\n")

@@ -18,6 +18,7 @@ from trainer.engine import build_engine, uses_bf16
 from trainer.export import export_model
 from trainer.model import model_inputs
 from trainer.ranks import gather, sum_across_ranks, world_size
+from trainer.storage import Storage
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
 
 
@@ -42,7 +43,7 @@ class StageRunner:
         self.eval_batches = iter(build_loader(job.eval_shards, job.data, self.tokenizer, template, visual, topology,
                                               train=False)) if job.eval_shards else None
         self.health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
-        self.checkpointer = Checkpointer(job.checkpoint_dir, job.stage.checkpoint_every, self.engine,
+        self.checkpointer = Checkpointer(Storage(job.checkpoint_dir), job.stage.checkpoint_every, self.engine,
                                          self.train_batches, self.health)
         self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable), self.model.arch.visual_token_id,
                                peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
@@ -99,6 +100,7 @@ class StageRunner:
         summed, = sum_across_ranks([total / self.job.stage.eval_batches])
         return summed / world_size()
 
-    def export(self) -> Path | None:
-        """Gather the weights and write the export; its folder on rank 0, None elsewhere."""
-        return export_model(self.model, self.tokenizer, self.job.export_dir, self.job.stage.template)
+    def export(self) -> Storage | None:
+        """Gather the weights and write the export to `job.export_dir`; its storage on rank 0,
+        None elsewhere."""
+        return export_model(self.model, self.tokenizer, Storage(self.job.export_dir), self.job.stage.template)

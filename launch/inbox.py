@@ -1,0 +1,47 @@
+"""What the workers of a running stage send the driver, through one Ray actor: metrics, notes,
+log text, where each rank runs and where the export went. The driver takes it all each second
+and is the one that prints, writes logs and talks to MLflow."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import ray
+
+
+@dataclass
+class Mail:
+    """Everything posted since the last `take`, and what stays true for the whole stage."""
+    metrics: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics) from rank 0, in order
+    notes: list[tuple[str, str | None]] = field(default_factory=list)  # (text, artifact file or None)
+    logs: list[tuple[int, str]] = field(default_factory=list)  # (rank, text)
+    placement: dict[int, tuple[str, str]] = field(default_factory=dict)  # rank -> (node id, host)
+    export: str | None = None  # where rank 0 wrote the export (a storage URL)
+
+
+@ray.remote(num_cpus=0)
+class DriverInbox:
+    def __init__(self):
+        self.pending = Mail()
+        self.placement: dict[int, tuple[str, str]] = {}
+        self.export: str | None = None
+
+    def hello(self, rank: int, node_id: str, host: str) -> None:
+        self.placement[rank] = (node_id, host)
+
+    def post(self, step: int, metrics: dict) -> None:
+        self.pending.metrics.append((step, metrics))
+
+    def note(self, text: str, artifact_file: str | None = None) -> None:
+        """Text for the driver to print once, and to store with the stage run as `artifact_file`."""
+        self.pending.notes.append((text, artifact_file))
+
+    def log(self, rank: int, text: str) -> None:
+        self.pending.logs.append((rank, text))
+
+    def exported(self, url: str) -> None:
+        self.export = url
+
+    def take(self) -> Mail:
+        mail, self.pending = self.pending, Mail()
+        mail.placement, mail.export = dict(self.placement), self.export
+        return mail
