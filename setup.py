@@ -26,7 +26,8 @@ setup(
     extras_require={
         "gpu": ["flash-attn>=2.5"],
         "cloud": ["s3fs", "gcsfs"],
-        "dev": ["pytest>=8", "webdataset>=0.2.100"],  # tests read our shards with the webdataset library
+        # tests read our shards with the webdataset library and run an S3-compatible store (moto)
+        "dev": ["pytest>=8", "webdataset>=0.2.100", "moto[server]>=5", "s3fs"],
     },
     entry_points={"console_scripts": ["valleyforge=launch.cli:main"]},
 )

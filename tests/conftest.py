@@ -23,8 +23,41 @@ def ray_local():
     # Workers import the test modules' worker functions by name.
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     python_path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
                                        "PYTHONPATH": python_path}})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """An S3-compatible store (moto's server mode) with one bucket."""
+    from cluster_parts import start_object_store, stop_group
+    store = start_object_store(tmp_path_factory.mktemp("object-store"))
+    yield store
+    stop_group(store.process)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, object_store):
+    """An `mlflow server` on 127.0.0.1, its artifacts in the object store; yields its URI."""
+    from cluster_parts import start_mlflow_server, stop_group
+    process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), object_store)
+    yield uri
+    stop_group(process)
+
+
+@pytest.fixture(scope="session")
+def two_node_cluster(tmp_path_factory, object_store):
+    """One Ray cluster of two 1-CPU nodes for every cluster test; the second node sees an empty
+    tmpfs over `run_dir`. Like any cluster node, each has the object store's credentials in its
+    environment."""
+    if os.geteuid() != 0:
+        pytest.skip("the second node's mount namespace (unshare + tmpfs) needs root")
+    from cluster_parts import start_two_node_cluster
+    run_dir = tmp_path_factory.mktemp("cluster-run")
+    cluster = start_two_node_cluster(run_dir, tmp_path_factory.mktemp("cluster-logs"),
+                                     {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **object_store.env})
+    yield cluster
+    cluster.stop()

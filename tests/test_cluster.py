@@ -1,0 +1,129 @@
+"""Two stages on a Ray cluster of two nodes that share no disk: data, checkpoints and exports in
+an S3-compatible store, tracking on an `mlflow server` (artifacts in the store), one rank per
+node. The job is stopped after a checkpoint and rerun: both ranks resume from the same step;
+the stages register; `valleyforge generate` answers from the registered model."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from trainer.generate import generate_from_export
+from trainer.storage import Storage
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+PROMPT = "what colour is the shape ?"
+
+
+@pytest.fixture(scope="module")
+def store_data(object_store, synth_data):
+    """The synthetic train splits, uploaded to the object store; their shard globs."""
+    fs, urls = object_store.filesystem(), {}
+    for split in ("captions", "instruct"):
+        target = f"{object_store.bucket}/data/{split}/train"
+        fs.put(sorted(str(p) for p in (synth_data / split / "train").glob("shard-*.tar")), target + "/")
+        urls[split] = f"s3://{target}/shard-*.tar"
+    return urls
+
+
+def cluster_overrides(cluster, synth_data, store_data, name: str) -> list[str]:
+    return [f"name={name}", f"output_dir={cluster.run_dir}/{{name}}", f"cluster.address={cluster.address}",
+            f"model.word_vocab={synth_data}/vocab.txt", "model.num_frames=4", "data.micro_batch_size=4",
+            f"tracking.registered_model_prefix={name}", "evaluation=",
+            f"stages.pretrain.train_data={store_data['captions']}", "stages.pretrain.eval_data=",
+            "stages.pretrain.steps=30", "stages.pretrain.checkpoint_every=3",
+            f"stages.instruct.train_data={store_data['instruct']}", "stages.instruct.eval_data=",
+            "stages.instruct.steps=3", "stages.instruct.checkpoint_every=2"]
+
+
+def valleyforge(*args: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def last_section(log: Path) -> str:
+    """The part of a driver-side rank log written by the newest run (each run adds a header)."""
+    return log.read_text().rsplit("=====\n", 1)[-1]
+
+
+def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster, object_store, mlflow_server,
+                                                                 synth_data, store_data, monkeypatch):
+    for key, value in object_store.env.items():  # this process reads the store too
+        monkeypatch.setenv(key, value)
+    cluster, name = two_node_cluster, "cluster"
+    storage = Storage(f"s3://{object_store.bucket}/runs/{name}")
+    overrides = cluster_overrides(cluster, synth_data, store_data, name)
+    overrides.append(f"cluster.storage=s3://{object_store.bucket}/runs/{{name}}")
+    env = {**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": mlflow_server}
+    command = ["run", str(DEMO), *[arg for o in overrides for arg in ("--set", o)]]
+
+    # First run: stopped once stage 1 has a checkpoint in the store.
+    first = valleyforge(*command, env=env)
+    pointer = storage.child("checkpoints", "pretrain")
+    deadline = time.monotonic() + 300
+    while pointer.read_text("latest") is None:
+        assert first.poll() is None, first.communicate()
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130, err
+
+    rerun = valleyforge(*command, env=env)
+    out, err = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, out + err
+
+    logs = cluster.run_dir / name / "logs"
+    resumed = {rank: re.findall(r"resumed from (\S+) at step (\d+)", last_section(logs / f"pretrain-rank{rank}.log"))
+               for rank in (0, 1)}
+    assert resumed[0] and resumed[0] == resumed[1], resumed
+    (tag_url, step), = resumed[0]
+    assert tag_url.startswith(storage.url) and 3 <= int(step) < 30
+
+    client = MlflowClient(mlflow_server)
+    parent = client.search_runs([client.get_experiment_by_name("valleyforge-demo").experiment_id],
+                                f"attributes.run_name = '{name}'", order_by=["attributes.start_time DESC"])[0]
+    stage_runs = {run.info.run_name: run for run in client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
+    assert sorted(stage_runs) == ["instruct", "pretrain"]
+    for stage, run in stage_runs.items():
+        nodes = re.findall(r"rank (\d): node (\w+)", run.data.tags["placement"])
+        assert [rank for rank, _ in nodes] == ["0", "1"] and nodes[0][1] != nodes[1][1], run.data.tags["placement"]
+        assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "logs")) == \
+            [f"logs/{stage}-rank0.log", f"logs/{stage}-rank1.log"]
+    history = client.get_metric_history(stage_runs["pretrain"].info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(int(step) + 1, 31))
+    assert storage.child("checkpoints", "instruct").read_text("latest") == "step-00000003"
+    assert sorted(storage.child("checkpoints", "pretrain").folders()) == ["step-00000027", "step-00000030"]
+    assert not storage.child("inits", "instruct").exists()  # removed once the stage is done
+
+    # The registered model's files are in the store; generate answers from the registry.
+    version = client.get_model_version_by_alias(f"{name}-instruct", "latest")
+    assert object_store.filesystem().glob(f"{object_store.bucket}/mlflow-artifacts/**/valleyforge_model.json")
+    with storage.child("exports", "instruct").fetched() as export:
+        expected = generate_from_export(export, PROMPT, None, None, 4)
+    answer = valleyforge("generate", "--model", f"models:/{name}-instruct@latest", "--prompt", PROMPT,
+                         "--max-new-tokens", "4", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    out, err = answer.communicate(timeout=300)
+    assert answer.returncode == 0, err
+    assert out.strip() == expected and version.version == "1"
+
+
+def test_a_local_storage_path_that_a_node_cannot_see_stops_the_run(two_node_cluster, object_store, synth_data,
+                                                                    store_data, tmp_path):
+    cluster, name = two_node_cluster, "cluster-local"
+    overrides = cluster_overrides(cluster, synth_data, store_data, name)  # storage: the output dir
+    run = valleyforge("run", str(DEMO), *[arg for o in overrides for arg in ("--set", o)],
+                      env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    out, err = run.communicate(timeout=600)
+    assert run.returncode == 1, out + err
+    first = err.splitlines()[0]
+    assert "rank 1" in first and f"cluster.storage {cluster.run_dir / name} is a local path that node" in first, err
+    assert "last lines of" in err  # the failing rank's log, quoted from the driver's copy
