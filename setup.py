@@ -20,6 +20,7 @@ setup(
         "pyyaml",
         "safetensors",
         "fsspec",
+        "pyarrow",  # Ray Train reaches cluster.storage through a pyarrow filesystem
         "tqdm",
         "tokenizers",
     ],

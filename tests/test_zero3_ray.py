@@ -29,7 +29,8 @@ def zero3_worker(config):
     export = runner.export()
     result = {"rank": topology.rank, "local": local, "full": full, "losses": losses}
     if export is not None:
-        plain = AutoModelForCausalLM.from_pretrained(export / "llm").eval()
+        with export.fetched() as folder:
+            plain = AutoModelForCausalLM.from_pretrained(folder / "llm").eval()
         with torch.no_grad():
             result["max_logit_diff"] = float((plain(input_ids=probe_ids).logits - trained_logits).abs().max())
     Path(config["out"], f"rank{topology.rank}.json").write_text(json.dumps(result))
