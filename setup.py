@@ -11,7 +11,7 @@ setup(
         "deepspeed>=0.16",
         "transformers>=5.0",
         "peft>=0.13",
-        "ray[train]>=2.50",
+        "ray[train,default]>=2.50",
         "mlflow>=3.0",
         "av>=12",
         "pillow",

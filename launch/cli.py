@@ -1,4 +1,5 @@
-"""`valleyforge`: run a config's stages, run the demo, answer with a model, build, inspect and verify shards."""
+"""`valleyforge`: run a config's stages here or submit them to a Ray cluster, run the demo, answer
+with a model, build, inspect and verify shards."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +19,34 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the stages a config lists")
     run.add_argument("config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    submit = sub.add_parser("submit", help="run a config as a job on a Ray cluster (Ray Jobs), or write a "
+                                           "KubeRay RayJob for it (--kuberay)")
+    submit.add_argument("config")
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    submit.add_argument("--address", help="the job server, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+                                          "or RAY_ADDRESS when it is an http URL)")
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the job's log; exit 0 when it succeeds, 1 when it fails, 3 when stopped")
+    submit.add_argument("--no-install", action="store_true",
+                        help="install nothing: the cluster's image already has ValleyForge's requirements")
+    submit.add_argument("--kuberay", action="store_true", help="print a KubeRay RayJob manifest instead of submitting")
+    submit.add_argument("--image", help="--kuberay: an image with Ray and ValleyForge installed")
+    submit.add_argument("--namespace", help="--kuberay: the Kubernetes namespace")
+    submit.add_argument("--workers-per-pod", type=int, default=1,
+                        help="--kuberay: training workers (GPUs with cluster.use_gpu) per worker pod")
+    submit.add_argument("--secret", help="--kuberay: a Secret whose keys become the pods' environment "
+                                         "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)")
+
+    jobs = sub.add_parser("jobs", help="the jobs submitted to a Ray cluster")
+    jobs.add_argument("--address", help="the job server, as for submit")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    jobs_sub.add_parser("list", help="submitted jobs, newest first")
+    for name, text in (("status", "a job's status"), ("logs", "a job's log"), ("stop", "stop a job")):
+        command = jobs_sub.add_parser(name, help=text)
+        command.add_argument("job_id")
+        if name == "logs":
+            command.add_argument("--follow", action="store_true", help="stream until the job ends; exit as for submit")
 
     demo = sub.add_parser("demo", help="synthetic shards -> stage 1 -> stage 2 -> evaluation, on this machine")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
@@ -80,6 +109,51 @@ def _run(config_path: str, overrides: list[str]) -> int:
         print(f"  {stage.stage:<10} models:/{stage.name}/{stage.version}   (models:/{stage.name}@latest)")
     from launch.tracking import resolve_tracking_uri
     print(f"\nOpen them: mlflow ui --backend-store-uri {resolve_tracking_uri(cfg.tracking)}")
+    return 0
+
+
+def _submit(args) -> int:
+    from launch.config import load_config
+    from launch.submit import JobServer, cluster_job_config, submit
+    from launch.tracking import resolve_tracking_uri
+
+    cfg = cluster_job_config(load_config(args.config, args.overrides))
+    tracking_uri = resolve_tracking_uri(cfg.tracking)
+    if args.kuberay:
+        from launch.kuberay import rayjob_manifest
+        if not args.image:
+            raise ValueError("--kuberay needs --image: an image with Ray and ValleyForge installed "
+                             "(README, Submitting to a cluster)")
+        print(rayjob_manifest(cfg, tracking_uri, args.image, args.namespace, args.workers_per_pod, args.secret),
+              end="")
+        return 0
+    server = JobServer(args.address)
+    job_id = submit(server, cfg, tracking_uri, install=not args.no_install, project=Path.cwd())
+    print(f"submitted {job_id} to {server.address}\n"
+          f"  watch: {server.address}/#/jobs/{job_id}  or  valleyforge jobs --address {server.address} logs "
+          f"--follow {job_id}\n  tracking: {tracking_uri}")
+    if not tracking_uri.startswith(("http://", "https://", "databricks")):
+        print(f"  note: {tracking_uri} is a file on this machine: the job tracks there only if its head node "
+              f"sees this path (set MLFLOW_TRACKING_URI to a server otherwise)")
+    return server.follow(job_id) if args.follow else 0
+
+
+def _jobs(args) -> int:
+    from launch.submit import JobServer, job_table
+
+    server = JobServer(args.address)
+    if args.jobs_command == "list":
+        print("\n".join(job_table(server)) or f"no jobs submitted to {server.address}")
+    elif args.jobs_command == "status":
+        info = server.call("get_job_info", args.job_id)
+        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+    elif args.jobs_command == "logs":
+        if args.follow:
+            return server.follow(args.job_id)
+        print(server.call("get_job_logs", args.job_id), end="")
+    else:
+        server.call("stop_job", args.job_id)
+        print(f"{args.job_id}: {server.wait(args.job_id, timeout_s=60)}")
     return 0
 
 
@@ -166,6 +240,7 @@ SHARD_COMMANDS = {"synth": _shards_synth, "build": _shards_build, "inspect": _sh
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": lambda: _run(args.config, args.overrides), "demo": lambda: _demo(args.overrides),
+                "submit": lambda: _submit(args), "jobs": lambda: _jobs(args),
                 "generate": lambda: _generate(args), "shards": lambda: SHARD_COMMANDS[args.shards_command](args)}
     try:
         return commands[args.command]()

@@ -45,7 +45,8 @@ class EvaluationConfig(Strict):
 
 class JobConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    output_dir: str = Field("runs/{name}", description="the driver's files: resolved config, logs")
+    output_dir: str = Field("runs/{name}", description="the driver's files: resolved config, logs; "
+                                                       "a submitted job's relative one is under ~/valleyforge/")
     seed: int = 0
     data: ReaderConfig = ReaderConfig()
     model: ModelConfig
@@ -63,7 +64,7 @@ class JobConfig(Strict):
         return self
 
     def resolved_output_dir(self) -> Path:
-        return Path(self.output_dir.format(name=self.name)).absolute()
+        return Path(self.output_dir.format(name=self.name)).expanduser().absolute()
 
     def resolved_storage(self) -> str:
         """`cluster.storage` with the job name filled in, a path made absolute; the output
@@ -72,6 +73,32 @@ class JobConfig(Strict):
             return str(self.resolved_output_dir())
         storage = self.cluster.storage.format(name=self.name)
         return storage if "://" in storage else str(Path(storage).absolute())
+
+    def with_absolute_paths(self) -> JobConfig:
+        """The same job with its local input paths made absolute: workers and submitted jobs run
+        in other directories. URLs, `pipe:` sources, `models:/` URIs and the output directory
+        (the driver's own) stay as they are."""
+        def absolute(p: str | None) -> str | None:
+            return p if p is None or "://" in p or p.startswith("pipe:") else str(Path(p).absolute())
+
+        def absolute_sources(data):
+            if isinstance(data, str):
+                return absolute(data)
+            return [s.model_copy(update={"url": absolute(s.url)}) for s in data]
+
+        def absolute_init(source: str) -> str:
+            return source if source in ("auto", "config") or source.startswith("models:/") else absolute(source)
+        model = self.model.model_copy(update={
+            "tokenizer": absolute(self.model.tokenizer), "word_vocab": absolute(self.model.word_vocab),
+            "vision": self.model.vision.model_copy(update={"path": absolute(self.model.vision.path)}),
+            "llm": self.model.llm.model_copy(update={"path": absolute(self.model.llm.path)})})
+        stages = [s.model_copy(update={"train_data": absolute_sources(s.train_data), "eval_data": absolute(s.eval_data),
+                                       "init_from": absolute_init(s.init_from)}) for s in self.stages]
+        evaluation = self.evaluation and self.evaluation.model_copy(update={"data": absolute(self.evaluation.data)})
+        return self.model_copy(update={"model": model, "stages": stages, "evaluation": evaluation})
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def digest(self) -> str:
         """Short hash of the resolved config: tags runs and registered versions."""
@@ -193,5 +220,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> JobConfig:
 
 def save_resolved(config: JobConfig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    path.write_text(config.to_yaml())
     return path

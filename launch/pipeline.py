@@ -62,24 +62,6 @@ def resolve_inputs(cfg: JobConfig) -> dict[str, tuple[ShardLists, ShardLists | N
     return lists
 
 
-def absolute_paths(cfg: JobConfig) -> JobConfig:
-    """Workers run in other directories: hand them absolute paths."""
-    def absolute(p: str | None) -> str | None:
-        return p if p is None or "://" in p or p.startswith("pipe:") else str(Path(p).absolute())
-
-    def absolute_sources(data):
-        if isinstance(data, str):
-            return absolute(data)
-        return [s.model_copy(update={"url": absolute(s.url)}) for s in data]
-    model = cfg.model.model_copy(update={
-        "tokenizer": absolute(cfg.model.tokenizer), "word_vocab": absolute(cfg.model.word_vocab),
-        "vision": cfg.model.vision.model_copy(update={"path": absolute(cfg.model.vision.path)}),
-        "llm": cfg.model.llm.model_copy(update={"path": absolute(cfg.model.llm.path)})})
-    stages = [s.model_copy(update={"train_data": absolute_sources(s.train_data), "eval_data": absolute(s.eval_data)})
-              for s in cfg.stages]
-    return cfg.model_copy(update={"model": model, "stages": stages})
-
-
 def ray_address(cfg: JobConfig) -> str | None:
     """`cluster.address`, else RAY_ADDRESS; None: an embedded Ray. The config first, as for tracking."""
     return cfg.cluster.address or os.environ.get("RAY_ADDRESS")
@@ -103,7 +85,7 @@ def start_ray(cfg: JobConfig) -> None:
 
 class Pipeline:
     def __init__(self, cfg: JobConfig, console=print):
-        self.cfg = absolute_paths(cfg)
+        self.cfg = cfg.with_absolute_paths()
         self.console = console
         self.out = cfg.resolved_output_dir()
         self.storage = Storage(cfg.resolved_storage())

@@ -93,6 +93,7 @@ def start_mlflow_server(folder: Path, store: ObjectStore) -> tuple[subprocess.Po
 @dataclass
 class TwoNodeCluster:
     address: str
+    dashboard: str  # the job server, http://127.0.0.1:PORT
     env: dict[str, str]  # what a client of this cluster needs (token authentication)
     run_dir: Path  # the directory the second node does not see
     nodes: list[subprocess.Popen]
@@ -103,19 +104,21 @@ class TwoNodeCluster:
 
 
 def start_two_node_cluster(run_dir: Path, logs: Path, node_env: dict[str, str]) -> TwoNodeCluster:
-    """A head node and a second node that sees an empty tmpfs over `run_dir`; one CPU each, so a
-    2-worker job places one worker on each node. Ray 2.60 authenticates every node and client
-    with a token."""
-    port = free_port()
+    """A head node (with its dashboard and job server) and a second node that sees an empty
+    tmpfs over `run_dir`; one CPU each, so a 2-worker job places one worker on each node. Ray
+    2.60 authenticates every node and client with a token. The nodes' `python` is this one, as
+    on a node whose environment is activated."""
+    port, dashboard_port = free_port(), free_port()
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    full_env = {**os.environ, **node_env, **env}
+    full_env = {**os.environ, **node_env, **env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     ray = str(BIN / "ray")
     common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
-    head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+    head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=true",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *common],
                             env=full_env, stdout=open(logs / "ray-head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"127.0.0.1:{port}"
-    cluster = TwoNodeCluster(address, env, run_dir, [head])
+    cluster = TwoNodeCluster(address, f"http://127.0.0.1:{dashboard_port}", env, run_dir, [head])
     second = (f"mount -t tmpfs tmpfs {run_dir} && exec {ray} start --address={address} "
               + " ".join(common))
     try:
@@ -124,6 +127,7 @@ def start_two_node_cluster(run_dir: Path, logs: Path, node_env: dict[str, str]) 
             ["unshare", "--mount", "--propagation", "private", "bash", "-c", second], env=full_env,
             stdout=open(logs / "ray-second-node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
         _wait_for_nodes(address, full_env, 2, cluster.nodes[-1])
+        wait_for_http(f"{cluster.dashboard}/api/gcs_healthz", head, logs / "ray-head.log")
     except BaseException:
         cluster.stop()
         raise

@@ -61,3 +61,14 @@ def two_node_cluster(tmp_path_factory, object_store):
                                      {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **object_store.env})
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def store_data(object_store, synth_data):
+    """The synthetic train splits, uploaded to the object store; their shard globs."""
+    fs, urls = object_store.filesystem(), {}
+    for split in ("captions", "instruct"):
+        target = f"{object_store.bucket}/data/{split}/train"
+        fs.put(sorted(str(p) for p in (synth_data / split / "train").glob("shard-*.tar")), target + "/")
+        urls[split] = f"s3://{target}/shard-*.tar"
+    return urls

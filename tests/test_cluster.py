@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 
 from trainer.generate import generate_from_export
@@ -20,17 +19,6 @@ from trainer.storage import Storage
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 PROMPT = "what colour is the shape ?"
-
-
-@pytest.fixture(scope="module")
-def store_data(object_store, synth_data):
-    """The synthetic train splits, uploaded to the object store; their shard globs."""
-    fs, urls = object_store.filesystem(), {}
-    for split in ("captions", "instruct"):
-        target = f"{object_store.bucket}/data/{split}/train"
-        fs.put(sorted(str(p) for p in (synth_data / split / "train").glob("shard-*.tar")), target + "/")
-        urls[split] = f"s3://{target}/shard-*.tar"
-    return urls
 
 
 def cluster_overrides(cluster, synth_data, store_data, name: str) -> list[str]:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from launch.config import ConfigError, TrackingConfig, load_config
-from launch.pipeline import absolute_paths, ray_address
+from launch.pipeline import ray_address
 from launch.tracking import resolve_tracking_uri
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -94,6 +94,6 @@ def test_config_comes_before_the_environment(monkeypatch):
 
 
 def test_workers_get_absolute_model_paths():
-    cfg = absolute_paths(load_config(DEMO, ["model.vision={path: ckpt/clip}", "model.llm={path: ckpt/llm}"]))
+    cfg = load_config(DEMO, ["model.vision={path: ckpt/clip}", "model.llm={path: ckpt/llm}"]).with_absolute_paths()
     assert cfg.model.vision.path == str(Path("ckpt/clip").absolute())
     assert cfg.model.llm.path == str(Path("ckpt/llm").absolute())
