@@ -124,3 +124,7 @@ def test_jobs_stop_stops_a_running_job_and_its_follower_exits_non_zero(
     assert stop.returncode == 0 and out.strip() == f"{job_id}: STOPPED", out + err
     out, err = follower.communicate(timeout=120)
     assert follower.returncode == 3 and f"job {job_id}: STOPPED" in err, out + err
+    for command, expected in ((["status", job_id], f"{job_id}: STOPPED"), (["list"], job_id)):
+        listing = valleyforge("jobs", "--address", cluster.dashboard, *command, env=env)
+        out, err = listing.communicate(timeout=120)
+        assert listing.returncode == 0 and expected in out, out + err
