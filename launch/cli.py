@@ -16,9 +16,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="valleyforge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run the stages a config lists")
+    run = sub.add_parser("run", help="run the stages a config lists; run again, it continues where it stopped")
     run.add_argument("config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+    run.add_argument("--restart", action="store_true",
+                     help="start over: new MLflow runs, every stage trained again, checkpoints ignored")
 
     submit = sub.add_parser("submit", help="run a config as a job on a Ray cluster (Ray Jobs), or write a "
                                            "KubeRay RayJob for it (--kuberay)")
@@ -96,14 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(config_path: str, overrides: list[str]) -> int:
+def _run(config_path: str, overrides: list[str], restart: bool = False) -> int:
     from launch.config import load_config
     from launch.console import quiet_libraries
 
     cfg = load_config(config_path, overrides)
     from launch.pipeline import Pipeline  # imported first: the libraries install their log handlers on import
     quiet_libraries(cfg.resolved_output_dir() / "logs" / "driver.log")
-    registered = Pipeline(cfg).run()
+    registered = Pipeline(cfg).run(restart)
     print("\nRegistered models:")
     for stage in registered:
         print(f"  {stage.stage:<10} models:/{stage.name}/{stage.version}   (models:/{stage.name}@latest)")
@@ -239,7 +241,7 @@ SHARD_COMMANDS = {"synth": _shards_synth, "build": _shards_build, "inspect": _sh
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": lambda: _run(args.config, args.overrides), "demo": lambda: _demo(args.overrides),
+    commands = {"run": lambda: _run(args.config, args.overrides, args.restart), "demo": lambda: _demo(args.overrides),
                 "submit": lambda: _submit(args), "jobs": lambda: _jobs(args),
                 "generate": lambda: _generate(args), "shards": lambda: SHARD_COMMANDS[args.shards_command](args)}
     try:

@@ -23,6 +23,8 @@ class ClusterConfig(Strict):
         None, description="checkpoints, exports, Ray's own files: a URL (s3://, gs://, ...) or a path every node "
                           "sees; {name} is the job name; unset: output_dir")
     num_workers: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1, description="times a stage's worker group is restarted after a failed or "
+                                                    "lost worker, resuming from its newest checkpoint; -1: always")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     num_cpus: int | None = Field(None, ge=1, description="CPUs an embedded Ray may use (default: all)")

@@ -14,7 +14,7 @@ class Mail:
     metrics: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics) from rank 0, in order
     notes: list[tuple[str, str | None]] = field(default_factory=list)  # (text, artifact file or None)
     logs: list[tuple[int, str]] = field(default_factory=list)  # (rank, text)
-    placement: dict[int, tuple[str, str]] = field(default_factory=dict)  # rank -> (node id, host)
+    placement: dict[int, tuple[str, str, int]] = field(default_factory=dict)  # rank -> (node id, host, pid)
     export: str | None = None  # where rank 0 wrote the export (a storage URL)
 
 
@@ -22,11 +22,12 @@ class Mail:
 class DriverInbox:
     def __init__(self):
         self.pending = Mail()
-        self.placement: dict[int, tuple[str, str]] = {}
+        self.placement: dict[int, tuple[str, str, int]] = {}
         self.export: str | None = None
 
-    def hello(self, rank: int, node_id: str, host: str) -> None:
-        self.placement[rank] = (node_id, host)
+    def hello(self, rank: int, node_id: str, host: str, pid: int) -> None:
+        """Where the rank's process runs (again, after a restart of the worker group)."""
+        self.placement[rank] = (node_id, host, pid)
 
     def post(self, step: int, metrics: dict) -> None:
         self.pending.metrics.append((step, metrics))

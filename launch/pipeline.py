@@ -12,7 +12,7 @@ from pathlib import Path
 import mlflow
 import ray
 from mlflow import MlflowClient
-from ray.train import RunConfig, ScalingConfig
+from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import as_sources
@@ -24,7 +24,7 @@ from launch.config import JobConfig, save_resolved
 from launch.inbox import DriverInbox, Mail
 from launch.progress import ProgressLine
 from launch.tracking import (RunWriter, fetch_model, git_commit, register_export, registered_model_name,
-                             resolve_model_uri, resolve_tracking_uri)
+                             resolve_model_uri, resolve_tracking_uri, reusable_version)
 from launch.worker import StageWorker, StorageMarker
 from launch.worker_logs import StageLogs
 from trainer.config import StageJob
@@ -92,7 +92,10 @@ class Pipeline:
         self.tracking_uri = resolve_tracking_uri(cfg.tracking)
         self.client = MlflowClient(self.tracking_uri)
 
-    def run(self) -> list[RegisteredStage]:
+    def run(self, restart: bool = False) -> list[RegisteredStage]:
+        """Runs the job's stages. Run again after a stop: stages registered for the same config,
+        data and start are reused, the interrupted one resumes from its checkpoint (in a new stage
+        run). `restart`: everything anew, checkpoints ignored."""
         self.shard_lists = resolve_inputs(self.cfg)
         cfg_path = save_resolved(self.cfg, self.out / "config.resolved.yaml")
         mlflow.set_tracking_uri(self.tracking_uri)
@@ -106,7 +109,10 @@ class Pipeline:
             self.console(f"MLflow run {parent.info.run_id} ({self.tracking_uri}); storage {self.storage.url}; "
                          f"logs in {self.out / 'logs'}")
             for index, stage in enumerate(self.cfg.stages):
-                registered.append(self.run_stage(index, stage, registered[-1] if registered else None, tags))
+                if restart:
+                    stage = stage.model_copy(update={"resume": False})
+                registered.append(self.run_stage(index, stage, registered[-1] if registered else None, tags,
+                                                 reuse=not restart))
             if self.cfg.evaluation:
                 self.run_evaluation(registered[-1], parent.info.run_id)
         return registered
@@ -131,10 +137,17 @@ class Pipeline:
             target.upload(fetch_model(source, self.tracking_uri, Path(tmp) / "export"))
         return target
 
-    def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict) -> RegisteredStage:
+    def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict,
+                  reuse: bool) -> RegisteredStage:
         source, init_desc = self.init_source(stage, previous)
         data_hash = data_digest(as_sources(stage.train_data))
-        stage_tags = {**tags, "stage": stage.name, "data_manifest_hash": data_hash}
+        stage_tags = {**tags, "stage": stage.name, "data_manifest_hash": data_hash, "init_from": source or "config"}
+        name = registered_model_name(self.cfg.tracking, stage.name)
+        done = reusable_version(self.client, name, stage_tags) if reuse else None
+        if done:
+            self.console(f"[{stage.name}] reusing {name} version {done.version}: registered for the same config, "
+                         f"data and start")
+            return RegisteredStage(stage.name, name, str(done.version), done.run_id)
         with mlflow.start_run(run_name=stage.name, nested=True, tags=stage_tags) as run:
             mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
             init = self.stage_init(stage.name, source) if source else None
@@ -149,7 +162,6 @@ class Pipeline:
                 mlflow.log_artifacts(str(folder), EXPORT_ARTIFACT)
             if init:
                 init.remove()
-            name = registered_model_name(self.cfg.tracking, stage.name)
             version = register_export(self.client, name, run.info.run_id, EXPORT_ARTIFACT, stage_tags)
             self.console(f"[{stage.name}] registered {name} version {version.version} "
                          f"(models:/{name}@latest); started from {init_desc}")
@@ -171,7 +183,10 @@ class Pipeline:
                                          resources_per_worker={"CPU": cluster.cpus_per_worker}),
             run_config=RunConfig(name=f"{self.cfg.name}-{job.stage.name}-{int(time.time())}",
                                  storage_path=ray_storage.root,
-                                 storage_filesystem=None if ray_storage.is_local else ray_storage.pyarrow_fs()),
+                                 storage_filesystem=None if ray_storage.is_local else ray_storage.pyarrow_fs(),
+                                 failure_config=FailureConfig(max_failures=cluster.max_failures),
+                                 # a worker's print goes to its log file once, not through Train's logger too
+                                 worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         )
         stage = StageRun(job.stage.name, job.stage.steps, run_id, RunWriter(self.tracking_uri, run_id),
                          StageLogs(self.out / "logs", job.stage.name), cluster.num_workers)
@@ -225,27 +240,36 @@ class StageRun:
         self.name, self.run, self.logs = name, run, logs
         self.line = ProgressLine(name, steps)
         self.latest: dict = {}
-        self.placement: dict[int, tuple[str, str]] = {}
+        self.placement: dict[int, tuple[str, str, int]] = {}
+        self.logged_through = -1  # the newest step whose metrics are in MLflow
+        self.notes_seen: set[str] = set()
         logs.begin(run_id, ranks)
 
     def receive(self, mail: Mail) -> None:
         for rank, text in mail.logs:
             self.logs.append(rank, text)
         for text, artifact_file in mail.notes:
+            if text in self.notes_seen:  # said again by a restarted worker group
+                continue
+            self.notes_seen.add(text)
             self.line.print_above(text)
             if artifact_file:
                 self.run.text(text + "\n", artifact_file)
         for step, metrics in mail.metrics:
-            self.run(metrics, step)
             self.latest = {"step": step, **metrics}
+            if step <= self.logged_through:  # retrained after a restart from a checkpoint: logged once
+                continue
+            self.run(metrics, step)
+            self.logged_through = step
         if mail.placement != self.placement:
             self.placement = mail.placement
             self.run.tag("placement", self.where())
         self.line.update(self.latest)
 
     def where(self, ranks=None) -> str:
-        """`rank 0: node 1a2b3c (host), ...`: where the ranks ran, as far as they said."""
-        return ", ".join(f"rank {r}: node {node[:8]} ({host})" for r, (node, host) in sorted(self.placement.items())
+        """`rank 0: node 1a2b3c (host, pid 123), ...`: where the ranks ran, as far as they said."""
+        return ", ".join(f"rank {r}: node {node[:8]} ({host}, pid {pid})"
+                         for r, (node, host, pid) in sorted(self.placement.items())
                          if ranks is None or r in ranks)
 
     def store_logs(self) -> None:

@@ -63,6 +63,17 @@ def register_export(client: MlflowClient, name: str, run_id: str, artifact_path:
     return client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags)
 
 
+REUSE_KEYS = ("stage", "config_hash", "data_manifest_hash", "init_from")  # what makes a stage's version reusable
+
+
+def reusable_version(client: MlflowClient, name: str, tags: dict):
+    """The newest version of `name` registered for the same stage, config, data and start; None
+    when there is none (or no such model)."""
+    versions = client.search_model_versions(f"name = '{name}'")
+    matching = [v for v in versions if all(v.tags.get(k) == tags[k] for k in REUSE_KEYS)]
+    return max(matching, key=lambda v: int(v.version), default=None)
+
+
 def resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
     """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (pinned `models:/NAME/VERSION`, description)."""
     body = uri.removeprefix("models:/")

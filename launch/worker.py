@@ -66,7 +66,9 @@ class StageWorker:
         _redirect_output(log_file)
         shipper = LogShipper(log_file, rank, self.inbox).start()
         try:
-            self.inbox.hello.remote(rank, ray.get_runtime_context().get_node_id(), socket.gethostname())
+            node = ray.get_runtime_context().get_node_id()
+            print(f"rank {rank}: pid {os.getpid()} on {socket.gethostname()}, node {node}", flush=True)
+            self.inbox.hello.remote(rank, node, socket.gethostname(), os.getpid())
             if self.marker:
                 self.marker.check()
             torch.set_num_threads(self.torch_threads)

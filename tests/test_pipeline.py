@@ -72,6 +72,20 @@ def test_two_stages_register_and_chain_through_the_registry(ray_local, synth_dat
     assert registry_state.keys() == worker_state.keys()
     assert all(torch.equal(registry_state[k], worker_state[k]) for k in worker_state)
 
+    # Run again: both stages are registered for this config, data and start: reused, not retrained.
+    said = []
+    again = Pipeline(cfg, console=said.append).run()
+    assert [(r.name, r.version, r.run_id) for r in again] == [(r.name, r.version, r.run_id) for r in registered]
+    assert [line for line in said if "reusing" in line] == [
+        "[pretrain] reusing t-pretrain version 1: registered for the same config, data and start",
+        "[instruct] reusing t-instruct version 1: registered for the same config, data and start"]
+    # --restart: trained anew, under new runs, from step 1 (the checkpoints are ignored)
+    restarted = Pipeline(cfg, console=lambda _: None).run(restart=True)
+    assert [(r.name, r.version) for r in restarted] == [("t-pretrain", "2"), ("t-instruct", "2")]
+    assert not {r.run_id for r in restarted} & {r.run_id for r in registered}
+    assert [m.step for m in client.get_metric_history(restarted[1].run_id, "train/loss")] == [1, 2, 3]
+    assert client.get_model_version("t-instruct", "2").tags["init_from"] == "models:/t-pretrain/2"
+
 
 def test_latest_alias_follows_the_newest_version(tmp_path, tracking_uri):
     client = MlflowClient(tracking_uri)
