@@ -54,7 +54,7 @@ def two_node_cluster(tmp_path_factory, object_store):
     tmpfs over `run_dir`. Like any cluster node, each has the object store's credentials in its
     environment."""
     if os.geteuid() != 0:
-        pytest.skip("the second node's mount namespace (unshare + tmpfs) needs root")
+        pytest.skip(reason="the second node's mount namespace (unshare + tmpfs) needs root")
     from cluster_parts import start_two_node_cluster
     run_dir = tmp_path_factory.mktemp("cluster-run")
     cluster = start_two_node_cluster(run_dir, tmp_path_factory.mktemp("cluster-logs"),

@@ -33,8 +33,7 @@ def export_model(model: VideoLanguageModel, tokenizer, storage: Storage, templat
     states = {name: gather_state_dict(getattr(model, name)) for name in model.components()}
     if rank() != 0:
         return None
-    storage.remove()
-    with storage.staged() as folder:
+    with storage.replaced() as folder:  # a crash while writing leaves the previous export
         _write_export(model, tokenizer, states, folder, template)
     return storage
 

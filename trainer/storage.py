@@ -97,6 +97,25 @@ class Storage:
             self._put_files(Path(tmp), name)
 
     @contextmanager
+    def replaced(self, name: str = "") -> Iterator[Path]:
+        """A local folder whose files replace the folder `name` as a whole when the block exits
+        without an error; an error leaves the old folder as it was. On a local path a sibling
+        folder renamed into place; on an object store the old files removed, then the new put."""
+        if self.is_local:
+            target = Path(self._path(name))
+            partial = target.with_name(target.name + ".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+            yield partial
+            shutil.rmtree(target, ignore_errors=True)
+            partial.rename(target)
+            return
+        with tempfile.TemporaryDirectory(prefix="valleyforge-stage-") as tmp:
+            yield Path(tmp)
+            self.remove(name)
+            self._put_files(Path(tmp), name)
+
+    @contextmanager
     def fetched(self, name: str = "", keep: Callable[[str], bool] = lambda _: True) -> Iterator[Path]:
         """A local folder with the files of this storage's folder `name` (those whose path
         relative to it `keep` accepts); a download removed when the block exits, unless the
