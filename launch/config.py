@@ -37,6 +37,8 @@ class TrackingConfig(Strict):
     tracking_uri: str | None = Field(None, description="unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     experiment: str = "valleyforge"
     registered_model_prefix: str = Field("valleyforge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    max_outage_s: float = Field(3600, gt=0, description="how long the driver waits out an unreachable tracking "
+                                                        "server (training goes on meanwhile) before it stops the job")
 
 
 class EvaluationConfig(Strict):

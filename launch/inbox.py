@@ -24,6 +24,7 @@ class DriverInbox:
         self.pending = Mail()
         self.placement: dict[int, tuple[str, str, int]] = {}
         self.export: str | None = None
+        self.stored = -1  # the newest step whose metrics the driver has in the tracking store
 
     def hello(self, rank: int, node_id: str, host: str, pid: int) -> None:
         """Where the rank's process runs (again, after a restart of the worker group)."""
@@ -31,6 +32,12 @@ class DriverInbox:
 
     def post(self, step: int, metrics: dict) -> None:
         self.pending.metrics.append((step, metrics))
+
+    def stored_through(self, step: int | None = None) -> int:
+        """The driver says (`step`) and rank 0 asks which steps' metrics are in the tracking store."""
+        if step is not None:
+            self.stored = max(self.stored, step)
+        return self.stored
 
     def note(self, text: str, artifact_file: str | None = None) -> None:
         """Text for the driver to print once, and to store with the stage run as `artifact_file`."""

@@ -7,6 +7,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -24,7 +25,8 @@ from launch.config import JobConfig, save_resolved
 from launch.inbox import DriverInbox, Mail
 from launch.progress import ProgressLine
 from launch.tracking import (RunWriter, fetch_model, git_commit, register_export, registered_model_name,
-                             resolve_model_uri, resolve_tracking_uri, reusable_version)
+                             resolve_model_uri, resolve_tracking_uri, retried, reusable_version, unfinished_run)
+from launch.tracking_queue import TrackingQueue
 from launch.worker import StageWorker, StorageMarker
 from launch.worker_logs import StageLogs
 from trainer.config import StageJob
@@ -93,26 +95,30 @@ class Pipeline:
         self.client = MlflowClient(self.tracking_uri)
 
     def run(self, restart: bool = False) -> list[RegisteredStage]:
-        """Runs the job's stages. Run again after a stop: stages registered for the same config,
-        data and start are reused, the interrupted one resumes from its checkpoint (in a new stage
-        run). `restart`: everything anew, checkpoints ignored."""
+        """Runs the job's stages. Run again after a stop: the unfinished MLflow run of the same
+        config is continued, stages registered for the same config, data and start are reused, and
+        the interrupted one resumes from its checkpoint under its own stage run. `restart`:
+        everything anew, in new runs, checkpoints ignored."""
         self.shard_lists = resolve_inputs(self.cfg)
         cfg_path = save_resolved(self.cfg, self.out / "config.resolved.yaml")
         mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_experiment(self.cfg.tracking.experiment)
+        self.experiment_id = mlflow.set_experiment(self.cfg.tracking.experiment).experiment_id
         start_ray(self.cfg)
         registered: list[RegisteredStage] = []
         tags = {"config_hash": self.cfg.digest(), "git_commit": git_commit()}
-        with mlflow.start_run(run_name=self.cfg.name, tags=tags) as parent:
+        continued = None if restart else unfinished_run(self.client, self.experiment_id, self.cfg.name,
+                                                        tags["config_hash"])
+        with mlflow.start_run(run_id=continued, run_name=self.cfg.name, tags=tags) as parent:
             mlflow.log_artifact(str(cfg_path))
-            mlflow.log_params(_flatten(self.cfg.model_dump(mode="json", exclude={"stages"})))
-            self.console(f"MLflow run {parent.info.run_id} ({self.tracking_uri}); storage {self.storage.url}; "
-                         f"logs in {self.out / 'logs'}")
+            if not continued:
+                mlflow.log_params(_flatten(self.cfg.model_dump(mode="json", exclude={"stages"})))
+            self.console(f"MLflow run {parent.info.run_id}{' (continued)' if continued else ''} "
+                         f"({self.tracking_uri}); storage {self.storage.url}; logs in {self.out / 'logs'}")
             for index, stage in enumerate(self.cfg.stages):
                 if restart:
                     stage = stage.model_copy(update={"resume": False})
                 registered.append(self.run_stage(index, stage, registered[-1] if registered else None, tags,
-                                                 reuse=not restart))
+                                                 parent.info.run_id, reuse=not restart))
             if self.cfg.evaluation:
                 self.run_evaluation(registered[-1], parent.info.run_id)
         return registered
@@ -137,7 +143,7 @@ class Pipeline:
             target.upload(fetch_model(source, self.tracking_uri, Path(tmp) / "export"))
         return target
 
-    def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict,
+    def run_stage(self, index: int, stage, previous: RegisteredStage | None, tags: dict, parent_run_id: str,
                   reuse: bool) -> RegisteredStage:
         source, init_desc = self.init_source(stage, previous)
         data_hash = data_digest(as_sources(stage.train_data))
@@ -148,8 +154,13 @@ class Pipeline:
             self.console(f"[{stage.name}] reusing {name} version {done.version}: registered for the same config, "
                          f"data and start")
             return RegisteredStage(stage.name, name, str(done.version), done.run_id)
-        with mlflow.start_run(run_name=stage.name, nested=True, tags=stage_tags) as run:
-            mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
+        continued = unfinished_run(self.client, self.experiment_id, stage.name, tags["config_hash"],
+                                   parent_run_id) if reuse else None
+        with mlflow.start_run(run_id=continued, run_name=stage.name, nested=True, tags=stage_tags) as run:
+            if continued:
+                self.console(f"[{stage.name}] continuing stage run {continued}")
+            else:
+                mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
             init = self.stage_init(stage.name, source) if source else None
             job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
                            train_shards=self.shard_lists[stage.name][0], eval_shards=self.shard_lists[stage.name][1],
@@ -159,13 +170,18 @@ class Pipeline:
                            seed=self.cfg.seed + index, peak_flops_per_device=self.cfg.cluster.peak_flops_per_device)
             export = Storage(self._train_on_ray(job, run.info.run_id))
             with export.fetched() as folder:
-                mlflow.log_artifacts(str(folder), EXPORT_ARTIFACT)
+                self.retried(lambda: mlflow.log_artifacts(str(folder), EXPORT_ARTIFACT), f"storing {stage.name}'s export")
             if init:
                 init.remove()
-            version = register_export(self.client, name, run.info.run_id, EXPORT_ARTIFACT, stage_tags)
+            version = self.retried(lambda: register_export(self.client, name, run.info.run_id, EXPORT_ARTIFACT,
+                                                           stage_tags), f"registering {name}")
             self.console(f"[{stage.name}] registered {name} version {version.version} "
                          f"(models:/{name}@latest); started from {init_desc}")
             return RegisteredStage(stage.name, name, str(version.version), run.info.run_id)
+
+    def retried(self, call, what: str):
+        """`call()` through an outage of the tracking server of up to `tracking.max_outage_s`."""
+        return retried(call, what, self.cfg.tracking.max_outage_s, self.console)
 
     def _train_on_ray(self, job: StageJob, run_id: str) -> str:
         """Trains the stage on the Ray workers; where rank 0 wrote the export."""
@@ -188,13 +204,18 @@ class Pipeline:
                                  # a worker's print goes to its log file once, not through Train's logger too
                                  worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
         )
-        stage = StageRun(job.stage.name, job.stage.steps, run_id, RunWriter(self.tracking_uri, run_id),
-                         StageLogs(self.out / "logs", job.stage.name), cluster.num_workers)
+        writer = RunWriter(self.tracking_uri, run_id)
+        logged = self.retried(lambda: writer.last_step("train/loss"), "reading the stage run's logged steps")
+        stage = StageRun(job.stage.name, job.stage.steps, run_id, writer, StageLogs(self.out / "logs", job.stage.name),
+                         cluster.num_workers, TrackingQueue(self.cfg.tracking.max_outage_s, logged))
         outcome: dict = {}
         fit = threading.Thread(target=lambda: outcome.update(result=_capture(trainer.fit)), daemon=True)
         fit.start()
         while fit.is_alive():
             stage.receive(ray.get(inbox.take.remote()))
+            if stage.tracking.error is not None:  # the checkpoints keep the metrics it could not store
+                raise stage.tracking.error
+            inbox.stored_through.remote(stage.tracking.stored_through)  # what rank 0 no longer keeps
             fit.join(timeout=1.0)
         mail = ray.get(inbox.take.remote())
         stage.receive(mail)
@@ -205,6 +226,8 @@ class Pipeline:
         if error is not None:
             stage.line.finish("failed")
             raise StageFailed(job.stage.name, error, stage)
+        if stage.tracking.error is not None:
+            raise stage.tracking.error
         stage.finish()
         if mail.export is None:
             raise StageFailed(job.stage.name, RuntimeError("rank 0 reported no export"), stage)
@@ -236,16 +259,20 @@ class StageRun:
     """The driver's side of one running stage: what the workers send it goes to the console, the
     stage's MLflow run and the log folder."""
 
-    def __init__(self, name: str, steps: int, run_id: str, run: RunWriter, logs: StageLogs, ranks: int):
-        self.name, self.run, self.logs = name, run, logs
+    def __init__(self, name: str, steps: int, run_id: str, run: RunWriter, logs: StageLogs, ranks: int,
+                 tracking: TrackingQueue):
+        self.name, self.run, self.logs, self.tracking = name, run, logs, tracking
         self.line = ProgressLine(name, steps)
+        tracking.say = self.line.print_above
         self.latest: dict = {}
         self.placement: dict[int, tuple[str, str, int]] = {}
-        self.logged_through = -1  # the newest step whose metrics are in MLflow
+        self.queued_through = tracking.stored_through  # the newest step whose metrics are stored or on their way
         self.notes_seen: set[str] = set()
         logs.begin(run_id, ranks)
 
     def receive(self, mail: Mail) -> None:
+        """Takes the workers' mail: logs and notes to their files, metrics and notes to the
+        tracking queue, rank 0's latest metrics to the progress line."""
         for rank, text in mail.logs:
             self.logs.append(rank, text)
         for text, artifact_file in mail.notes:
@@ -254,17 +281,19 @@ class StageRun:
             self.notes_seen.add(text)
             self.line.print_above(text)
             if artifact_file:
-                self.run.text(text + "\n", artifact_file)
+                self.tracking.put(f"storing {artifact_file}", partial(self.run.text, text + "\n", artifact_file))
         for step, metrics in mail.metrics:
             self.latest = {"step": step, **metrics}
-            if step <= self.logged_through:  # retrained after a restart from a checkpoint: logged once
+            if step <= self.queued_through:  # sent again after a restart: logged once
                 continue
-            self.run(metrics, step)
-            self.logged_through = step
+            self.tracking.put(f"logging step {step}",
+                              partial(self.run.metrics, metrics, step, int(time.time() * 1000)), step)
+            self.queued_through = step
         if mail.placement != self.placement:
             self.placement = mail.placement
-            self.run.tag("placement", self.where())
-        self.line.update(self.latest)
+            self.tracking.put("tagging the placement", partial(self.run.tag, "placement", self.where()))
+        waiting, waited_s = self.tracking.backlog()
+        self.line.update(self.latest, f"  ({waiting} writes wait for the tracking server)" if waited_s > 10 else "")
 
     def where(self, ranks=None) -> str:
         """`rank 0: node 1a2b3c (host, pid 123), ...`: where the ranks ran, as far as they said."""
@@ -273,8 +302,10 @@ class StageRun:
                          if ranks is None or r in ranks)
 
     def store_logs(self) -> None:
+        """Queues the logs after everything else, then waits until the tracking store has it all."""
         for file in self.logs.files():
-            self.run.artifact(file, "logs")
+            self.tracking.put(f"storing {file.name}", partial(self.run.artifact, file, "logs"))
+        self.tracking.close()
 
     def finish(self) -> None:
         self.line.finish(f"{self.latest.get('step', 0)} steps, final loss "

@@ -24,7 +24,7 @@ class ProgressLine:
         self.last_text = ""
         self.first_seen: tuple[int, float] | None = None
 
-    def update(self, latest: dict) -> None:
+    def update(self, latest: dict, suffix: str = "") -> None:
         if not latest:
             text = f"[{self.stage}] starting workers ({_duration(time.monotonic() - self.started)})"
         else:
@@ -38,7 +38,7 @@ class ProgressLine:
                     f"{latest['train/tokens_per_s']:,.0f} tok/s  ETA {_duration(eta)}")
             if "eval/loss" in latest:
                 text += f"  eval {latest['eval/loss']:.3f}"
-        self.status(text)
+        self.status(text + suffix)
 
     def status(self, text: str, force: bool = False) -> None:
         now = time.monotonic()

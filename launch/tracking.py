@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
 
 from launch.config import TrackingConfig
 
@@ -29,15 +30,68 @@ def git_commit() -> str:
         return "unknown"
 
 
+# error codes of a request the server understood and refused: retrying cannot help
+_REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED",
+            "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "BAD_REQUEST", "INVALID_STATE"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking server stayed unreachable longer than `tracking.max_outage_s`."""
+
+
+def is_outage(error: BaseException) -> bool:
+    """Whether `error` says the tracking store could not be reached or failed inside (worth
+    waiting out), rather than that it refused the request."""
+    if isinstance(error, MlflowException):
+        return error.error_code not in _REFUSED
+    return isinstance(error, OSError)  # requests' connection errors and timeouts are OSErrors
+
+
+def retried(call, what: str, patience_s: float, say=print, pause_s: float = 5.0):
+    """`call()`, again and again through an outage of the tracking server for up to `patience_s`
+    (said once when it starts and once when it ends); a refused request raises at once."""
+    gave_up_at = None
+    while True:
+        try:
+            result = call()
+        except Exception as err:  # noqa: BLE001 - sorted by is_outage
+            if not is_outage(err):
+                raise
+            now = time.monotonic()
+            if gave_up_at is None:
+                gave_up_at = now + patience_s
+                say(f"tracking server unreachable while {what}: {_first_line(err)}; "
+                    f"retrying for up to {patience_s:.0f} s (tracking.max_outage_s)")
+            if now >= gave_up_at:
+                raise TrackingUnavailable(f"tracking server unreachable for {patience_s:.0f} s (tracking.max_outage_s) "
+                                          f"while {what}: {_first_line(err)}") from err
+            time.sleep(pause_s)
+            continue
+        if gave_up_at is not None:
+            say(f"tracking server reachable again: {what} done")
+        return result
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__
+
+
 class RunWriter:
-    """Writes into one MLflow run: `writer(metrics, step)`, text, files, tags."""
+    """Writes into one MLflow run: metrics, text, files, tags."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
 
-    def __call__(self, metrics: dict, step: int) -> None:
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    def metrics(self, metrics: dict, step: int, timestamp_ms: int) -> None:
+        """One step's metrics. A fixed timestamp makes a retry of a write that did arrive a
+        duplicate the store drops, not a second point."""
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp_ms, step)
+                                                    for k, v in metrics.items()])
+
+    def last_step(self, key: str) -> int:
+        """The newest step logged for `key`; -1 when none is."""
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
@@ -72,6 +126,19 @@ def reusable_version(client: MlflowClient, name: str, tags: dict):
     versions = client.search_model_versions(f"name = '{name}'")
     matching = [v for v in versions if all(v.tags.get(k) == tags[k] for k in REUSE_KEYS)]
     return max(matching, key=lambda v: int(v.version), default=None)
+
+
+def unfinished_run(client: MlflowClient, experiment_id: str, run_name: str, config_hash: str,
+                   parent_run_id: str | None = None) -> str | None:
+    """The newest run named `run_name` for the config `config_hash` that did not finish: a child of
+    `parent_run_id`, or a top-level run when that is None. None when there is none."""
+    query = (f"attributes.run_name = '{run_name}' and tags.config_hash = '{config_hash}' "
+             f"and attributes.status != 'FINISHED'")
+    if parent_run_id:
+        query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
+    runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
+    runs = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent_run_id]
+    return runs[0].info.run_id if runs else None
 
 
 def resolve_model_uri(client: MlflowClient, uri: str) -> tuple[str, str]:

@@ -77,7 +77,7 @@ class StageWorker:
             if rank == 0:
                 print(runner.trainable_table, flush=True)
                 self.inbox.note.remote(runner.trainable_table, "trainable_parameters.txt")
-            runner.train(self._post if rank == 0 else lambda metrics, step: None)
+            runner.train(self._metric_log() if rank == 0 else lambda metrics, step: None)
             export = runner.export()
             if export is not None:
                 self.inbox.exported.remote(export.url)
@@ -88,8 +88,10 @@ class StageWorker:
             shipper.stop()
         log_file.unlink(missing_ok=True)  # the driver has it all
 
-    def _post(self, metrics: dict, step: int) -> None:
-        self.inbox.post.remote(step, metrics)
+    def _metric_log(self):
+        from trainer.metric_log import MetricLog
+        return MetricLog(lambda metrics, step: self.inbox.post.remote(step, metrics),
+                         lambda: ray.get(self.inbox.stored_through.remote()))
 
     @contextmanager
     def _init_folder(self) -> Iterator[Path | None]:

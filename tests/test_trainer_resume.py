@@ -1,8 +1,11 @@
 """The trainer's checkpoint on 2 ZeRO-3 ranks under Ray: a run that dies after its step-3
-checkpoint, resumed by new worker processes, trains steps 4-6 on the same batches with the
-same losses as a run that never stopped; a rank that cannot see the checkpoint stops the run."""
+checkpoint, then one whose rank is SIGKILLed while writing the step-6 checkpoint, resumed by new
+worker processes from step 3, trains steps 4-6 on the same batches with the same losses as a run
+that never stopped; a rank that cannot see the checkpoint stops the run."""
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,12 +20,30 @@ class SimulatedCrash(Exception):
     pass
 
 
+class DiesWhileSaving:
+    """The real engine, except that saving `tag` kills this process once DeepSpeed wrote its files:
+    before the checkpoint is marked complete and `latest` moves."""
+
+    def __init__(self, engine, tag: str):
+        self.engine, self.tag = engine, tag
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def save_checkpoint(self, save_dir, tag, **kwargs):
+        self.engine.save_checkpoint(save_dir, tag=tag, **kwargs)
+        if tag == self.tag:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def resume_worker(config):
     topology = worker_topology()
     mode, job = config["mode"], config["job"]
     if mode == "blind" and topology.rank == 1:  # as on a node that does not see the run's disk
         job = dataclasses.replace(job, checkpoint_dir=str(Path(config["out"]) / "elsewhere"))
     runner = StageRunner(job, topology)
+    if mode == "die_saving" and topology.rank == 1:
+        runner.checkpointer.engine = DiesWhileSaving(runner.engine, f"step-{STEPS:08d}")
     keys, losses, pending = {}, {}, []
 
     def recorded():
@@ -58,8 +79,15 @@ def test_trainer_resume_after_crash_matches_uninterrupted_run(ray_local, synth_d
                          "frame_sampling": "random_segment"})
     full = run("full", job, tmp_path)
     crashed = run("crash", job, tmp_path)
-    assert (tmp_path / "ckpt" / "latest").read_text() == "step-00000003"
+    checkpoints = tmp_path / "ckpt"
+    assert (checkpoints / "latest").read_text() == "step-00000003"
+    with pytest.raises(Exception):  # the worker group fails with its SIGKILLed rank
+        run("die_saving", job, tmp_path)
+    assert (checkpoints / "latest").read_text() == "step-00000003"
+    assert list((checkpoints / "step-00000006").rglob("*.pt")) and not (checkpoints / "step-00000006" / "complete").exists()
     resumed = run("resume", job, tmp_path)
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000006"]
+    assert (checkpoints / "step-00000006" / "complete").read_text() == "6\n"
     for rank in range(2):
         assert full[rank]["start"] == crashed[rank]["start"] == 0 and resumed[rank]["start"] == 3
         assert crashed[rank]["keys"]["1"] == full[rank]["keys"]["1"]

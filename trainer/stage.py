@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -16,6 +16,7 @@ from trainer.checkpoint import Checkpointer
 from trainer.config import StageJob
 from trainer.engine import build_engine, uses_bf16
 from trainer.export import export_model
+from trainer.metric_log import MetricLog, Send, as_metric_log
 from trainer.model import model_inputs
 from trainer.ranks import gather, sum_across_ranks, world_size
 from trainer.storage import Storage
@@ -48,13 +49,14 @@ class StageRunner:
         self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable), self.model.arch.visual_token_id,
                                peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
 
-    def train(self, log: Callable[[dict, int], None], batches: Iterator[dict] | None = None) -> dict:
+    def train(self, log: MetricLog | Send, batches: Iterator[dict] | None = None) -> dict:
         """Optimizer steps up to `stage.steps`, each of `grad_accum` micro-batches, from the
         stage's own stream or `batches`; returns the last step's metrics. Every rank sees the
         same read health and stops together."""
         stage = self.job.stage
         batches = batches if batches is not None else self.train_batches
-        start = self.checkpointer.restore() if stage.resume else 0
+        log = as_metric_log(log)
+        start = self.checkpointer.restore(log) if stage.resume else 0
         self.engine.train()
         metrics: dict = {}
         for step in range(start + 1, stage.steps + 1):
@@ -75,7 +77,7 @@ class StageRunner:
                 metrics["eval/loss"] = self.heldout_loss()
             log(metrics, step)
             self.health.check()
-            self.checkpointer.after_step(step, last=step == stage.steps)
+            self.checkpointer.after_step(step, step == stage.steps, log)
         return metrics
 
     def _step_metrics(self, step_reads: ReadHealth, elapsed: float) -> dict:

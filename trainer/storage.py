@@ -65,8 +65,10 @@ class Storage:
         if self.is_local:
             path = Path(self._path(name))
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.with_name(path.name + ".tmp").write_text(text)
-            os.replace(path.with_name(path.name + ".tmp"), path)
+            partial = path.with_name(path.name + ".tmp")
+            partial.write_text(text)
+            _fsync(partial)
+            os.replace(partial, path)
         else:
             self.fs.pipe_file(self._path(name), text.encode())
 
@@ -86,11 +88,15 @@ class Storage:
     @contextmanager
     def staged(self, name: str = "") -> Iterator[Path]:
         """A local folder whose files end up in this storage's folder `name` when the block exits
-        without an error. Files already there stay unless overwritten."""
+        without an error (on a local path flushed to disk by then). Files already there stay
+        unless overwritten."""
         if self.is_local:
             folder = Path(self._path(name))
             folder.mkdir(parents=True, exist_ok=True)
             yield folder
+            for file in folder.rglob("*"):
+                if file.is_file():
+                    _fsync(file)
             return
         with tempfile.TemporaryDirectory(prefix="valleyforge-stage-") as tmp:
             yield Path(tmp)
@@ -156,3 +162,11 @@ class Storage:
         """This filesystem for pyarrow (Ray Train's storage)."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
         return PyFileSystem(FSSpecHandler(self.fs))
+
+
+def _fsync(file: Path) -> None:
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
