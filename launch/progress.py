@@ -16,9 +16,10 @@ class ProgressLine:
     """Renders `stage  step n/N  loss  tok/s  ETA`: rewritten in place on a terminal, a line
     every `every_s` seconds otherwise (CI logs)."""
 
-    def __init__(self, stage: str, total_steps: int, stream=sys.stdout, every_s: float = 15.0):
-        self.stage, self.total, self.stream, self.every_s = stage, total_steps, stream, every_s
-        self.tty = stream.isatty()
+    def __init__(self, stage: str, total_steps: int, stream=None, every_s: float = 15.0):
+        self.stage, self.total, self.every_s = stage, total_steps, every_s
+        self.stream = stream or sys.stdout  # the one at call time: a test may have replaced it since import
+        self.tty = self.stream.isatty()
         self.started = time.monotonic()
         self.last_print = 0.0
         self.last_text = ""

@@ -77,14 +77,18 @@ def start_object_store(folder: Path) -> ObjectStore:
     return store
 
 
-def start_mlflow_server(folder: Path, store: ObjectStore) -> tuple[subprocess.Popen, str]:
-    """An `mlflow server` over HTTP: runs in a sqlite database, artifacts in the object store."""
-    port, log = free_port(), folder / "mlflow-server.log"
+def start_mlflow_server(folder: Path, store: ObjectStore | None, port: int | None = None
+                        ) -> tuple[subprocess.Popen, str]:
+    """An `mlflow server` over HTTP: runs in a sqlite database in `folder`, artifacts in the object
+    store (or in `folder` without one). Started again on the same folder and port, it is the same
+    server after an outage."""
+    port, log = port or free_port(), folder / "mlflow-server.log"
+    artifacts = f"s3://{store.bucket}/mlflow-artifacts" if store else str(folder / "artifacts")
     process = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-         "--artifacts-destination", f"s3://{store.bucket}/mlflow-artifacts"],
-        env={**os.environ, **store.env}, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", artifacts],
+        env={**os.environ, **(store.env if store else {})}, stdout=open(log, "a"), stderr=subprocess.STDOUT,
+        start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     wait_for_http(uri + "/health", process, log)
     return process, uri

@@ -1,7 +1,8 @@
 """Two stages on a Ray cluster of two nodes that share no disk: data, checkpoints and exports in
 an S3-compatible store, tracking on an `mlflow server` (artifacts in the store), one rank per
-node. The job is stopped after a checkpoint and rerun: both ranks resume from the same step;
-the stages register; `valleyforge generate` answers from the registered model."""
+node. The job is stopped after a checkpoint and rerun: both ranks resume from the same step,
+under the same MLflow runs, every step's metrics logged once; the stages register; `valleyforge
+generate` answers from the registered model."""
 from __future__ import annotations
 
 import os
@@ -67,6 +68,7 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
     rerun = valleyforge(*command, env=env)
     out, err = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, out + err
+    assert "(continued)" in out and "[pretrain] continuing stage run" in out, out
 
     logs = cluster.run_dir / name / "logs"
     resumed = {rank: re.findall(r"resumed from (\S+) at step (\d+)", last_section(logs / f"pretrain-rank{rank}.log"))
@@ -76,18 +78,19 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
     assert tag_url.startswith(storage.url) and 3 <= int(step) < 30
 
     client = MlflowClient(mlflow_server)
-    parent = client.search_runs([client.get_experiment_by_name("valleyforge-demo").experiment_id],
-                                f"attributes.run_name = '{name}'", order_by=["attributes.start_time DESC"])[0]
-    stage_runs = {run.info.run_name: run for run in client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")}
-    assert sorted(stage_runs) == ["instruct", "pretrain"]
+    experiment = client.get_experiment_by_name("valleyforge-demo").experiment_id
+    parents = client.search_runs([experiment], f"attributes.run_name = '{name}'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the rerun continued the job's run
+    children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    stage_runs = {run.info.run_name: run for run in children}
+    assert len(children) == 2 and sorted(stage_runs) == ["instruct", "pretrain"]
     for stage, run in stage_runs.items():
         nodes = re.findall(r"rank (\d): node (\w+)", run.data.tags["placement"])
         assert [rank for rank, _ in nodes] == ["0", "1"] and nodes[0][1] != nodes[1][1], run.data.tags["placement"]
         assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "logs")) == \
             [f"logs/{stage}-rank0.log", f"logs/{stage}-rank1.log"]
     history = client.get_metric_history(stage_runs["pretrain"].info.run_id, "train/loss")
-    assert [m.step for m in history] == list(range(int(step) + 1, 31))
+    assert [m.step for m in history] == list(range(1, 31))  # each step once, before and after the stop
     assert storage.child("checkpoints", "instruct").read_text("latest") == "step-00000003"
     assert sorted(storage.child("checkpoints", "pretrain").folders()) == ["step-00000027", "step-00000030"]
     assert not storage.child("inits", "instruct").exists()  # removed once the stage is done
