@@ -63,6 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--template", help="conversation template (default: the one the model was trained with)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
 
+    checkpoints = sub.add_parser("checkpoints", help="the checkpoints recorded in MLflow for a stage run "
+                                                     "(MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    checkpoints.add_argument("ref", help="a stage run id, models:/NAME/VERSION or models:/NAME@ALIAS")
+
     shards = sub.add_parser("shards", help="write and read webdataset shards")
     shards_sub = shards.add_subparsers(dest="shards_command", required=True)
     synth = shards_sub.add_parser("synth", help="write the synthetic moving-shapes dataset")
@@ -186,6 +190,17 @@ def _generate(args) -> int:
     return 0
 
 
+def _checkpoints(args) -> int:
+    from mlflow import MlflowClient
+
+    from launch.checkpoint_registry import checkpoint_table
+    from launch.config import TrackingConfig
+    from launch.tracking import resolve_tracking_uri
+
+    print("\n".join(checkpoint_table(MlflowClient(resolve_tracking_uri(TrackingConfig())), args.ref)))
+    return 0
+
+
 def _shards_synth(args) -> int:
     from data_shards.build.synth import write_synthetic_dataset
     write_synthetic_dataset(Path(args.out), args.train_samples, args.heldout_samples, seed=args.seed,
@@ -243,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"run": lambda: _run(args.config, args.overrides, args.restart), "demo": lambda: _demo(args.overrides),
                 "submit": lambda: _submit(args), "jobs": lambda: _jobs(args),
-                "generate": lambda: _generate(args), "shards": lambda: SHARD_COMMANDS[args.shards_command](args)}
+                "generate": lambda: _generate(args), "checkpoints": lambda: _checkpoints(args), "shards": lambda: SHARD_COMMANDS[args.shards_command](args)}
     try:
         return commands[args.command]()
     except ValueError as err:  # config and input errors: one line, no traceback

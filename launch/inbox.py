@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import ray
 
+from trainer.checkpoint import CheckpointRecord
+
 
 @dataclass
 class Mail:
@@ -14,8 +16,10 @@ class Mail:
     metrics: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics) from rank 0, in order
     notes: list[tuple[str, str | None]] = field(default_factory=list)  # (text, artifact file or None)
     logs: list[tuple[int, str]] = field(default_factory=list)  # (rank, text)
+    checkpoints: list[CheckpointRecord] = field(default_factory=list)  # from rank 0, in order
     placement: dict[int, tuple[str, str, int]] = field(default_factory=dict)  # rank -> (node id, host, pid)
     export: str | None = None  # where rank 0 wrote the export (a storage URL)
+    chosen: dict = field(default_factory=dict)  # which weights it holds: step, scores, selected_by, checkpoint
 
 
 @ray.remote(num_cpus=0)
@@ -24,6 +28,7 @@ class DriverInbox:
         self.pending = Mail()
         self.placement: dict[int, tuple[str, str, int]] = {}
         self.export: str | None = None
+        self.chosen: dict = {}
         self.stored = -1  # the newest step whose metrics the driver has in the tracking store
 
     def hello(self, rank: int, node_id: str, host: str, pid: int) -> None:
@@ -46,10 +51,13 @@ class DriverInbox:
     def log(self, rank: int, text: str) -> None:
         self.pending.logs.append((rank, text))
 
-    def exported(self, url: str) -> None:
-        self.export = url
+    def checkpointed(self, record: CheckpointRecord) -> None:
+        self.pending.checkpoints.append(record)
+
+    def exported(self, url: str, chosen: dict) -> None:
+        self.export, self.chosen = url, chosen
 
     def take(self) -> Mail:
         mail, self.pending = self.pending, Mail()
-        mail.placement, mail.export = dict(self.placement), self.export
+        mail.placement, mail.export, mail.chosen = dict(self.placement), self.export, self.chosen
         return mail

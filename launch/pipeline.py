@@ -21,6 +21,7 @@ from data_shards.manifest import read_manifest
 from data_shards.read.reader import check_enough_shards, shard_lists
 from data_shards.read.stream import ShardLists
 from data_shards.read.sources import data_digest
+from launch.checkpoint_registry import CheckpointRegistry, checkpoint_location
 from launch.config import JobConfig, save_resolved
 from launch.inbox import DriverInbox, Mail
 from launch.progress import ProgressLine
@@ -162,29 +163,34 @@ class Pipeline:
             else:
                 mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
             init = self.stage_init(stage.name, source) if source else None
+            resume_from = checkpoint_location(self.client, stage.resume_from) if stage.resume_from else None
             job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
                            train_shards=self.shard_lists[stage.name][0], eval_shards=self.shard_lists[stage.name][1],
                            init_from=init.url if init else None,
                            export_dir=self.storage.child("exports", stage.name).url,
                            checkpoint_dir=self.storage.child("checkpoints", stage.name).url,
-                           seed=self.cfg.seed + index, peak_flops_per_device=self.cfg.cluster.peak_flops_per_device)
-            export = Storage(self._train_on_ray(job, run.info.run_id))
+                           seed=self.cfg.seed + index, peak_flops_per_device=self.cfg.cluster.peak_flops_per_device,
+                           resume_from=resume_from)
+            export_url, chosen = self._train_on_ray(job, run.info.run_id)
+            export = Storage(export_url)
             with export.fetched() as folder:
                 self.retried(lambda: mlflow.log_artifacts(str(folder), EXPORT_ARTIFACT), f"storing {stage.name}'s export")
             if init:
                 init.remove()
             version = self.retried(lambda: register_export(self.client, name, run.info.run_id, EXPORT_ARTIFACT,
-                                                           stage_tags), f"registering {name}")
+                                                           {**stage_tags, **chosen}), f"registering {name}")
             self.console(f"[{stage.name}] registered {name} version {version.version} "
-                         f"(models:/{name}@latest); started from {init_desc}")
+                         f"(models:/{name}@latest): step {chosen['checkpoint_step']}, {chosen['selected_by']}; "
+                         f"started from {init_desc}")
             return RegisteredStage(stage.name, name, str(version.version), run.info.run_id)
 
     def retried(self, call, what: str):
         """`call()` through an outage of the tracking server of up to `tracking.max_outage_s`."""
         return retried(call, what, self.cfg.tracking.max_outage_s, self.console)
 
-    def _train_on_ray(self, job: StageJob, run_id: str) -> str:
-        """Trains the stage on the Ray workers; where rank 0 wrote the export."""
+    def _train_on_ray(self, job: StageJob, run_id: str) -> tuple[str, dict]:
+        """Trains the stage on the Ray workers; where rank 0 wrote the export, and the tags that
+        say which weights it holds (step, how chosen, the checkpoint's logged model)."""
         cluster = self.cfg.cluster
         inbox = DriverInbox.remote()
         marker = None
@@ -206,8 +212,11 @@ class Pipeline:
         )
         writer = RunWriter(self.tracking_uri, run_id)
         logged = self.retried(lambda: writer.last_step("train/loss"), "reading the stage run's logged steps")
+        registry = CheckpointRegistry(self.client, self.experiment_id, run_id, job.stage.name)
+        self.retried(registry.load, "reading the stage run's recorded checkpoints")
         stage = StageRun(job.stage.name, job.stage.steps, run_id, writer, StageLogs(self.out / "logs", job.stage.name),
-                         cluster.num_workers, TrackingQueue(self.cfg.tracking.max_outage_s, logged))
+                         cluster.num_workers, TrackingQueue(self.cfg.tracking.max_outage_s, logged),
+                         registry, Storage(job.checkpoint_dir))
         outcome: dict = {}
         fit = threading.Thread(target=lambda: outcome.update(result=_capture(trainer.fit)), daemon=True)
         fit.start()
@@ -231,7 +240,12 @@ class Pipeline:
         stage.finish()
         if mail.export is None:
             raise StageFailed(job.stage.name, RuntimeError("rank 0 reported no export"), stage)
-        return mail.export
+        chosen = {"checkpoint_step": str(mail.chosen["step"]), "selected_by": mail.chosen["selected_by"]}
+        if "eval/loss" in mail.chosen:
+            chosen["eval_loss"] = f"{mail.chosen['eval/loss']:.6g}"
+        if mail.chosen.get("checkpoint") in registry.model_ids:
+            chosen["checkpoint"] = f"models:/{registry.model_ids[mail.chosen['checkpoint']]}"
+        return mail.export, chosen
 
     def run_evaluation(self, stage: RegisteredStage, parent_run_id: str) -> dict:
         """Attribute accuracy by generation of the last stage's registered model, on the driver."""
@@ -260,8 +274,9 @@ class StageRun:
     stage's MLflow run and the log folder."""
 
     def __init__(self, name: str, steps: int, run_id: str, run: RunWriter, logs: StageLogs, ranks: int,
-                 tracking: TrackingQueue):
+                 tracking: TrackingQueue, registry: CheckpointRegistry, checkpoints: Storage):
         self.name, self.run, self.logs, self.tracking = name, run, logs, tracking
+        self.registry, self.checkpoints = registry, checkpoints
         self.line = ProgressLine(name, steps)
         tracking.say = self.line.print_above
         self.latest: dict = {}
@@ -269,6 +284,7 @@ class StageRun:
         self.queued_through = tracking.stored_through  # the newest step whose metrics are stored or on their way
         self.notes_seen: set[str] = set()
         logs.begin(run_id, ranks)
+        tracking.put("recording the stage's checkpoints", partial(registry.sync, checkpoints))
 
     def receive(self, mail: Mail) -> None:
         """Takes the workers' mail: logs and notes to their files, metrics and notes to the
@@ -289,6 +305,8 @@ class StageRun:
             self.tracking.put(f"logging step {step}",
                               partial(self.run.metrics, metrics, step, int(time.time() * 1000)), step)
             self.queued_through = step
+        for record in mail.checkpoints:
+            self.tracking.put(f"recording checkpoint step {record.step}", partial(self.registry.record, record))
         if mail.placement != self.placement:
             self.placement = mail.placement
             self.tracking.put("tagging the placement", partial(self.run.tag, "placement", self.where()))
@@ -303,6 +321,7 @@ class StageRun:
 
     def store_logs(self) -> None:
         """Queues the logs after everything else, then waits until the tracking store has it all."""
+        self.tracking.put("recording the stage's checkpoints", partial(self.registry.sync, self.checkpoints))
         for file in self.logs.files():
             self.tracking.put(f"storing {file.name}", partial(self.run.artifact, file, "logs"))
         self.tracking.close()

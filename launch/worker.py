@@ -48,7 +48,7 @@ class StorageMarker:
 @dataclass
 class StageWorker:
     """Called once in each worker process: trains the job's stage on this rank; rank 0 posts
-    the metrics, the trainable-parameter table and the export's location."""
+    the metrics, the trainable-parameter table, each checkpoint and the export's location."""
     job: StageJob
     run_id: str
     inbox: object  # the driver's DriverInbox actor
@@ -73,14 +73,15 @@ class StageWorker:
                 self.marker.check()
             torch.set_num_threads(self.torch_threads)
             with self._init_folder() as init_folder:
-                runner = StageRunner(self.job, Topology(rank, context.get_world_size()), init_folder)
+                runner = StageRunner(self.job, Topology(rank, context.get_world_size()), init_folder,
+                                     on_checkpoint=lambda record: self.inbox.checkpointed.remote(record))
             if rank == 0:
                 print(runner.trainable_table, flush=True)
                 self.inbox.note.remote(runner.trainable_table, "trainable_parameters.txt")
             runner.train(self._metric_log() if rank == 0 else lambda metrics, step: None)
-            export = runner.export()
+            export, chosen = runner.export()
             if export is not None:
-                self.inbox.exported.remote(export.url)
+                self.inbox.exported.remote(export.url, chosen)
         except BaseException:
             traceback.print_exc()  # into this rank's log, which the driver quotes
             raise

@@ -20,12 +20,12 @@ DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 STEPS = 12
 
 
-def one_stage(synth_data, out: Path, name: str, steps: int = STEPS):
+def one_stage(synth_data, out: Path, name: str, steps: int = STEPS, overrides: tuple[str, ...] = ()):
     cfg = load_config(DEMO, [f"name={name}", f"output_dir={out}", f"model.word_vocab={synth_data}/vocab.txt",
                              "model.num_frames=4", "data.micro_batch_size=4", f"tracking.registered_model_prefix={name}",
                              "evaluation=", "cluster.max_failures=1",
                              f"stages.pretrain.train_data={synth_data}/captions/train", "stages.pretrain.eval_data=",
-                             f"stages.pretrain.steps={steps}", "stages.pretrain.checkpoint_every=3"])
+                             f"stages.pretrain.steps={steps}", "stages.pretrain.checkpoint_every=3", *overrides])
     return cfg.model_copy(update={"stages": cfg.stages[:1]})
 
 

@@ -26,7 +26,7 @@ def zero3_worker(config):
     runner.model.eval()
     with torch.no_grad():
         trained_logits = runner.model.llm(input_ids=probe_ids).logits
-    export = runner.export()
+    export, _ = runner.export()
     result = {"rank": topology.rank, "local": local, "full": full, "losses": losses}
     if export is not None:
         with export.fetched() as folder:

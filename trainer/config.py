@@ -2,6 +2,7 @@
 driver hands each worker."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -131,6 +132,10 @@ class TokenReductionConfig(Strict):
         return self
 
 
+# The stage field `register` shadows ABCMeta.register on the class, which no config uses.
+warnings.filterwarnings("ignore", message='Field name "register" in "StageConfig" shadows', category=UserWarning)
+
+
 class StageConfig(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     train_data: str | list[DataSource] = Field(
@@ -152,6 +157,12 @@ class StageConfig(Strict):
     eval_batches: int = Field(4, ge=1)
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (and one at the end); 0: none")
     resume: bool = Field(True, description="start from the stage's newest checkpoint when there is one")
+    resume_from: str | None = Field(
+        None, pattern=r"^models:/m-[0-9a-f]+$", description="a recorded checkpoint (models:/m-..., `valleyforge checkpoints` lists them) this stage "
+                          "continues from when it has no checkpoint of its own; same ranks and data")
+    register: Literal["last", "best"] = Field(
+        "last", description="the export registered at the end: the last step's weights, or the checkpoint with "
+                            "the lowest eval/loss (kept in storage until then)")
 
     @model_validator(mode="after")
     def _lora_consistent(self):
@@ -162,6 +173,9 @@ class StageConfig(Strict):
         untrained = set(self.optimizer.module_lr) - set(self.trainable)
         if untrained:
             raise ValueError(f"optimizer.module_lr names modules this stage does not train: {sorted(untrained)}")
+        if self.register == "best" and not (self.eval_data and self.checkpoint_every):
+            raise ValueError("`register: best` picks among checkpoints by eval/loss: it needs `eval_data` "
+                             "and `checkpoint_every`")
         return self
 
 
@@ -178,4 +192,5 @@ class StageJob:
     export_dir: str  # in storage (a URL or a path): trainer/storage.py
     checkpoint_dir: str
     seed: int
+    resume_from: str | None = None  # a checkpoint tag's URL (the stage's `resume_from`, resolved by the driver)
     peak_flops_per_device: float | None = None  # for MFU; None: known GPUs only

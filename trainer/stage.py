@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -12,13 +12,13 @@ from data_shards.conversation import get_template
 from data_shards.read.health import ReadHealth
 from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, blueprint_from_export
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, CheckpointRecord, best_tag, complete_tags, tag_name
 from trainer.config import StageJob
 from trainer.engine import build_engine, uses_bf16
 from trainer.export import export_model
 from trainer.metric_log import MetricLog, Send, as_metric_log
 from trainer.model import model_inputs
-from trainer.ranks import gather, sum_across_ranks, world_size
+from trainer.ranks import from_rank0, gather, rank, sum_across_ranks, world_size
 from trainer.storage import Storage
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
 
@@ -28,10 +28,12 @@ class StageRunner:
     (from the newest checkpoint when the stage resumes), `export` writes the weights.
 
     `init_folder` is the local export folder the stage starts from (the job's `init_from`,
-    fetched); None builds the model from `job.model`.
+    fetched); None builds the model from `job.model`. `on_checkpoint` gets rank 0's record of
+    each checkpoint saved.
     """
 
-    def __init__(self, job: StageJob, topology: Topology, init_folder: str | Path | None = None):
+    def __init__(self, job: StageJob, topology: Topology, init_folder: str | Path | None = None,
+                 on_checkpoint: Callable[[CheckpointRecord], None] | None = None):
         self.job = job
         torch.manual_seed(job.seed)
         blueprint = blueprint_from_export(init_folder) if init_folder else blueprint_from_config(job.model)
@@ -45,7 +47,8 @@ class StageRunner:
                                               train=False)) if job.eval_shards else None
         self.health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
         self.checkpointer = Checkpointer(Storage(job.checkpoint_dir), job.stage.checkpoint_every, self.engine,
-                                         self.train_batches, self.health)
+                                         self.train_batches, self.health, keep_best=job.stage.register == "best",
+                                         on_saved=on_checkpoint)
         self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable), self.model.arch.visual_token_id,
                                peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
 
@@ -56,9 +59,10 @@ class StageRunner:
         stage = self.job.stage
         batches = batches if batches is not None else self.train_batches
         log = as_metric_log(log)
-        start = self.checkpointer.restore(log) if stage.resume else 0
+        start = self.checkpointer.restore(log, self.job.resume_from) if stage.resume else 0
         self.engine.train()
         metrics: dict = {}
+        scores: dict = {}  # what each checkpoint is recorded with: this step's train loss, the latest eval loss
         for step in range(start + 1, stage.steps + 1):
             started = time.perf_counter()
             self.meter.begin()
@@ -73,11 +77,16 @@ class StageRunner:
                 self.engine.step()
                 self.meter.add(batch, float(loss), data_wait)
             metrics = self._step_metrics(step_reads, time.perf_counter() - started)
-            if self.eval_batches and ((stage.eval_every and step % stage.eval_every == 0) or step == stage.steps):
+            last = step == stage.steps
+            checkpoint = self.checkpointer.due(step, last)
+            if self.eval_batches and ((stage.eval_every and step % stage.eval_every == 0) or last
+                                      or (checkpoint and stage.register == "best")):
                 metrics["eval/loss"] = self.heldout_loss()
             log(metrics, step)
             self.health.check()
-            self.checkpointer.after_step(step, step == stage.steps, log)
+            scores = {**scores, **{k: metrics[k] for k in ("train/loss", "eval/loss") if k in metrics}}
+            if checkpoint:
+                self.checkpointer.save(step, log, scores)
         return metrics
 
     def _step_metrics(self, step_reads: ReadHealth, elapsed: float) -> dict:
@@ -102,7 +111,20 @@ class StageRunner:
         summed, = sum_across_ranks([total / self.job.stage.eval_batches])
         return summed / world_size()
 
-    def export(self) -> Storage | None:
-        """Gather the weights and write the export to `job.export_dir`; its storage on rank 0,
-        None elsewhere."""
-        return export_model(self.model, self.tokenizer, Storage(self.job.export_dir), self.job.stage.template)
+    def export(self) -> tuple[Storage | None, dict]:
+        """Gather the weights and write the export to `job.export_dir`: the last step's, or with
+        `register: best` those of the checkpoint with the lowest eval/loss. Returns the export's
+        storage on rank 0 (None elsewhere) and what was chosen."""
+        chosen = {"step": self.job.stage.steps, "selected_by": "last step"}
+        if self.checkpointer.every:  # saved after the last step too
+            chosen["checkpoint"] = self.checkpointer.storage.child(tag_name(self.job.stage.steps)).url
+        if self.job.stage.register == "best":
+            marks = complete_tags(self.checkpointer.storage) if rank() == 0 else {}
+            best = from_rank0(best_tag(marks) if marks else None)
+            if best is None:
+                raise ValueError(f"stages.{self.job.stage.name}.register: best, but no checkpoint in "
+                                 f"{self.job.checkpoint_dir} has an eval/loss")
+            mark = self.checkpointer.load_weights(best)
+            chosen = {**mark, "selected_by": "lowest eval/loss", "checkpoint": self.checkpointer.storage.child(best).url}
+        export = export_model(self.model, self.tokenizer, Storage(self.job.export_dir), self.job.stage.template)
+        return export, chosen
