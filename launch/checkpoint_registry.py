@@ -108,12 +108,12 @@ def checkpoint_table(client: MlflowClient, ref: str) -> list[str]:
     lines = [f"stage run {run.info.run_id} ({run.info.run_name}): {len(models)} checkpoint(s) recorded"]
     if not models:
         return lines
-    lines.append(f"{'step':>8}  {'train loss':>10}  {'eval loss':>9}  {'state':<10}  {'checkpoint':<36}  location")
+    lines.append(f"{'step':>8}  {'train loss':>10}  {'eval loss':>9}  {'state':<10}  {'checkpoint':<42}  location")
     for model in models:
         p = model.params
         held = version is not None and version.tags.get("checkpoint") == f"models:/{model.model_id}"
         lines.append(f"{p['step']:>8}  {p.get('train_loss', '-'):>10}  {p.get('eval_loss', '-'):>9}  "
-                     f"{model.tags.get('state', '?'):<10}  {'models:/' + model.model_id:<36}  {p['location']}"
+                     f"{model.tags.get('state', '?'):<10}  {'models:/' + model.model_id:<42}  {p['location']}"
                      + (f"   <- {version.name} version {version.version} ({version.tags.get('selected_by')})"
                         if held else ""))
     return lines
