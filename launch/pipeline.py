@@ -3,6 +3,7 @@ register each stage's export and start the next stage from the registry."""
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 import time
@@ -30,7 +31,8 @@ from launch.tracking import (RunWriter, fetch_model, git_commit, register_export
 from launch.tracking_queue import TrackingQueue
 from launch.worker import StageWorker, StorageMarker
 from launch.worker_logs import StageLogs
-from trainer.config import StageJob
+from trainer.checkpoint_export import export_checkpoint
+from trainer.config import CHECKPOINT_URI, StageJob
 from trainer.storage import Storage
 
 EXPORT_ARTIFACT = "export"
@@ -132,14 +134,21 @@ class Pipeline:
             source = "config" if previous is None else f"models:/{previous.name}@latest"
         if source == "config":
             return None, "model config"
+        if re.match(CHECKPOINT_URI, source):
+            return source, f"checkpoint {source}"
         if source.startswith("models:/"):
             return resolve_model_uri(self.client, source)
         return str(Path(source).absolute()), source
 
     def stage_init(self, stage_name: str, source: str) -> Storage:
         """The stage's starting export, put into storage once for every worker: from the registry
-        (downloaded here, the only MLflow client) or from a folder on this machine."""
+        (downloaded here, the only MLflow client), a recorded checkpoint (made into an export
+        here) or a folder on this machine."""
         target = self.storage.child("inits", stage_name)
+        if re.match(CHECKPOINT_URI, source):
+            with Storage(checkpoint_location(self.client, source)).fetched() as folder:
+                export_checkpoint(folder, target)
+            return target
         with tempfile.TemporaryDirectory(prefix="valleyforge-init-") as tmp:
             target.upload(fetch_model(source, self.tracking_uri, Path(tmp) / "export"))
         return target

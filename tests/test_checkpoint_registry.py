@@ -1,6 +1,7 @@
 """MLflow as the checkpoint registry: every checkpoint of a stage is a logged model of its stage
 run, `valleyforge checkpoints` lists them, `register: best` registers the one with the lowest
-eval loss (kept in storage for that), and `resume_from` continues another run from any kept one."""
+eval loss (kept in storage for that), `resume_from` continues another run from any kept one, and
+`init_from` starts a stage from one's weights."""
 import os
 import subprocess
 import sys
@@ -73,3 +74,13 @@ def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(r
     second_losses = {m.step: m.value for m in client.get_metric_history(second.run_id, "train/loss")}
     assert list(second_losses) == [STEPS]
     assert second_losses[STEPS] == pytest.approx(first_losses[STEPS], rel=1e-5)
+
+    # A stage that starts from a recorded checkpoint: its frozen projector is that checkpoint's.
+    third, = Pipeline(best_stage(synth_data, tmp_path / "c", "started", "stages.pretrain.register=last",
+                                 "stages.pretrain.checkpoint_every=0", "stages.pretrain.trainable=[llm]",
+                                 "stages.pretrain.steps=1", f"stages.pretrain.init_from=models:/{held.model_id}"),
+                      console=lambda _: None).run()
+    assert client.get_run(third.run_id).data.params["init_from"] == f"checkpoint models:/{held.model_id}"
+    started = load_file(tmp_path / "c" / "exports" / "pretrain" / "projector" / "model.safetensors")
+    for key, value in started.items():
+        torch.testing.assert_close(value, weights[f"projector.{key}"])

@@ -5,6 +5,8 @@ the metrics the tracking store may not have yet.
     CHECKPOINTS/              a folder in storage (trainer/storage.py)
       latest                  the newest complete tag; written last, atomically
       step-00000300/          DeepSpeed's files + rank-0.pt, rank-1.pt, ... (reader state, RNG)
+        model/                the model's configs, tokenizer and spec, no weights: with the
+                              shards they make an export (trainer/checkpoint_export.py)
         complete              written once every rank's files are in storage: the step, its
                               train loss and the latest eval loss, as JSON
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -28,6 +31,7 @@ from trainer.storage import Storage
 
 LATEST = "latest"
 COMPLETE = "complete"
+MODEL_FILES = "model"
 # DeepSpeed names each data-parallel rank's files zero_pp_rank_<r>_mp_rank_<m>_...; ours rank-<r>.pt
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)[_.]")
 
@@ -83,10 +87,12 @@ class Checkpointer:
     `on_saved`."""
 
     def __init__(self, storage: Storage, every: int, engine, loader, health, keep: int = 2,
-                 keep_best: bool = False, on_saved: Callable[[CheckpointRecord], None] | None = None):
+                 keep_best: bool = False, on_saved: Callable[[CheckpointRecord], None] | None = None,
+                 write_model_files: Callable[[Path], None] = lambda folder: None):
         self.storage, self.every, self.keep, self.keep_best = storage, every, keep, keep_best
         self.engine, self.loader, self.health = engine, loader, health
         self.on_saved = on_saved or (lambda record: None)
+        self.write_model_files = write_model_files  # rank 0, into each tag's `model/`
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.every) and (step % self.every == 0 or last)
@@ -104,6 +110,8 @@ class Checkpointer:
                        folder / f"rank-{rank()}.pt")
             self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
                                         client_state={"step": step, "read_health": self.health.state_dict()})
+            if rank() == 0:
+                self.write_model_files(folder / MODEL_FILES)
         barrier()  # every rank's files are in storage (flushed) before the tag is marked and the pointer moves
         if rank() == 0:
             self.storage.write_text(f"{tag}/{COMPLETE}", json.dumps({"step": step, **scores}) + "\n")

@@ -136,6 +136,9 @@ class TokenReductionConfig(Strict):
 warnings.filterwarnings("ignore", message='Field name "register" in "StageConfig" shadows', category=UserWarning)
 
 
+CHECKPOINT_URI = r"^models:/m-[0-9a-f]+$"  # a recorded checkpoint: an MLflow logged model (launch/checkpoint_registry.py)
+
+
 class StageConfig(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
     train_data: str | list[DataSource] = Field(
@@ -147,7 +150,8 @@ class StageConfig(Strict):
     lora: LoraConfig | None = None
     token_reduction: TokenReductionConfig | None = None
     init_from: str = Field(
-        "auto", description="auto | config | models:/NAME@ALIAS | models:/NAME/VERSION | an export folder")
+        "auto", description="auto | config | models:/NAME@ALIAS | models:/NAME/VERSION | models:/m-... (a recorded "
+                            "checkpoint) | an export folder")
     steps: int = Field(gt=0, description="optimizer steps")
     grad_accum: int = Field(1, ge=1)
     max_grad_norm: float = Field(1.0, gt=0)
@@ -158,7 +162,7 @@ class StageConfig(Strict):
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (and one at the end); 0: none")
     resume: bool = Field(True, description="start from the stage's newest checkpoint when there is one")
     resume_from: str | None = Field(
-        None, pattern=r"^models:/m-[0-9a-f]+$", description="a recorded checkpoint (models:/m-..., `valleyforge checkpoints` lists them) this stage "
+        None, pattern=CHECKPOINT_URI, description="a recorded checkpoint (models:/m-..., `valleyforge checkpoints` lists them) this stage "
                           "continues from when it has no checkpoint of its own; same ranks and data")
     register: Literal["last", "best"] = Field(
         "last", description="the export registered at the end: the last step's weights, or the checkpoint with "

@@ -38,6 +38,22 @@ def export_model(model: VideoLanguageModel, tokenizer, storage: Storage, templat
     return storage
 
 
+def write_blueprint(model: VideoLanguageModel, tokenizer, folder: Path, template: str | None) -> None:
+    """An export without its weights: the configs, tokenizer and spec that rebuild the module tree
+    (each checkpoint holds one, so it can become an export: trainer/checkpoint_export.py)."""
+    model.vision.config.save_pretrained(folder / "vision")
+    llm = model.llm.get_base_model() if has_lora(model.llm) else model.llm
+    llm.config.save_pretrained(folder / "llm")
+    tokenizer.save_pretrained(folder / "llm")
+    _write_spec(model, folder, template, {"lora_adapter": "llm_adapter"} if has_lora(model.llm) else {})
+
+
+def _write_spec(model: VideoLanguageModel, folder: Path, template: str | None, extra: dict) -> None:
+    spec = {"format_version": FORMAT_VERSION, "architecture": model.arch.to_json(),
+            "components": {name: name for name in model.components()}, "template": template, **extra}
+    (folder / EXPORT_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+
+
 def _write_export(model: VideoLanguageModel, tokenizer, states: dict, folder: Path, template: str | None) -> None:
     model.vision.save_pretrained(folder / "vision", state_dict=states["vision"])
     spec_extra = {}
@@ -55,6 +71,4 @@ def _write_export(model: VideoLanguageModel, tokenizer, states: dict, folder: Pa
         if name not in ("vision", "llm"):  # our own modules: plain safetensors
             (folder / name).mkdir(parents=True)
             save_file({k: v.contiguous() for k, v in states[name].items()}, folder / name / "model.safetensors")
-    spec = {"format_version": FORMAT_VERSION, "architecture": model.arch.to_json(),
-            "components": {name: name for name in model.components()}, "template": template, **spec_extra}
-    (folder / EXPORT_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
+    _write_spec(model, folder, template, spec_extra)

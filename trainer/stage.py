@@ -15,7 +15,7 @@ from trainer.blueprint import blueprint_from_config, blueprint_from_export
 from trainer.checkpoint import Checkpointer, CheckpointRecord, best_tag, complete_tags, tag_name
 from trainer.config import StageJob
 from trainer.engine import build_engine, uses_bf16
-from trainer.export import export_model
+from trainer.export import export_model, write_blueprint
 from trainer.metric_log import MetricLog, Send, as_metric_log
 from trainer.model import model_inputs
 from trainer.ranks import from_rank0, gather, rank, sum_across_ranks, world_size
@@ -48,7 +48,9 @@ class StageRunner:
         self.health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
         self.checkpointer = Checkpointer(Storage(job.checkpoint_dir), job.stage.checkpoint_every, self.engine,
                                          self.train_batches, self.health, keep_best=job.stage.register == "best",
-                                         on_saved=on_checkpoint)
+                                         on_saved=on_checkpoint,
+                                         write_model_files=lambda folder: write_blueprint(
+                                             self.model, self.tokenizer, folder, job.stage.template))
         self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable), self.model.arch.visual_token_id,
                                peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
 
