@@ -1,6 +1,7 @@
 """A rank's process killed with SIGKILL mid-stage: with `cluster.max_failures`, Ray Train restarts
-the worker group, it resumes from the newest checkpoint and the stage completes, its weights and
-every step's loss equal to a run that was never interrupted, each step's metrics logged once."""
+the worker group, it resumes from the newest checkpoint and the stage completes, its weights,
+every step's loss and samples (their keys' digest) equal to a run that was never interrupted,
+each step's metrics logged once."""
 import os
 import re
 import signal
@@ -76,6 +77,9 @@ def test_a_killed_rank_is_replaced_and_the_stage_ends_as_if_uninterrupted(ray_lo
     clean_history = client.get_metric_history(clean[0].run_id, "train/loss")
     assert [m.step for m in killed_history] == list(range(1, STEPS + 1))  # each step once
     assert [m.value for m in killed_history] == pytest.approx([m.value for m in clean_history], rel=1e-5)
+    digests = [[m.value for m in client.get_metric_history(run_id, "data/batch_digest")]
+               for run_id in (outcome["registered"][0].run_id, clean[0].run_id)]
+    assert len(digests[0]) == STEPS and digests[0] == digests[1]  # the same samples, step by step
 
     killed_model, _ = load_export(killed_out / "exports" / "pretrain")
     clean_model, _ = load_export(clean_out / "exports" / "pretrain")

@@ -3,6 +3,7 @@ the checkpointer and the step meter, and the step loop that trains them."""
 from __future__ import annotations
 
 import time
+import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -68,17 +69,18 @@ class StageRunner:
         for step in range(start + 1, stage.steps + 1):
             started = time.perf_counter()
             self.meter.begin()
-            step_reads = ReadHealth()
+            step_reads, step_keys = ReadHealth(), []
             for _ in range(stage.grad_accum):
                 fetch = time.perf_counter()
                 batch = next(batches)
                 data_wait = time.perf_counter() - fetch
                 step_reads.add_batch(batch)
+                step_keys += batch["keys"]
                 loss = self.engine(**model_inputs(batch, self.engine.device)).loss
                 self.engine.backward(loss)
                 self.engine.step()
                 self.meter.add(batch, float(loss), data_wait)
-            metrics = self._step_metrics(step_reads, time.perf_counter() - started)
+            metrics = self._step_metrics(step_reads, step_keys, time.perf_counter() - started)
             last = step == stage.steps
             checkpoint = self.checkpointer.due(step, last)
             if self.eval_batches and ((stage.eval_every and step % stage.eval_every == 0) or last
@@ -91,15 +93,19 @@ class StageRunner:
                 self.checkpointer.save(step, log, scores)
         return metrics
 
-    def _step_metrics(self, step_reads: ReadHealth, elapsed: float) -> dict:
-        for stats in gather((step_reads.seen, dict(step_reads.by_reason), dict(step_reads.by_shard))):
-            self.health.add(*stats)
+    def _step_metrics(self, step_reads: ReadHealth, step_keys: list[str], elapsed: float) -> dict:
+        keys_by_rank = []
+        for seen, by_reason, by_shard, keys in gather((step_reads.seen, dict(step_reads.by_reason),
+                                                       dict(step_reads.by_shard), step_keys)):
+            self.health.add(seen, by_reason, by_shard)
+            keys_by_rank.append(keys)
         return {
             **self.meter.metrics(sum_across_ranks(self.meter.local()), self.job.stage.grad_accum, world_size(),
                                  elapsed),
             "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             **self.health.metrics(),
+            "data/batch_digest": batch_digest(keys_by_rank),
         }
 
     def heldout_loss(self) -> float:
@@ -130,3 +136,9 @@ class StageRunner:
             chosen = {**mark, "selected_by": "lowest eval/loss", "checkpoint": self.checkpointer.storage.child(best).url}
         export = export_model(self.model, self.tokenizer, Storage(self.job.export_dir), self.job.stage.template)
         return export, chosen
+
+
+def batch_digest(keys_by_rank: list[list[str]]) -> float:
+    """A 24-bit CRC of the step's sample keys, rank by rank: two runs that trained a step on the
+    same samples in the same places log the same number (exact as a float)."""
+    return float(zlib.crc32("\n".join("\t".join(keys) for keys in keys_by_rank).encode()) & 0xFFFFFF)
