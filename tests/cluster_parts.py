@@ -116,15 +116,18 @@ def start_two_node_cluster(run_dir: Path, logs: Path, node_env: dict[str, str]) 
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
     full_env = {**os.environ, **node_env, **env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     ray = str(BIN / "ray")
+    # Each node's dashboard agent gets a free port: the default one may be held by a Ray started
+    # earlier on this machine, and a head whose agent cannot listen accepts no job.
     common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
     head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", *common],
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                             f"--dashboard-agent-listen-port={free_port()}", *common],
                             env=full_env, stdout=open(logs / "ray-head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"127.0.0.1:{port}"
     cluster = TwoNodeCluster(address, f"http://127.0.0.1:{dashboard_port}", env, run_dir, [head])
     second = (f"mount -t tmpfs tmpfs {run_dir} && exec {ray} start --address={address} "
-              + " ".join(common))
+              f"--dashboard-agent-listen-port={free_port()} " + " ".join(common))
     try:
         _wait_for_nodes(address, full_env, 1, head)
         cluster.nodes.append(subprocess.Popen(
