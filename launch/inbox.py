@@ -4,10 +4,12 @@ and is the one that prints, writes logs and talks to MLflow."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import ray
 
-from trainer.checkpoint import CheckpointRecord
+if TYPE_CHECKING:  # the actor's process need not import torch
+    from trainer.checkpoint import CheckpointRecord
 
 
 @dataclass

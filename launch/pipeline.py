@@ -3,7 +3,6 @@ register each stage's export and start the next stage from the registry."""
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import threading
 import time
@@ -32,7 +31,7 @@ from launch.tracking_queue import TrackingQueue
 from launch.worker import StageWorker, StorageMarker
 from launch.worker_logs import StageLogs
 from trainer.checkpoint_export import export_checkpoint
-from trainer.config import CHECKPOINT_URI, StageJob
+from trainer.config import StageJob, is_checkpoint_uri
 from trainer.storage import Storage
 
 EXPORT_ARTIFACT = "export"
@@ -134,7 +133,7 @@ class Pipeline:
             source = "config" if previous is None else f"models:/{previous.name}@latest"
         if source == "config":
             return None, "model config"
-        if re.match(CHECKPOINT_URI, source):
+        if is_checkpoint_uri(source):
             return source, f"checkpoint {source}"
         if source.startswith("models:/"):
             return resolve_model_uri(self.client, source)
@@ -145,7 +144,7 @@ class Pipeline:
         (downloaded here, the only MLflow client), a recorded checkpoint (made into an export
         here) or a folder on this machine."""
         target = self.storage.child("inits", stage_name)
-        if re.match(CHECKPOINT_URI, source):
+        if is_checkpoint_uri(source):
             with Storage(checkpoint_location(self.client, source)).fetched() as folder:
                 export_checkpoint(folder, target)
             return target

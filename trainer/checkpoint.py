@@ -49,10 +49,15 @@ class CheckpointRecord:
     removed: list[str]  # URLs of the tags this save's pruning removed
 
 
-def complete_tags(storage: Storage) -> dict[str, dict]:
-    """The complete tags in `storage`, oldest first, each with its mark (step and scores)."""
-    tags = sorted(name for name in storage.folders() if name.startswith("step-"))
-    marks = {tag: storage.read_text(f"{tag}/{COMPLETE}") for tag in tags}
+def step_tags(storage: Storage) -> list[str]:
+    """Every tag folder in `storage`, complete or not, oldest first."""
+    return sorted(name for name in storage.folders() if name.startswith("step-"))
+
+
+def complete_tags(storage: Storage, tags: list[str] | None = None) -> dict[str, dict]:
+    """The complete ones of `tags` (default: all in `storage`), oldest first, each with its mark
+    (step and scores)."""
+    marks = {tag: storage.read_text(f"{tag}/{COMPLETE}") for tag in (step_tags(storage) if tags is None else tags)}
     return {tag: json.loads(mark) for tag, mark in marks.items() if mark is not None}
 
 
@@ -65,11 +70,10 @@ def best_tag(marks: dict[str, dict]) -> str | None:
 def prune(storage: Storage, keep: int, keep_best: bool = False) -> list[str]:
     """Keeps the newest `keep` complete tags (and with `keep_best` the lowest eval/loss); removes
     the others and any a crash left incomplete. Returns the names removed."""
-    marks = complete_tags(storage)
-    kept = set(list(marks)[len(marks) - keep:])
-    if keep_best and best_tag(marks):
-        kept.add(best_tag(marks))
-    removed = [tag for tag in storage.folders() if tag.startswith("step-") and tag not in kept]
+    tags = step_tags(storage)
+    marks = complete_tags(storage, tags)
+    kept = set(list(marks)[len(marks) - keep:]) | ({best_tag(marks)} if keep_best else set())
+    removed = [tag for tag in tags if tag not in kept]
     for tag in removed:
         storage.remove(tag)
     return removed
@@ -79,6 +83,12 @@ def belongs_to_rank(file_name: str, this_rank: int) -> bool:
     """Whether a checkpoint file is one `this_rank` loads: its own, or one no rank owns."""
     owner = _RANK_FILE.search(file_name)
     return owner is None or int(owner.group(1)) == this_rank
+
+
+def written_by_rank(file_name: str, this_rank: int) -> bool:
+    """Whether `this_rank` wrote a checkpoint file: its own; rank 0 the ones no rank owns."""
+    owner = _RANK_FILE.search(file_name)
+    return int(owner.group(1)) == this_rank if owner else this_rank == 0
 
 
 class Checkpointer:
@@ -104,7 +114,7 @@ class Checkpointer:
         if rank() == 0:  # what a crashed save of this tag left (a resumed run saves it again)
             self.storage.remove(tag)
         barrier()
-        with self.storage.staged(tag) as folder:
+        with self.storage.staged(tag, written_here=lambda name: written_by_rank(name, rank())) as folder:
             torch.save({"reader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(),
                         "metric_log": log.state_dict() if rank() == 0 else None},
                        folder / f"rank-{rank()}.pt")
@@ -152,12 +162,10 @@ class Checkpointer:
         print(f"resumed from {storage.child(tag).url} at step {client_state['step']}", flush=True)
         return int(client_state["step"])
 
-    def load_weights(self, tag: str) -> dict:
-        """The engine's state as of this stage's checkpoint `tag` (the data position stays);
-        returns its complete mark."""
+    def load_weights(self, tag: str) -> None:
+        """The engine's state as of this stage's checkpoint `tag` (the data position stays)."""
         with self.storage.fetched(tag, keep=lambda name: belongs_to_rank(name, rank())) as folder:
             self._load_engine(folder, self.storage.child(tag).url)
-        return json.loads(self.storage.read_text(f"{tag}/{COMPLETE}"))
 
     def _load_engine(self, folder, url: str) -> dict:
         path, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)

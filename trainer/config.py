@@ -2,6 +2,7 @@
 driver hands each worker."""
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -137,6 +138,10 @@ warnings.filterwarnings("ignore", message='Field name "register" in "StageConfig
 
 
 CHECKPOINT_URI = r"^models:/m-[0-9a-f]+$"  # a recorded checkpoint: an MLflow logged model (launch/checkpoint_registry.py)
+
+
+def is_checkpoint_uri(source: str) -> bool:
+    return re.match(CHECKPOINT_URI, source) is not None
 
 
 class StageConfig(Strict):

@@ -128,11 +128,12 @@ class StageRunner:
             chosen["checkpoint"] = self.checkpointer.storage.child(tag_name(self.job.stage.steps)).url
         if self.job.stage.register == "best":
             marks = complete_tags(self.checkpointer.storage) if rank() == 0 else {}
-            best = from_rank0(best_tag(marks) if marks else None)
+            best = best_tag(marks)
+            best, mark = from_rank0((best, marks[best] if best else None))
             if best is None:
                 raise ValueError(f"stages.{self.job.stage.name}.register: best, but no checkpoint in "
                                  f"{self.job.checkpoint_dir} has an eval/loss")
-            mark = self.checkpointer.load_weights(best)
+            self.checkpointer.load_weights(best)
             chosen = {**mark, "selected_by": "lowest eval/loss", "checkpoint": self.checkpointer.storage.child(best).url}
         export = export_model(self.model, self.tokenizer, Storage(self.job.export_dir), self.job.stage.template)
         return export, chosen

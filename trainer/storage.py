@@ -86,16 +86,17 @@ class Storage:
             self.fs.rm(self._path(name), recursive=True)
 
     @contextmanager
-    def staged(self, name: str = "") -> Iterator[Path]:
+    def staged(self, name: str = "", written_here: Callable[[str], bool] = lambda _: True) -> Iterator[Path]:
         """A local folder whose files end up in this storage's folder `name` when the block exits
-        without an error (on a local path flushed to disk by then). Files already there stay
-        unless overwritten."""
+        without an error. On a local path, where several processes may write into the same
+        folder, the files `written_here` accepts (by path relative to it) are flushed to disk by
+        then. Files already there stay unless overwritten."""
         if self.is_local:
             folder = Path(self._path(name))
             folder.mkdir(parents=True, exist_ok=True)
             yield folder
             for file in folder.rglob("*"):
-                if file.is_file():
+                if file.is_file() and written_here(file.relative_to(folder).as_posix()):
                     _fsync(file)
             return
         with tempfile.TemporaryDirectory(prefix="valleyforge-stage-") as tmp:
