@@ -19,6 +19,12 @@ class ReaderConfig(Strict):
 
     micro_batch_size: int = Field(8, ge=1, description="samples per rank per forward pass")
     num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (decode + tokenize)")
+    streams: int | None = Field(
+        None, ge=1, description="streams a stage's training data is split into, fixed when the stage first starts: "
+                                "the sample order depends on them, the seed and the data, not on the ranks and "
+                                "workers reading them; every rank count the stage runs on must divide it. Default: "
+                                "data.num_workers x the least common multiple of the rank counts cluster.num_workers "
+                                "allows")
     shuffle_buffer: int = Field(256, ge=1, description="samples held for shuffling; 1 disables")
     max_length: int = Field(512, ge=8, description="tokens per sample after placeholder expansion")
     packing: bool = Field(False, description="pack each micro-batch's samples into rows of max_length tokens")

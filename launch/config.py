@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -22,7 +23,9 @@ class ClusterConfig(Strict):
     storage: str | None = Field(
         None, description="checkpoints, exports, Ray's own files: a URL (s3://, gs://, ...) or a path every node "
                           "sees; {name} is the job name; unset: output_dir")
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2, description="training workers (ranks, one per GPU); [min, max]: elastic, each stage runs on as many as "
+                       "the cluster has room for, and after a lost node goes on with fewer (at least min)")
     max_failures: int = Field(0, ge=-1, description="times a stage's worker group is restarted after a failed or "
                                                     "lost worker, resuming from its newest checkpoint; -1: always")
     use_gpu: bool = False
@@ -31,6 +34,27 @@ class ClusterConfig(Strict):
     torch_threads: int = Field(1, ge=1, description="intra-op threads per worker process")
     peak_flops_per_device: float | None = Field(
         None, gt=0, description="peak FLOP/s of one device for MFU; unset: known GPUs from a table")
+
+    @model_validator(mode="after")
+    def _worker_range(self):
+        low, high = self.worker_range
+        if not 1 <= low <= high:
+            raise ValueError(f"num_workers: {list(self.worker_range)}: a count >= 1, or [min, max] with 1 <= min <= max")
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        return (self.num_workers, self.num_workers) if isinstance(self.num_workers, int) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.worker_range[1]
+
+    @property
+    def worker_counts_lcm(self) -> int:
+        """The least common multiple of every rank count a stage may run on."""
+        low, high = self.worker_range
+        return math.lcm(*range(low, high + 1))
 
 
 class TrackingConfig(Strict):
@@ -66,6 +90,31 @@ class JobConfig(Strict):
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
         return self
+
+    @model_validator(mode="after")
+    def _batches_split_over_every_rank_count(self):
+        """Every rank count a stage may run on must divide its data streams and its global batch."""
+        lcm, counts = self.cluster.worker_counts_lcm, list(self.cluster.worker_range)
+        if self.data_streams() % lcm:
+            raise ValueError(f"data.streams {self.data.streams} must be a multiple of {lcm} to split over every rank "
+                             f"count cluster.num_workers {counts} allows")
+        for stage in self.stages:
+            if self.micro_batches_per_step(stage) % lcm:
+                raise ValueError(
+                    f"stages.{stage.name}.grad_accum: a global batch of {self.micro_batches_per_step(stage)} "
+                    f"micro-batches (grad_accum {stage.grad_accum} x {self.cluster.max_workers} ranks) does not split "
+                    f"over every rank count cluster.num_workers {counts} allows; make grad_accum x "
+                    f"{self.cluster.max_workers} a multiple of {lcm}")
+        return self
+
+    def data_streams(self) -> int:
+        """`data.streams`, or its default: one per DataLoader worker of each rank, times every rank
+        count the cluster allows (their least common multiple)."""
+        return self.data.streams or self.cluster.worker_counts_lcm * max(self.data.num_workers, 1)
+
+    def micro_batches_per_step(self, stage: StageConfig) -> int:
+        """A stage's global batch in micro-batches: its grad_accum on each of the most ranks."""
+        return stage.grad_accum * self.cluster.max_workers
 
     def resolved_output_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name)).expanduser().absolute()

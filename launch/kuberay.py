@@ -59,7 +59,8 @@ def rayjob_manifest(cfg: JobConfig, tracking_uri: str, image: str, namespace: st
                   "data": {"config.yaml": cfg.to_yaml()}}
 
     cluster = cfg.cluster
-    per_pod = min(workers_per_pod, cluster.num_workers)
+    low, high = cluster.worker_range
+    per_pod = min(workers_per_pod, high)
     worker_resources = {"cpu": _quantity(per_pod * cluster.cpus_per_worker)}
     if cluster.use_gpu:
         worker_resources["nvidia.com/gpu"] = per_pod
@@ -69,8 +70,9 @@ def rayjob_manifest(cfg: JobConfig, tracking_uri: str, image: str, namespace: st
         "template": {"spec": {
             "containers": [_container("ray-head", image, {"cpu": "2", "memory": "8Gi"}, env, secret, True)],
             "volumes": [{"name": "valleyforge-config", "configMap": {"name": f"{name}-config"}}]}}}
-    replicas = math.ceil(cluster.num_workers / per_pod)
-    workers = {"groupName": "workers", "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
+    replicas = math.ceil(high / per_pod)  # an elastic job may go on with fewer (as few as min's pods)
+    workers = {"groupName": "workers", "replicas": replicas, "minReplicas": math.ceil(low / per_pod),
+               "maxReplicas": replicas,
                "rayStartParams": {},
                "template": {"spec": {"containers": [_container("ray-worker", image, worker_resources, env, secret,
                                                                False)]}}}

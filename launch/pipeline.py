@@ -53,8 +53,9 @@ def resolve_inputs(cfg: JobConfig) -> dict[str, tuple[ShardLists, ShardLists | N
         try:
             train, evaluation = stage.train_data, stage.eval_data
             lists[stage.name] = (shard_lists(train), shard_lists(evaluation) if evaluation else None)
-            for data in filter(None, lists[stage.name]):
-                check_enough_shards(data, cfg.cluster.num_workers, cfg.data.num_workers)
+            check_enough_shards(lists[stage.name][0], cfg.data_streams())
+            if evaluation:  # read by each rank's DataLoader workers, on as many ranks as there may be
+                check_enough_shards(lists[stage.name][1], cfg.cluster.max_workers * max(cfg.data.num_workers, 1))
         except ValueError as err:
             raise ValueError(f"stages.{stage.name}: {err}") from None
         source = stage.init_from
@@ -80,7 +81,7 @@ def start_ray(cfg: JobConfig) -> None:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
     else:
-        needed = int(cfg.cluster.num_workers * cfg.cluster.cpus_per_worker + 0.999)
+        needed = int(cfg.cluster.max_workers * cfg.cluster.cpus_per_worker + 0.999)
         # "local": a new embedded Ray, even where a `ray start` cluster runs on this machine
         ray.init(address="local", num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed),
                  include_dashboard=False,
@@ -172,13 +173,14 @@ class Pipeline:
                 mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": init_desc})
             init = self.stage_init(stage.name, source) if source else None
             resume_from = checkpoint_location(self.client, stage.resume_from) if stage.resume_from else None
-            job = StageJob(model=self.cfg.model, engine=self.cfg.engine, data=self.cfg.data, stage=stage,
+            job = StageJob(model=self.cfg.model, engine=self.cfg.engine,
+                           data=self.cfg.data.model_copy(update={"streams": self.cfg.data_streams()}), stage=stage,
                            train_shards=self.shard_lists[stage.name][0], eval_shards=self.shard_lists[stage.name][1],
                            init_from=init.url if init else None,
                            export_dir=self.storage.child("exports", stage.name).url,
                            checkpoint_dir=self.storage.child("checkpoints", stage.name).url,
                            seed=self.cfg.seed + index, peak_flops_per_device=self.cfg.cluster.peak_flops_per_device,
-                           resume_from=resume_from)
+                           resume_from=resume_from, micro_batches_per_step=self.cfg.micro_batches_per_step(stage))
             export_url, chosen = self._train_on_ray(job, run.info.run_id)
             export = Storage(export_url)
             with export.fetched() as folder:
@@ -223,7 +225,7 @@ class Pipeline:
         registry = CheckpointRegistry(self.client, self.experiment_id, run_id, job.stage.name)
         self.retried(registry.load, "reading the stage run's recorded checkpoints")
         stage = StageRun(job.stage.name, job.stage.steps, run_id, writer, StageLogs(self.out / "logs", job.stage.name),
-                         cluster.num_workers, TrackingQueue(self.cfg.tracking.max_outage_s, logged),
+                         cluster.max_workers, TrackingQueue(self.cfg.tracking.max_outage_s, logged),
                          registry, Storage(job.checkpoint_dir))
         outcome: dict = {}
         fit = threading.Thread(target=lambda: outcome.update(result=_capture(trainer.fit)), daemon=True)

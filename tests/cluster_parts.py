@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 BIN = Path(sys.executable).parent
 
 
@@ -101,10 +103,37 @@ class TwoNodeCluster:
     env: dict[str, str]  # what a client of this cluster needs (token authentication)
     run_dir: Path  # the directory the second node does not see
     nodes: list[subprocess.Popen]
+    node_env: dict[str, str]  # every node's environment
+    logs: Path
+
+    def start_second_node(self) -> None:
+        """The second node, in a mount namespace with an empty tmpfs over `run_dir`."""
+        second = (f"mount -t tmpfs tmpfs {self.run_dir} && exec {BIN / 'ray'} start --address={self.address} "
+                  f"--dashboard-agent-listen-port={free_port()} " + " ".join(NODE_ARGS))
+        self.nodes.append(subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", second], env=self.node_env,
+            stdout=open(self.logs / "ray-second-node.log", "a"), stderr=subprocess.STDOUT, start_new_session=True))
+        _wait_for_nodes(self.address, self.node_env, 2, self.nodes[-1])
+
+    def lose_second_node(self) -> None:
+        """Every process of the second node (its raylet, the workers it started in sessions of their
+        own) killed at once, as when a machine goes away."""
+        node = self.nodes.pop()
+        for process in [*psutil.Process(node.pid).children(recursive=True), psutil.Process(node.pid)]:
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
+        node.wait()
 
     def stop(self) -> None:
         for node in reversed(self.nodes):
             stop_group(node)
+
+
+NODE_ARGS = ["--num-cpus=1", "--disable-usage-stats", "--block"]
+# A lost node is noticed within seconds (Ray's defaults take up to a minute).
+FAST_HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
 
 def start_two_node_cluster(run_dir: Path, logs: Path, node_env: dict[str, str]) -> TwoNodeCluster:
@@ -114,26 +143,20 @@ def start_two_node_cluster(run_dir: Path, logs: Path, node_env: dict[str, str]) 
     on a node whose environment is activated."""
     port, dashboard_port = free_port(), free_port()
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    full_env = {**os.environ, **node_env, **env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    ray = str(BIN / "ray")
+    full_env = {**os.environ, **node_env, **env, **FAST_HEALTH_CHECKS,
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     # Each node's dashboard agent gets a free port: the default one may be held by a Ray started
     # earlier on this machine, and a head whose agent cannot listen accepts no job.
-    common = ["--num-cpus=1", "--disable-usage-stats", "--block"]
-    head = subprocess.Popen([ray, "start", "--head", f"--port={port}", "--include-dashboard=true",
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=true",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                             f"--dashboard-agent-listen-port={free_port()}", *common],
+                             f"--dashboard-agent-listen-port={free_port()}", *NODE_ARGS],
                             env=full_env, stdout=open(logs / "ray-head.log", "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     address = f"127.0.0.1:{port}"
-    cluster = TwoNodeCluster(address, f"http://127.0.0.1:{dashboard_port}", env, run_dir, [head])
-    second = (f"mount -t tmpfs tmpfs {run_dir} && exec {ray} start --address={address} "
-              f"--dashboard-agent-listen-port={free_port()} " + " ".join(common))
+    cluster = TwoNodeCluster(address, f"http://127.0.0.1:{dashboard_port}", env, run_dir, [head], full_env, logs)
     try:
         _wait_for_nodes(address, full_env, 1, head)
-        cluster.nodes.append(subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "bash", "-c", second], env=full_env,
-            stdout=open(logs / "ray-second-node.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
-        _wait_for_nodes(address, full_env, 2, cluster.nodes[-1])
+        cluster.start_second_node()
         wait_for_http(f"{cluster.dashboard}/api/gcs_healthz", head, logs / "ray-head.log")
     except BaseException:
         cluster.stop()

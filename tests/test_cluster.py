@@ -2,7 +2,8 @@
 an S3-compatible store, tracking on an `mlflow server` (artifacts in the store), one rank per
 node. The job is stopped after a checkpoint and rerun: both ranks resume from the same step,
 under the same MLflow runs, every step's metrics logged once; the stages register; `valleyforge
-generate` answers from the registered model."""
+generate` answers from the registered model. An elastic job that loses a node goes on with the
+worker left."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from mlflow import MlflowClient
 
 from trainer.generate import generate_from_export
@@ -37,6 +39,15 @@ def valleyforge(*args: str, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def wait_for_a_checkpoint(job: subprocess.Popen, checkpoints: Storage, timeout_s: float = 300) -> None:
+    """Until the running job's first checkpoint is in `checkpoints`."""
+    deadline = time.monotonic() + timeout_s
+    while checkpoints.read_text("latest") is None:
+        assert job.poll() is None, job.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout_s} s"
+        time.sleep(0.2)
+
+
 def last_section(log: Path) -> str:
     """The part of a driver-side rank log written by the newest run (each run adds a header)."""
     return log.read_text().rsplit("=====\n", 1)[-1]
@@ -55,12 +66,7 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
 
     # First run: stopped once stage 1 has a checkpoint in the store.
     first = valleyforge(*command, env=env)
-    pointer = storage.child("checkpoints", "pretrain")
-    deadline = time.monotonic() + 300
-    while pointer.read_text("latest") is None:
-        assert first.poll() is None, first.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
+    wait_for_a_checkpoint(first, storage.child("checkpoints", "pretrain"))
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err
@@ -121,3 +127,43 @@ def test_a_local_storage_path_that_a_node_cannot_see_stops_the_run(two_node_clus
                         rf"cluster\.storage {re.escape(str(cluster.run_dir / name))} is a local path that node .*",
                         first), err
     assert "last lines of" in err  # the failing rank's log, quoted from the driver's copy
+
+
+def test_an_elastic_stage_goes_on_with_the_worker_left_when_a_node_is_lost(
+        two_node_cluster, object_store, mlflow_server, synth_data, store_data, monkeypatch, tmp_path):
+    """cluster.num_workers [1, 2]: the second node is lost after the first checkpoint; Ray Train
+    restarts the stage on the one worker the cluster has room for, which resumes that checkpoint
+    on 1 rank (grad_accum doubled), and the stage completes, every step logged once."""
+    for key, value in object_store.env.items():
+        monkeypatch.setenv(key, value)
+    cluster, name = two_node_cluster, "elastic"
+    one_stage = yaml.safe_load(DEMO.read_text())
+    one_stage["stages"] = one_stage["stages"][:1]
+    config = tmp_path / "one_stage.yaml"
+    config.write_text(yaml.safe_dump(one_stage))
+    storage = Storage(f"s3://{object_store.bucket}/runs/{name}")
+    overrides = [o for o in cluster_overrides(cluster, synth_data, store_data, name) if not o.startswith("stages.inst")]
+    overrides += [f"cluster.storage={storage.url}", "cluster.num_workers=[1, 2]", "cluster.max_failures=1",
+                  "stages.pretrain.steps=12"]
+    job = valleyforge("run", str(config), *[arg for o in overrides for arg in ("--set", o)],
+                      env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": mlflow_server})
+    checkpoints = storage.child("checkpoints", "pretrain")
+    try:
+        wait_for_a_checkpoint(job, checkpoints)
+        cluster.lose_second_node()
+        out, err = job.communicate(timeout=600)
+    finally:
+        if job.poll() is None:
+            job.kill()
+        cluster.start_second_node()  # for the tests after this one
+    assert job.returncode == 0, out + err
+    rank0 = last_section(cluster.run_dir / name / "logs" / "pretrain-rank0.log")
+    assert "resuming a checkpoint of 2 rank(s) on 1: grad_accum 1 -> 2" in rank0, rank0[-3000:]
+    (tag_url, step), = re.findall(r"resumed from (\S+) at step (\d+)", rank0)
+    assert tag_url.startswith(checkpoints.url) and 3 <= int(step) < 12
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("valleyforge-demo").experiment_id
+    parent, = client.search_runs([experiment], f"attributes.run_name = '{name}'")
+    run, = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 13))

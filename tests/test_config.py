@@ -25,6 +25,11 @@ def run_cli(*args):
     ("stages.pretrain.template=alpaca", "unknown template 'alpaca'"),
     ("model.vision.path=/some/clip", "model.vision: set exactly one of `path`"),
     ("clusterr.num_workers=4", "clusterr: unknown key (allowed here: name, output_dir"),
+    ("cluster.num_workers=[3, 1]", "cluster: num_workers: [3, 1]: a count >= 1, or [min, max] with 1 <= min <= max"),
+    ("cluster.num_workers=[2, 4]", "stages.pretrain.grad_accum: a global batch of 4 micro-batches (grad_accum 1 x 4 "
+                                   "ranks) does not split over every rank count cluster.num_workers [2, 4] allows; "
+                                   "make grad_accum x 4 a multiple of 12"),
+    ("data.streams=3", "data.streams 3 must be a multiple of 2 to split over every rank count"),
 ])
 def test_bad_override_is_one_line_naming_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -66,6 +71,13 @@ def test_overrides_parse_yaml_values_and_stage_names():
                              "stages.pretrain.trainable=[projector, llm]"])
     assert cfg.stages[1].optimizer.lr == 5e-4 and cfg.stages[1].steps == 7
     assert cfg.cluster.num_workers == 1 and cfg.stages[0].trainable == ["projector", "llm"]
+
+
+def test_elastic_worker_range_sets_streams_and_global_batch():
+    cfg = load_config(DEMO, ["cluster.num_workers=[2, 3]", "stages.pretrain.grad_accum=2", "stages.instruct.grad_accum=2"])
+    assert cfg.cluster.worker_range == (2, 3)
+    assert cfg.data_streams() == 6 * cfg.data.num_workers  # every count of 2..3 divides it
+    assert [cfg.micro_batches_per_step(stage) for stage in cfg.stages] == [6, 6]  # grad_accum x the most ranks
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(DEMO.parent) for p in DEMO.parent.rglob("*.yaml")

@@ -10,7 +10,7 @@ from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import ModelConfig
 from trainer.model import model_inputs
-from two_ranks import fit_on_two_ranks, losses_worker, tiny_job
+from two_ranks import fit_on_ranks, losses_worker, tiny_job
 
 
 def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
@@ -43,6 +43,6 @@ def test_zero3_with_optimizer_offload_and_checkpointing_trains(ray_local, synth_
                    engine={"offload_optimizer": True, "gradient_checkpointing": ["llm"]},
                    stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": 6, "optimizer": {"lr": 3e-3}},
                    data={"micro_batch_size": 4, "num_workers": 0, "max_length": 256, "shuffle_buffer": 1})
-    fit_on_two_ranks(losses_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
+    fit_on_ranks(losses_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     losses = json.loads((tmp_path / "rank0.json").read_text())
     assert len(losses) == 6 and losses[-1] < losses[0], losses

@@ -10,7 +10,7 @@ from data_shards.build.writer import SplitWriter
 from data_shards.conversation import get_template
 from data_shards.read.reader import Topology, build_loader
 from trainer.stage import StageRunner
-from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
+from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 STEPS = 4
 
@@ -51,7 +51,7 @@ def test_text_only_rank_and_video_rank_train_together(ray_local, synth_data, tmp
                    data={"micro_batch_size": 4, "num_workers": 0, "max_length": 256, "shuffle_buffer": 1})
     config = {"job": job, "out": str(tmp_path), "text_split": str(tmp_path / "text"),
               "video_split": str(synth_data / "captions" / "heldout")}
-    fit_on_two_ranks(mismatched_worker, config, tmp_path / "ray", timeout_s=120)
+    fit_on_ranks(mismatched_worker, config, tmp_path / "ray", timeout_s=120)
     text_rank, video_rank = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert text_rank["media"] == [0] * STEPS and all(m == 4 * 4 for m in video_rank["media"])
     assert len(text_rank["losses"]) == len(video_rank["losses"]) == STEPS

@@ -14,7 +14,7 @@ from trainer.config import StageJob
 from trainer.engine import warmup_cosine
 from trainer.model import model_inputs
 from trainer.trainable import set_trainable
-from two_ranks import fit_on_two_ranks, losses_worker, tiny_job
+from two_ranks import fit_on_ranks, losses_worker, tiny_job
 
 STEPS = 6
 
@@ -54,7 +54,7 @@ def test_zero3_on_two_ranks_matches_a_plain_pytorch_loop(ray_local, synth_data, 
                    stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3},
                           "schedule": {"warmup_steps": 2}, "max_grad_norm": 0.5},
                    data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256, "shuffle_buffer": 16})
-    fit_on_two_ranks(losses_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
+    fit_on_ranks(losses_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     distributed = json.loads((tmp_path / "rank0.json").read_text())
     torch.set_num_threads(1)
     reference = plain_losses(job)

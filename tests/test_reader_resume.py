@@ -1,5 +1,7 @@
 """Resuming the reader: N batches, save its state, a new process loads it and reads the same
-next batches as an uninterrupted run; the state stays small wherever it was taken."""
+next batches as an uninterrupted run; the state stays small wherever it was taken. The stage's
+sequence of micro-batches is the same on any number of ranks and loader workers, and a state
+saved on one number resumes on another."""
 import json
 import subprocess
 import sys
@@ -11,20 +13,23 @@ import torch
 from data_shards.config import DataSource, ReaderConfig
 from data_shards.conversation import get_template
 from data_shards.media import VisualSpec
-from data_shards.read.reader import Topology, build_loader
+from data_shards.read.reader import Topology, build_loader, merge_states
 from data_shards.build.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
 VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=20, tokens_per_image=17)
 
 
-def make_loader(data_root: str, mixing: str, rank: int):
+STREAMS = 4
+
+
+def make_loader(data_root: str, mixing: str, rank: int, world_size: int = 2, workers: int = 2):
     sources = [DataSource(url=f"{data_root}/captions/train", weight=0.7),
                DataSource(url=f"{data_root}/instruct/train", weight=0.3)]
-    cfg = ReaderConfig(micro_batch_size=4, num_workers=2, shuffle_buffer=16, seed=11, mixing=mixing,
+    cfg = ReaderConfig(micro_batch_size=4, num_workers=workers, shuffle_buffer=16, seed=11, mixing=mixing,
                        frame_sampling="random_segment")
     return build_loader(sources, cfg, build_word_tokenizer(vocabulary()), get_template("plain"), VISUAL,
-                        Topology(rank, 2), train=True)
+                        Topology(rank, world_size), train=True, num_streams=STREAMS)
 
 
 def fingerprint(batch) -> list:
@@ -42,8 +47,8 @@ def run_child(*args: str) -> None:
 
 @pytest.mark.parametrize("mixing", ["epoch", "resampled"])
 def test_reader_resume_in_new_process_gives_the_same_next_batches(synth_data, tmp_path, mixing):
-    # Each slot holds 64 samples of each source per epoch; 40 batches take the captions source
-    # of both slots past its first epoch.
+    # Each stream holds 64 samples of each source per epoch; 40 batches take the captions source
+    # of both of the rank's streams past its first epoch.
     first, after = 40, 12
     uninterrupted = read(make_loader(str(synth_data), mixing, rank=1), first + after)
     state_file, out_file = tmp_path / "state.json", tmp_path / "next.json"
@@ -54,19 +59,41 @@ def test_reader_resume_in_new_process_gives_the_same_next_batches(synth_data, tm
     # The state holds positions, not samples: a few bytes per buffered sample.
     state = json.loads(state_file.read_text())
     assert len(state_file.read_bytes()) < 10_000
-    for slot in state["slots"]:
-        assert len(slot["buffer"]) == 15 and all(offset % 512 == 0 for _, offset, _ in slot["buffer"])
-    epochs = {source["epoch"] for slot in state["slots"] for source in slot["sources"]}
-    assert max(epochs) >= 1 if mixing == "resampled" else all(s["epoch"] == 0 for s in state["slots"])
+    positions = state["positions"].values()
+    assert len(positions) == 2
+    for stream in positions:
+        assert len(stream["buffer"]) == 15 and all(offset % 512 == 0 for _, offset, _ in stream["buffer"])
+    epochs = {source["epoch"] for stream in positions for source in stream["sources"]}
+    assert max(epochs) >= 1 if mixing == "resampled" else all(s["epoch"] == 0 for s in positions)
 
 
-def test_reader_resume_refuses_another_topology(synth_data):
-    loader = make_loader(str(synth_data), "epoch", rank=0)
-    read(loader, 2)
-    state = loader.state_dict()
-    other = make_loader(str(synth_data), "epoch", rank=1)
-    with pytest.raises(ValueError, match="saved rank differs"):
-        other.load_state_dict(state)
+def interleaved(per_rank: list[list]) -> list:
+    """The stage's micro-batch order from each rank's batches: rank r's n-th is micro-batch n x ranks + r."""
+    return [batch for step in zip(*per_rank) for batch in step]
+
+
+def test_micro_batch_sequence_and_resume_do_not_depend_on_ranks_or_workers(synth_data):
+    root = str(synth_data)
+    # 12 micro-batches in the stage's order: one rank reading all 4 streams with 2 loader workers
+    reference = read(make_loader(root, "epoch", rank=0, world_size=1, workers=2), 12)
+    # 2 ranks x 2 workers take 3 each, the first 6; their merged state resumes on 1 rank x 1 worker
+    ranks = [make_loader(root, "epoch", rank=r) for r in range(2)]
+    assert interleaved([read(loader, 3) for loader in ranks]) == reference[:6]
+    merged = merge_states([loader.state_dict() for loader in ranks])
+    assert merged["consumed"] == 6
+    one = make_loader(root, "epoch", rank=0, world_size=1, workers=1)
+    one.load_state_dict(merged)
+    assert read(one, 2) == reference[6:8]
+    # ... and 1 rank's state after 8 resumes on 4 ranks of 1 stream each
+    four = [make_loader(root, "epoch", rank=r, world_size=4, workers=1) for r in range(4)]
+    for loader in four:
+        loader.load_state_dict(one.state_dict())
+    assert interleaved([read(loader, 1) for loader in four]) == reference[8:12]
+
+
+def test_reader_refuses_a_rank_count_that_does_not_divide_the_streams(synth_data):
+    with pytest.raises(ValueError, match="4 data streams cannot be split over 3 ranks"):
+        make_loader(str(synth_data), "epoch", rank=0, world_size=3)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from launch.config import load_config
-from two_ranks import fit_on_two_ranks, worker_topology
+from two_ranks import fit_on_ranks, worker_topology
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS = 2
@@ -74,7 +74,7 @@ def test_tiny_twin_trains_only_what_the_recipe_says(ray_local, synth_data, tmp_p
             data = [s.model_copy(update={"url": s.url.replace("runs/demo/data", str(synth_data))}) for s in data]
         stages.append(stage.model_copy(update={"train_data": data, "steps": STEPS}))
     cfg = cfg.model_copy(update={"stages": stages}).with_absolute_paths()
-    fit_on_two_ranks(recipe_worker, {"cfg": cfg, "out": str(tmp_path)}, tmp_path / "ray")
+    fit_on_ranks(recipe_worker, {"cfg": cfg, "out": str(tmp_path)}, tmp_path / "ray")
     report = json.loads((tmp_path / "report.json").read_text())
     assert len(report) == len(INTENDED[recipe])
     for stage, patterns, stage_cfg in zip(report, INTENDED[recipe], cfg.stages):

@@ -6,7 +6,7 @@ from data_shards.build.writer import SplitWriter
 from data_shards.manifest import read_manifest
 from data_shards.read.tarstream import iter_samples
 from trainer.stage import StageRunner
-from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
+from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 
 def stage_worker(config):
@@ -29,7 +29,7 @@ def test_skip_rate_past_threshold_stops_the_run(ray_local, synth_data, tmp_path)
                    data={"micro_batch_size": 4, "num_workers": 1, "max_length": 128, "shuffle_buffer": 8,
                          "max_skip_fraction": 0.01, "skip_check_min_samples": 40})
     with pytest.raises(Exception) as failure:
-        fit_on_two_ranks(stage_worker, {"job": job}, tmp_path / "ray")
+        fit_on_ranks(stage_worker, {"job": job}, tmp_path / "ray")
     message = str(failure.value)
     assert "more than data.max_skip_fraction 1.0%" in message
     assert f"most in shard {tmp_path / 'split' / 'shard-000001.tar'} (" in message and "undecodable media" in message

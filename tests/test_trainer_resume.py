@@ -1,23 +1,26 @@
-"""The trainer's checkpoint on 2 ZeRO-3 ranks under Ray: a run that dies after its step-3
-checkpoint, then one whose rank is SIGKILLed while writing the step-6 checkpoint, resumed by new
-worker processes from step 3, trains steps 4-6 on the same batches with the same losses as a run
-that never stopped; a rank that cannot see the checkpoint stops the run."""
+"""The trainer's checkpoints on ZeRO-3 ranks under Ray, against a 2-rank run that never stopped:
+- from its step-3 checkpoint, a run whose rank is SIGKILLed while writing the step-6 checkpoint
+  leaves step 3 the latest; new worker processes resume from it and train steps 4-6 on the same
+  batches with the same losses; a rank that cannot see the checkpoint stops the run;
+- the same checkpoint resumes on 1 rank reading with 2 loader workers instead of 1, and a
+  checkpoint that rank wrote resumes on 2 again: the universal conversion happens on its own,
+  grad_accum is recomputed so the global batch stays, and every resumed step trains on the same
+  micro-batches with the same loss, ending with the same weights."""
 import dataclasses
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from trainer.stage import StageRunner
-from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
+from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
-STEPS, CRASH_AT = 6, 4
-
-
-class SimulatedCrash(Exception):
-    pass
+STEPS = 6
 
 
 class DiesWhileSaving:
@@ -37,6 +40,7 @@ class DiesWhileSaving:
 
 
 def resume_worker(config):
+    """Trains the job; each rank writes what it trained on (keys with grad_accum 1) and rank 0's log."""
     topology = worker_topology()
     mode, job = config["mode"], config["job"]
     if mode == "blind" and topology.rank == 1:  # as on a node that does not see the run's disk
@@ -44,7 +48,7 @@ def resume_worker(config):
     runner = StageRunner(job, topology)
     if mode == "die_saving" and topology.rank == 1:
         runner.checkpointer.engine = DiesWhileSaving(runner.engine, f"step-{STEPS:08d}")
-    keys, losses, pending = {}, {}, []
+    keys, logged, pending = {}, {}, []
 
     def recorded():
         while True:
@@ -53,47 +57,89 @@ def resume_worker(config):
             yield batch
 
     def log(metrics, step):
-        keys[step], losses[step] = pending.pop(), metrics["train/loss"]
-        if mode == "crash" and step == CRASH_AT:
-            raise SimulatedCrash
+        keys[step] = pending.pop()
+        logged[step] = [metrics["train/loss"], metrics["data/batch_digest"]]
 
-    try:
-        runner.train(log, recorded())
-    except SimulatedCrash:
-        pass
-    out = {"start": min(losses) - 1, "keys": keys, "losses": losses}
-    Path(config["out"], f"{mode}-rank{topology.rank}.json").write_text(json.dumps(out))
+    runner.train(log, recorded())
+    out = {"grad_accum": runner.layout.grad_accum, "keys": keys, "logged": logged}
+    Path(config["out"], f"{config['name']}-rank{topology.rank}.json").write_text(json.dumps(out))
 
 
-def run(mode, job, out):
-    every = 0 if mode == "full" else 3
-    job = dataclasses.replace(job, stage=job.stage.model_copy(update={"checkpoint_every": every}))
-    fit_on_two_ranks(resume_worker, {"job": job, "mode": mode, "out": str(out)}, out / "ray")
-    return [json.loads((out / f"{mode}-rank{r}.json").read_text()) for r in range(2)]
+def run(job, folder: Path, name: str, mode: str = "train", ranks: int = 2, every: int = 3,
+        resume_tag: Path | None = None, **data) -> list[dict]:
+    """`job` on `ranks` ranks with checkpoints in `folder/name`, resuming a copy of `resume_tag`;
+    what each rank wrote, steps as numbers."""
+    checkpoints = folder / name
+    if resume_tag:
+        shutil.copytree(resume_tag, checkpoints / resume_tag.name)
+        (checkpoints / "latest").write_text(resume_tag.name)
+    job = dataclasses.replace(job, checkpoint_dir=str(checkpoints), data=job.data.model_copy(update=data),
+                              stage=job.stage.model_copy(update={"checkpoint_every": every}))
+    fit_on_ranks(resume_worker, {"job": job, "mode": mode, "name": name, "out": str(folder)}, folder / "ray",
+                 num_workers=ranks)
+    records = [json.loads((folder / f"{name}-rank{r}.json").read_text()) for r in range(ranks)]
+    return [{**r, **{k: {int(step): v for step, v in r[k].items()} for k in ("keys", "logged")}} for r in records]
 
 
-def test_trainer_resume_after_crash_matches_uninterrupted_run(ray_local, synth_data, tmp_path):
-    job = tiny_job(synth_data, tmp_path, num_frames=4,
-                   stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3}},
-                   data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256, "shuffle_buffer": 32,
-                         "frame_sampling": "random_segment"})
-    full = run("full", job, tmp_path)
-    crashed = run("crash", job, tmp_path)
-    checkpoints = tmp_path / "ckpt"
-    assert (checkpoints / "latest").read_text() == "step-00000003"
+@pytest.fixture(scope="module")
+def job(synth_data, tmp_path_factory):
+    return tiny_job(synth_data, tmp_path_factory.mktemp("job"), num_frames=4,
+                    stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS,
+                           "optimizer": {"lr": 3e-3, "module_lr": {"projector": 1e-2}}},
+                    data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256, "shuffle_buffer": 32,
+                          "frame_sampling": "random_segment"})
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_local, job, tmp_path_factory):
+    """2 ranks, steps 1-6, checkpoints at 3 and 6: what each rank logged, and the checkpoints."""
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    return run(job, folder, "full"), folder / "full"
+
+
+def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume(job, uninterrupted, tmp_path):
+    full, full_checkpoints = uninterrupted
+    step3 = full_checkpoints / "step-00000003"
+    checkpoints = tmp_path / "resumed"
     with pytest.raises(Exception):  # the worker group fails with its SIGKILLed rank
-        run("die_saving", job, tmp_path)
+        run(job, tmp_path, "resumed", mode="die_saving", resume_tag=step3)
     assert (checkpoints / "latest").read_text() == "step-00000003"
     assert list((checkpoints / "step-00000006").rglob("*.pt")) and not (checkpoints / "step-00000006" / "complete").exists()
-    resumed = run("resume", job, tmp_path)
+    resumed = run(job, tmp_path, "resumed")
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000006"]
     assert json.loads((checkpoints / "step-00000006" / "complete").read_text())["step"] == 6
     for rank in range(2):
-        assert full[rank]["start"] == crashed[rank]["start"] == 0 and resumed[rank]["start"] == 3
-        assert crashed[rank]["keys"]["1"] == full[rank]["keys"]["1"]
-        for step in ("4", "5", "6"):
+        assert sorted(resumed[rank]["logged"]) == [4, 5, 6]
+        for step in (4, 5, 6):
             assert resumed[rank]["keys"][step] == full[rank]["keys"][step]
-            assert abs(resumed[rank]["losses"][step] - full[rank]["losses"][step]) < 1e-5
+            assert abs(resumed[rank]["logged"][step][0] - full[rank]["logged"][step][0]) < 1e-5
     with pytest.raises(Exception) as failure:  # rank 1 never starts from step 0 on its own
-        run("blind", job, tmp_path)
-    assert "rank(s) [1] cannot read their files of the checkpoint rank 0 resumes from" in str(failure.value)
+        run(job, tmp_path, "resumed", mode="blind")
+    assert "rank(s) [1] cannot read the checkpoint rank 0 resumes from" in str(failure.value)
+
+
+def weights(tag: Path) -> dict:
+    return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks(job, uninterrupted, tmp_path):
+    full, full_checkpoints = uninterrupted
+    assert full[0]["grad_accum"] == 1
+    # 2 -> 1: the step-3 checkpoint of 2 ranks on 1 rank reading both data streams with 2 workers
+    one, = run(job, tmp_path, "one", ranks=1, every=1, resume_tag=full_checkpoints / "step-00000003", num_workers=2)
+    assert one["grad_accum"] == 2 and sorted(one["logged"]) == [4, 5, 6]
+    # 1 -> 2: the step-5 checkpoint that rank wrote, on 2 ranks again
+    two, _ = run(job, tmp_path, "two", resume_tag=tmp_path / "one" / "step-00000005")
+    assert two["grad_accum"] == 1 and sorted(two["logged"]) == [6]
+    assert (tmp_path / "two" / "step-00000005" / "universal" / "converted").is_file()
+    for resumed in (one, two):
+        for step, (loss, digest) in resumed["logged"].items():
+            assert digest == full[0]["logged"][step][1], f"step {step} trained on other micro-batches"
+            assert abs(loss - full[0]["logged"][step][0]) < 1e-5, f"step {step}: {loss} vs {full[0]['logged'][step][0]}"
+    final = weights(full_checkpoints / "step-00000006")
+    assert same_weights(weights(tmp_path / "one" / "step-00000006"), final)
+    assert same_weights(weights(tmp_path / "two" / "step-00000006"), final)

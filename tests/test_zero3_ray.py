@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from trainer.stage import StageRunner
-from two_ranks import fit_on_two_ranks, tiny_job, worker_topology
+from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 STEPS = 25
 
@@ -40,7 +40,7 @@ def test_zero3_shards_parameters_and_learns(ray_local, synth_data, tmp_path):
     job = tiny_job(synth_data, tmp_path, num_frames=4,
                    stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3}},
                    data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256})
-    fit_on_two_ranks(zero3_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
+    fit_on_ranks(zero3_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
     full = results[0]["full"]

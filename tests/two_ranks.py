@@ -1,5 +1,5 @@
-"""Running a test's worker function on 2 gloo ranks under Ray Train, as the launcher does, and the
-tiny stage job those tests train."""
+"""Running a test's worker function on gloo ranks (2 unless told) under Ray Train, as the
+launcher does, and the tiny stage job those tests train."""
 import json
 from pathlib import Path
 
@@ -13,10 +13,10 @@ from data_shards.read.reader import Topology, shard_lists
 from trainer.config import EngineConfig, ModelConfig, StageConfig, StageJob
 
 
-def fit_on_two_ranks(worker, config: dict, storage, timeout_s: int = 1800) -> None:
-    """`worker(config)` on 2 CPU ranks; a collective that waits past `timeout_s` fails the run."""
+def fit_on_ranks(worker, config: dict, storage, timeout_s: int = 1800, num_workers: int = 2) -> None:
+    """`worker(config)` on `num_workers` CPU ranks; a collective that waits past `timeout_s` fails the run."""
     TorchTrainer(worker, train_loop_config=config, torch_config=TorchConfig(backend="gloo", timeout_s=timeout_s),
-                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 1}),
                  run_config=ray.train.RunConfig(storage_path=str(storage))).fit()
 
 

@@ -1,19 +1,24 @@
 """One checkpointer for everything resumable: the engine (sharded model, optimizer, scheduler),
-the step, the read-health counts, and per rank the data reader's position, torch RNG and (rank 0)
-the metrics the tracking store may not have yet.
+the step, the read-health counts, every data stream's position, and per rank its torch RNG and
+(rank 0) the metrics the tracking store may not have yet.
 
     CHECKPOINTS/              a folder in storage (trainer/storage.py)
       latest                  the newest complete tag; written last, atomically
-      step-00000300/          DeepSpeed's files + rank-0.pt, rank-1.pt, ... (reader state, RNG)
+      step-00000300/          DeepSpeed's files + rank-0.pt, rank-1.pt, ... (RNG, metrics)
+        reader.pt             every data stream's position and the micro-batches taken
+        layout                ranks, data streams and global batch (trainer/layout.py), JSON
         model/                the model's configs, tokenizer and spec, no weights: with the
                               shards they make an export (trainer/checkpoint_export.py)
+        universal/            made when the tag resumes on another number of ranks
+                              (trainer/checkpoint_universal.py)
         complete              written once every rank's files are in storage: the step, its
                               train loss and the latest eval loss, as JSON
 
 A crash while saving leaves `latest` naming the previous complete checkpoint, and a tag without
-`complete` is never resumed from nor kept. Each rank writes and reads only its own files; on an
-object store through a local folder of its own. Our files load with torch's weights-only
-unpickler; DeepSpeed's own files still go through its full unpickler (see README).
+`complete` is never resumed from nor kept. Each rank writes and reads only its own files (and
+the ones all share); on an object store through a local folder of its own. Our files load with
+torch's weights-only unpickler; DeepSpeed's own files still go through its full unpickler (see
+README).
 """
 from __future__ import annotations
 
@@ -25,19 +30,61 @@ from typing import Callable
 
 import torch
 
+from data_shards.read.reader import merge_states
+from trainer.checkpoint_universal import ensure_universal, universal_loading
+from trainer.layout import BatchLayout, describe_change
 from trainer.metric_log import MetricLog
-from trainer.ranks import barrier, from_rank0, gather, rank
+from trainer.ranks import barrier, from_rank0, gather, rank, world_size
 from trainer.storage import Storage
 
 LATEST = "latest"
 COMPLETE = "complete"
 MODEL_FILES = "model"
+READER = "reader.pt"
+LAYOUT = "layout"
 # DeepSpeed names each data-parallel rank's files zero_pp_rank_<r>_mp_rank_<m>_...; ours rank-<r>.pt
 _RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)[_.]")
 
 
 def tag_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a stage continues from: a tag in some storage and the layout it was saved with."""
+    storage: Storage
+    tag: str
+    layout: BatchLayout
+
+    @property
+    def url(self) -> str:
+        return self.storage.child(self.tag).url
+
+
+def _tag_at(url: str) -> tuple[Storage, str]:
+    parent, tag = url.rstrip("/").rsplit("/", 1)
+    return Storage(parent), tag
+
+
+def find_resume_point(storage: Storage, resume_from: str | None) -> ResumePoint | None:
+    """The newest complete tag in `storage` (as rank 0 sees it), else the tag at the URL
+    `resume_from`, else None; the same tag on every rank, each looking in its own `storage`."""
+    found = None
+    if rank() == 0:
+        pointer = storage.read_text(LATEST)
+        if pointer or resume_from:
+            where, tag = (storage, pointer.strip()) if pointer else _tag_at(resume_from)
+            found = (bool(pointer), tag, where.read_text(f"{tag}/{LAYOUT}"))
+    found = from_rank0(found)
+    if found is None:
+        return None
+    own, tag, layout = found
+    where = storage if own else _tag_at(resume_from)[0]
+    if layout is None:
+        raise ValueError(f"{where.child(tag).url}: no {LAYOUT} file; a checkpoint of an older release cannot be "
+                         f"resumed: start the stage anew (valleyforge run --restart)")
+    return ResumePoint(where, tag, BatchLayout.from_json(layout))
 
 
 @dataclass
@@ -80,9 +127,10 @@ def prune(storage: Storage, keep: int, keep_best: bool = False) -> list[str]:
 
 
 def belongs_to_rank(file_name: str, this_rank: int) -> bool:
-    """Whether a checkpoint file is one `this_rank` loads: its own, or one no rank owns."""
+    """Whether a file of a tag's own folder (not model/ nor universal/) is one `this_rank` loads on
+    as many ranks as saved it: its own, or one no rank owns."""
     owner = _RANK_FILE.search(file_name)
-    return owner is None or int(owner.group(1)) == this_rank
+    return "/" not in file_name and (owner is None or int(owner.group(1)) == this_rank)
 
 
 def written_by_rank(file_name: str, this_rank: int) -> bool:
@@ -94,13 +142,13 @@ def written_by_rank(file_name: str, this_rank: int) -> bool:
 class Checkpointer:
     """Saves every `every` steps and after the last (never when `every` is 0), keeping `keep` tags
     (and with `keep_best` the one of lowest eval/loss); rank 0 hands each save's record to
-    `on_saved`."""
+    `on_saved`. `layout` is this run's, saved with every tag."""
 
-    def __init__(self, storage: Storage, every: int, engine, loader, health, keep: int = 2,
+    def __init__(self, storage: Storage, every: int, engine, loader, health, layout: BatchLayout, keep: int = 2,
                  keep_best: bool = False, on_saved: Callable[[CheckpointRecord], None] | None = None,
                  write_model_files: Callable[[Path], None] = lambda folder: None):
         self.storage, self.every, self.keep, self.keep_best = storage, every, keep, keep_best
-        self.engine, self.loader, self.health = engine, loader, health
+        self.engine, self.loader, self.health, self.layout = engine, loader, health, layout
         self.on_saved = on_saved or (lambda record: None)
         self.write_model_files = write_model_files  # rank 0, into each tag's `model/`
 
@@ -113,14 +161,15 @@ class Checkpointer:
         tag = tag_name(step)
         if rank() == 0:  # what a crashed save of this tag left (a resumed run saves it again)
             self.storage.remove(tag)
-        barrier()
+        reader_states = gather(self.loader.state_dict())
         with self.storage.staged(tag, written_here=lambda name: written_by_rank(name, rank())) as folder:
-            torch.save({"reader": self.loader.state_dict(), "torch_rng": torch.get_rng_state(),
-                        "metric_log": log.state_dict() if rank() == 0 else None},
+            torch.save({"torch_rng": torch.get_rng_state(), "metric_log": log.state_dict() if rank() == 0 else None},
                        folder / f"rank-{rank()}.pt")
             self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
                                         client_state={"step": step, "read_health": self.health.state_dict()})
             if rank() == 0:
+                torch.save(merge_states(reader_states), folder / READER)
+                (folder / LAYOUT).write_text(self.layout.to_json())
                 self.write_model_files(folder / MODEL_FILES)
         barrier()  # every rank's files are in storage (flushed) before the tag is marked and the pointer moves
         if rank() == 0:
@@ -132,42 +181,53 @@ class Checkpointer:
         barrier()
         return tag
 
-    def restore(self, log: MetricLog, resume_from: str | None = None) -> int:
-        """Load the checkpoint rank 0 finds newest (or, when the stage has none, the tag at the URL
-        `resume_from`), the same tag on every rank; returns the step it was taken at (0: none). A
-        rank that cannot see its files of that tag stops every rank, named: no rank ever starts
-        from step 0 while the others resume."""
-        pointer = self.storage.read_text(LATEST) if rank() == 0 else None
-        own_tag = from_rank0(pointer.strip() if pointer else None)  # each rank then looks in its own storage
-        if own_tag:
-            storage, tag = self.storage, own_tag
-        elif resume_from:
-            parent, tag = resume_from.rstrip("/").rsplit("/", 1)
-            storage = Storage(parent)
-        else:
+    def restore(self, point: ResumePoint | None, log: MetricLog) -> int:
+        """Load `point` on every rank; returns the step it was taken at (0: no point). A rank that
+        cannot see the tag stops every rank, named: no rank ever starts from step 0 while the
+        others resume."""
+        if point is None:
             return 0
-        blind = [r for r, missing in enumerate(gather(not storage.exists(f"{tag}/rank-{rank()}.pt"))) if missing]
+        storage, tag = point.storage, point.tag
+        blind = [r for r, missing in enumerate(gather(not storage.exists(f"{tag}/{READER}"))) if missing]
         if blind:
-            raise ValueError(f"{storage.child(tag).url}: rank(s) {blind} cannot read their files of the "
-                             f"checkpoint rank 0 resumes from; every rank must see the same checkpoint storage "
-                             f"(cluster.storage), and a checkpoint resumes on as many ranks as wrote it")
-        with storage.fetched(tag, keep=lambda name: belongs_to_rank(name, rank())) as folder:
-            client_state = self._load_engine(folder, storage.child(tag).url)
-            saved = torch.load(folder / f"rank-{rank()}.pt", weights_only=True)
-        self.loader.load_state_dict(saved["reader"])
-        torch.set_rng_state(saved["torch_rng"])
-        if saved.get("metric_log") and storage == self.storage:  # another run's metrics stay its own
-            log.load_state_dict(saved["metric_log"])
+            raise ValueError(f"{point.url}: rank(s) {blind} cannot read the checkpoint rank 0 resumes from; every "
+                             f"rank must see the same checkpoint storage (cluster.storage)")
+        if point.layout.world_size != self.layout.world_size:
+            print(describe_change(point.layout, self.layout), flush=True)
+        client_state = self._load_engine(storage, tag, point.layout)
+        own_file = f"rank-{rank()}.pt"
+        with storage.fetched(tag, keep=lambda name: name in (READER, own_file)) as folder:
+            self.loader.load_state_dict(torch.load(folder / READER, weights_only=True))
+            own = torch.load(folder / own_file, weights_only=True) if (folder / own_file).is_file() else None
+        if own is not None:
+            torch.set_rng_state(own["torch_rng"])
+        else:  # a rank the checkpoint did not have
+            torch.manual_seed(hash((client_state["step"], rank())) & 0xFFFFFFFF)
+        if own and own.get("metric_log") and storage == self.storage:  # another run's metrics stay its own
+            log.load_state_dict(own["metric_log"])
         self.health.load_state_dict(client_state["read_health"])
-        print(f"resumed from {storage.child(tag).url} at step {client_state['step']}", flush=True)
+        print(f"resumed from {point.url} at step {client_state['step']}", flush=True)
         return int(client_state["step"])
 
     def load_weights(self, tag: str) -> None:
         """The engine's state as of this stage's checkpoint `tag` (the data position stays)."""
-        with self.storage.fetched(tag, keep=lambda name: belongs_to_rank(name, rank())) as folder:
-            self._load_engine(folder, self.storage.child(tag).url)
+        layout = BatchLayout.from_json(from_rank0(self.storage.read_text(f"{tag}/{LAYOUT}") if rank() == 0 else None))
+        self._load_engine(self.storage, tag, layout)
 
-    def _load_engine(self, folder, url: str) -> dict:
+    def _load_engine(self, storage: Storage, tag: str, saved: BatchLayout) -> dict:
+        """DeepSpeed's state of `tag`, saved on `saved.world_size` ranks: each rank's own ZeRO files
+        when that is this run's count too, else the tag's universal form (made once)."""
+        if saved.world_size == world_size():
+            with storage.fetched(tag, keep=lambda name: belongs_to_rank(name, rank())) as folder:
+                return self._engine_state(folder, storage.child(tag).url)
+        if self.engine.zero_optimization_stage() != 3:
+            raise ValueError(f"{storage.child(tag).url}: saved on {saved.world_size} rank(s), resumed on "
+                             f"{world_size()}: resuming on another number of ranks needs engine.zero_stage 3")
+        name = ensure_universal(storage, tag)
+        with storage.fetched(name) as folder, universal_loading(self.engine):
+            return self._engine_state(folder, storage.child(tag).url)
+
+    def _engine_state(self, folder: Path, url: str) -> dict:
         path, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if path is None:
             raise ValueError(f"{url}: DeepSpeed could not load this checkpoint")

@@ -202,4 +202,5 @@ class StageJob:
     checkpoint_dir: str
     seed: int
     resume_from: str | None = None  # a checkpoint tag's URL (the stage's `resume_from`, resolved by the driver)
+    micro_batches_per_step: int | None = None  # the global batch; None: grad_accum on every rank
     peak_flops_per_device: float | None = None  # for MFU; None: known GPUs only

@@ -32,7 +32,7 @@ def uses_bf16(engine: EngineConfig) -> bool:
     return engine.precision == "bf16"
 
 
-def deepspeed_config(engine: EngineConfig, stage: StageConfig, micro_batch_size: int) -> dict:
+def deepspeed_config(engine: EngineConfig, stage: StageConfig, micro_batch_size: int, grad_accum: int) -> dict:
     zero = {"stage": engine.zero_stage}
     if engine.zero_stage == 3:
         zero["stage3_param_persistence_threshold"] = engine.param_persistence_threshold
@@ -40,7 +40,7 @@ def deepspeed_config(engine: EngineConfig, stage: StageConfig, micro_batch_size:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
         "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": stage.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": uses_bf16(engine)},
@@ -51,11 +51,12 @@ def deepspeed_config(engine: EngineConfig, stage: StageConfig, micro_batch_size:
     }
 
 
-def build_engine(job: StageJob, blueprint: Blueprint):
+def build_engine(job: StageJob, blueprint: Blueprint, grad_accum: int):
     """A DeepSpeed engine around the blueprint's model, weights filled, ready to train the job's
-    stage, and the table of what trains at which learning rate."""
+    stage with `grad_accum` micro-batches per rank and step, and the table of what trains at
+    which learning rate."""
     stage, seed = job.stage, job.seed
-    ds_config = deepspeed_config(job.engine, stage, job.data.micro_batch_size)
+    ds_config = deepspeed_config(job.engine, stage, job.data.micro_batch_size, grad_accum)
     # transformers' own init would write into already-partitioned (empty) tensors; skip it,
     # fill_weights initialises or loads every parameter right after.
     with deepspeed.zero.Init(config_dict_or_path=ds_config, enabled=job.engine.zero_stage == 3), no_init_weights():

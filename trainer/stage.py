@@ -13,10 +13,11 @@ from data_shards.conversation import get_template
 from data_shards.read.health import ReadHealth
 from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, blueprint_from_export
-from trainer.checkpoint import Checkpointer, CheckpointRecord, best_tag, complete_tags, tag_name
+from trainer.checkpoint import Checkpointer, CheckpointRecord, best_tag, complete_tags, find_resume_point, tag_name
 from trainer.config import StageJob
 from trainer.engine import build_engine, uses_bf16
 from trainer.export import export_model, write_blueprint
+from trainer.layout import plan_layout
 from trainer.metric_log import MetricLog, Send, as_metric_log
 from trainer.model import model_inputs
 from trainer.ranks import from_rank0, gather, rank, sum_across_ranks, world_size
@@ -37,18 +38,21 @@ class StageRunner:
                  on_checkpoint: Callable[[CheckpointRecord], None] | None = None):
         self.job = job
         torch.manual_seed(job.seed)
+        storage = Storage(job.checkpoint_dir)
+        self.resume_point = find_resume_point(storage, job.resume_from) if job.stage.resume else None
+        self.layout = plan_layout(job, topology.world_size, self.resume_point and self.resume_point.layout)
         blueprint = blueprint_from_export(init_folder) if init_folder else blueprint_from_config(job.model)
-        self.engine, self.trainable_table = build_engine(job, blueprint)
+        self.engine, self.trainable_table = build_engine(job, blueprint, self.layout.grad_accum)
         self.model = self.engine.module
         self.tokenizer = blueprint.tokenizer
         visual, template = self.model.visual_spec(), get_template(job.stage.template)
         self.train_batches = build_loader(job.train_shards, job.data, self.tokenizer, template, visual, topology,
-                                          train=True)
+                                          train=True, num_streams=self.layout.streams)
         self.eval_batches = iter(build_loader(job.eval_shards, job.data, self.tokenizer, template, visual, topology,
                                               train=False)) if job.eval_shards else None
         self.health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
-        self.checkpointer = Checkpointer(Storage(job.checkpoint_dir), job.stage.checkpoint_every, self.engine,
-                                         self.train_batches, self.health, keep_best=job.stage.register == "best",
+        self.checkpointer = Checkpointer(storage, job.stage.checkpoint_every, self.engine, self.train_batches,
+                                         self.health, self.layout, keep_best=job.stage.register == "best",
                                          on_saved=on_checkpoint,
                                          write_model_files=lambda folder: write_blueprint(
                                              self.model, self.tokenizer, folder, job.stage.template))
@@ -56,13 +60,13 @@ class StageRunner:
                                peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
 
     def train(self, log: MetricLog | Send, batches: Iterator[dict] | None = None) -> dict:
-        """Optimizer steps up to `stage.steps`, each of `grad_accum` micro-batches, from the
-        stage's own stream or `batches`; returns the last step's metrics. Every rank sees the
-        same read health and stops together."""
+        """Optimizer steps up to `stage.steps`, each of the layout's `grad_accum` micro-batches per
+        rank, from the stage's own stream or `batches`, from the checkpoint the stage resumes;
+        returns the last step's metrics. Every rank sees the same read health and stops together."""
         stage = self.job.stage
         batches = batches if batches is not None else self.train_batches
         log = as_metric_log(log)
-        start = self.checkpointer.restore(log, self.job.resume_from) if stage.resume else 0
+        start = self.checkpointer.restore(self.resume_point, log)
         self.engine.train()
         metrics: dict = {}
         scores: dict = {}  # what each checkpoint is recorded with: this step's train loss, the latest eval loss
@@ -70,12 +74,12 @@ class StageRunner:
             started = time.perf_counter()
             self.meter.begin()
             step_reads, step_keys = ReadHealth(), []
-            for _ in range(stage.grad_accum):
+            for _ in range(self.layout.grad_accum):
                 fetch = time.perf_counter()
                 batch = next(batches)
                 data_wait = time.perf_counter() - fetch
                 step_reads.add_batch(batch)
-                step_keys += batch["keys"]
+                step_keys.append(batch["keys"])
                 loss = self.engine(**model_inputs(batch, self.engine.device)).loss
                 self.engine.backward(loss)
                 self.engine.step()
@@ -93,14 +97,14 @@ class StageRunner:
                 self.checkpointer.save(step, log, scores)
         return metrics
 
-    def _step_metrics(self, step_reads: ReadHealth, step_keys: list[str], elapsed: float) -> dict:
+    def _step_metrics(self, step_reads: ReadHealth, step_keys: list[list[str]], elapsed: float) -> dict:
         keys_by_rank = []
         for seen, by_reason, by_shard, keys in gather((step_reads.seen, dict(step_reads.by_reason),
                                                        dict(step_reads.by_shard), step_keys)):
             self.health.add(seen, by_reason, by_shard)
             keys_by_rank.append(keys)
         return {
-            **self.meter.metrics(sum_across_ranks(self.meter.local()), self.job.stage.grad_accum, world_size(),
+            **self.meter.metrics(sum_across_ranks(self.meter.local()), self.layout.grad_accum, world_size(),
                                  elapsed),
             "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
@@ -139,7 +143,9 @@ class StageRunner:
         return export, chosen
 
 
-def batch_digest(keys_by_rank: list[list[str]]) -> float:
-    """A 24-bit CRC of the step's sample keys, rank by rank: two runs that trained a step on the
-    same samples in the same places log the same number (exact as a float)."""
-    return float(zlib.crc32("\n".join("\t".join(keys) for keys in keys_by_rank).encode()) & 0xFFFFFF)
+def batch_digest(keys_by_rank: list[list[list[str]]]) -> float:
+    """A 24-bit CRC of the step's sample keys in the stage's micro-batch order (accumulation
+    micro-batch a of rank r is the step's micro-batch a x ranks + r): two runs that trained a step
+    on the same micro-batches log the same number (exact as a float), on any number of ranks."""
+    in_order = [micro for by_accumulation in zip(*keys_by_rank) for micro in by_accumulation]
+    return float(zlib.crc32("\n".join("\t".join(keys) for keys in in_order).encode()) & 0xFFFFFF)

@@ -1,17 +1,19 @@
-"""Stream webdataset shards into training batches, resumably.
+"""Stream webdataset shards into training batches, resumably, on any number of ranks.
 
-The pipeline, stage by stage: each source's shards in a seeded per-epoch order -> this
-rank's shards -> this DataLoader worker's (slot's) shards -> tar samples -> a seeded mixture
-of sources -> a seeded shuffle buffer (data_shards/read/stream.py) -> decode media (PyAV, only
-the sampled frames, scaled by the decoder to the model's size; pixels stay uint8 and the model
-normalizes them) -> tokenize with the conversation template -> batches.
+The pipeline, stage by stage: each source's shards in a seeded per-epoch order -> a stream's
+shards (the stage's data is split into a fixed number of streams) -> tar samples -> a seeded
+mixture of sources -> a seeded shuffle buffer (data_shards/read/stream.py) -> decode media
+(PyAV, only the sampled frames, scaled by the decoder to the model's size; pixels stay uint8 and
+the model normalizes them) -> tokenize with the conversation template -> micro-batches, each
+from one stream. Each rank reads its share of the streams, spread over its DataLoader workers.
 Samples that cannot be used are skipped and counted by reason and shard; each batch carries
-the counts since the previous batch of its slot, and the slot's state after it, from which
+the counts since the previous batch of its worker, and its stream's state after it, from which
 `ShardLoader.load_state_dict` resumes exactly.
 """
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 
@@ -24,10 +26,11 @@ from data_shards.frames import FrameSampling
 from data_shards.media import VisualSpec, decode_media
 from data_shards.read.sources import shard_urls
 from data_shards.read.health import ReadHealth
-from data_shards.read.stream import ShardLists, SlotSetup, SlotStream
+from data_shards.read.stream import SampleStream, ShardLists, StreamSetup
 from data_shards.read.tarstream import RawSample
 
-STATE_VERSION = 1
+log = logging.getLogger(__name__)
+STATE_VERSION = 2
 SHARD_LEVEL_REASONS = ("corrupt tar member", "unreadable shard")
 
 
@@ -69,7 +72,7 @@ class SampleDecoder:
 
 @dataclass(frozen=True)
 class ReaderSetup:
-    """Everything a reader slot needs besides its position (plain data: it is sent to workers)."""
+    """Everything a rank's reader needs besides its position (plain data: it is sent to workers)."""
     data: ShardLists
     config: ReaderConfig
     tokenizer: object
@@ -77,29 +80,47 @@ class ReaderSetup:
     visual: VisualSpec
     topology: Topology
     train: bool
+    num_streams: int
 
 
-class SlotDataset(IterableDataset):
-    """What each DataLoader worker runs: its slot's stream, decoded and batched.
+def loader_workers(streams_per_rank: int, configured: int) -> int:
+    """DataLoader worker processes for a rank reading `streams_per_rank` streams: the most, up to
+    `configured`, that share its streams evenly (the DataLoader takes batches from its workers in
+    turn, so each must serve the same number of streams); 0 stays 0 (read in the training process)."""
+    if configured == 0:
+        return 0
+    return max(d for d in range(1, min(configured, streams_per_rank) + 1) if streams_per_rank % d == 0)
 
-    Worker `w` serves slot `(w + rotation) % slots`: a resumed loader starts with the slot
-    whose turn was next, as the DataLoader always asks worker 0 first.
+
+class StreamDataset(IterableDataset):
+    """What each DataLoader worker runs: its share of the rank's streams, each decoded and batched,
+    one batch from each in turn.
+
+    The rank takes its streams in turn, starting with `streams[first]`; the DataLoader takes
+    batches from its workers in turn, worker 0 first. So worker `w` of `n` serves the streams at
+    `first + w`, `first + w + n`, ... of the rank's list.
     """
 
-    def __init__(self, setup: ReaderSetup, slot_states: list[dict | None], rotation: int):
-        self.setup, self.slot_states, self.rotation = setup, slot_states, rotation
+    def __init__(self, setup: ReaderSetup, streams: list[int], positions: dict[int, dict | None], first: int):
+        self.setup, self.streams, self.positions, self.first = setup, streams, positions, first
 
     def __iter__(self):
-        setup, cfg = self.setup, self.setup.config
         worker = get_worker_info()
-        worker_id, num_slots = (worker.id, worker.num_workers) if worker else (0, 1)
-        slot = (worker_id + self.rotation) % num_slots
-        slot_setup = SlotSetup(setup.data, cfg.seed, shuffle=setup.train,
-                        rank=setup.topology.rank, world_size=setup.topology.world_size, slot=slot, num_slots=num_slots)
-        rejects = ReadHealth()  # this slot's skips, handed out with each batch
-        stream = SlotStream(slot_setup, cfg.mixing, cfg.shuffle_buffer if setup.train else 1,
-                            lambda err: rejects.reject(err.reason, err.url, str(err)),
-                            self.slot_states[slot])
+        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        count = len(self.streams)
+        served = [self.streams[(self.first + worker_id + t * num_workers) % count] for t in range(count // num_workers)]
+        rejects = ReadHealth()  # this worker's skips, handed out with the batch they were met for
+        batches = [self._batches(stream, rejects) for stream in served]
+        while True:
+            for stream_batches in batches:
+                yield next(stream_batches)
+
+    def _batches(self, stream_id: int, rejects: ReadHealth):
+        setup, cfg = self.setup, self.setup.config
+        stream_setup = StreamSetup(setup.data, cfg.seed, shuffle=setup.train, stream=stream_id,
+                                   num_streams=setup.num_streams)
+        stream = SampleStream(stream_setup, cfg.mixing, cfg.shuffle_buffer if setup.train else 1,
+                              lambda err: rejects.reject(err.reason, err.url, str(err)), self.positions[stream_id])
         sampling = FrameSampling(cfg.frame_sampling if setup.train else "uniform", setup.visual.num_frames,
                                  cfg.sample_fps)
         decoder = SampleDecoder(setup.tokenizer, setup.template, setup.visual, sampling, cfg.max_length, cfg.seed,
@@ -119,23 +140,35 @@ class SlotDataset(IterableDataset):
                 batch.update(seen=seen + sum(n for (_, reason), n in rejected_by_shard.items()
                                              if reason in SHARD_LEVEL_REASONS),
                              rejected=rejected, rejected_by_shard=rejected_by_shard,
-                             reader_state={"slot": slot, "stream": stream.state()})
+                             reader_state={"stream": stream_id, "position": stream.state()})
                 pending, seen = [], 0
                 yield batch
 
 
 class ShardLoader:
-    """An endless iterator of one rank's batches with a `state_dict()` that resumes it.
+    """An endless iterator of one rank's batches with a `state_dict()` that resumes it, on these
+    or any other numbers of ranks and DataLoader workers.
 
-    The state holds, per slot, the stream state after the last batch handed out, and which
-    slot hands out the next batch. Resuming needs the same ranks, slots and sources.
+    The stage's micro-batch j comes from stream j mod S; rank r of W takes j = r, r + W, r + 2W,
+    ...: its own streams (those with v mod W == r) in turn. So the sequence of micro-batches
+    depends on the data, the seed and S only. The state holds how many micro-batches all ranks
+    took and, per stream, its position after its last batch taken; `merge_states` joins the
+    ranks' states into the stage's.
     """
 
     def __init__(self, setup: ReaderSetup):
+        num_streams, world = setup.num_streams, setup.topology.world_size
+        if num_streams % world:
+            raise ValueError(f"{num_streams} data streams cannot be split over {world} ranks: the number of "
+                             f"ranks must divide data.streams (fixed when the stage first starts)")
         self.setup = setup
-        self.num_slots = max(setup.config.num_workers, 1)
-        self.slot_states: list[dict | None] = [None] * self.num_slots
-        self.next_slot = 0
+        self.streams = list(range(setup.topology.rank, num_streams, world))
+        self.workers = loader_workers(len(self.streams), setup.config.num_workers)
+        if self.workers < setup.config.num_workers:
+            log.warning("rank %d reads %d data streams: %d of data.num_workers %d DataLoader workers share them "
+                        "evenly", setup.topology.rank, len(self.streams), self.workers, setup.config.num_workers)
+        self.positions: dict[int, dict | None] = {stream: None for stream in self.streams}
+        self.taken = 0  # batches this rank handed out
         self._batches = None
 
     def __iter__(self):
@@ -143,38 +176,59 @@ class ShardLoader:
 
     def __next__(self) -> dict:
         if self._batches is None:
-            dataset = SlotDataset(self.setup, list(self.slot_states), self.next_slot)
-            workers = self.setup.config.num_workers
-            self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=workers,
-                                            persistent_workers=workers > 0))
+            dataset = StreamDataset(self.setup, self.streams, dict(self.positions), self.taken % len(self.streams))
+            self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
+                                            persistent_workers=self.workers > 0))
         batch = next(self._batches)
         state = batch.pop("reader_state")
-        self.slot_states[state["slot"]] = state["stream"]
-        self.next_slot = (state["slot"] + 1) % self.num_slots
+        assert state["stream"] == self.streams[self.taken % len(self.streams)], "batches out of stream order"
+        self.positions[state["stream"]] = state["position"]
+        self.taken += 1
         return batch
 
     def _fingerprint(self) -> dict:
-        return {"world_size": self.setup.topology.world_size, "rank": self.setup.topology.rank,
-                "num_slots": self.num_slots, "sources": [list(urls) for urls in self.setup.data.shards],
-                "seed": self.setup.config.seed}
+        return {"num_streams": self.setup.num_streams, "micro_batch_size": self.setup.config.micro_batch_size,
+                "sources": [list(urls) for urls in self.setup.data.shards], "seed": self.setup.config.seed}
 
     def state_dict(self) -> dict:
-        return {"version": STATE_VERSION, **self._fingerprint(), "next_slot": self.next_slot,
-                "slots": list(self.slot_states)}
+        """This rank's part of the stage's reader state (its streams' positions)."""
+        return {"version": STATE_VERSION, **self._fingerprint(),
+                "consumed": self.taken * self.setup.topology.world_size,
+                "positions": {str(stream): position for stream, position in self.positions.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Resume from the stage's reader state (`merge_states` of every rank's), whatever the
+        ranks and workers that saved it."""
         if self._batches is not None:
             raise RuntimeError("load the reader state before reading the first batch")
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state version {state.get('version')!r}, expected {STATE_VERSION}")
-        mine = self._fingerprint()
-        for field_name, value in mine.items():
+            raise ValueError(f"reader state version {state.get('version')!r}, expected {STATE_VERSION} (a checkpoint "
+                             f"of an older release: start the stage anew)")
+        for field_name, value in self._fingerprint().items():
             if state.get(field_name) != value:
                 shown = value if field_name != "sources" else f"{sum(map(len, value))} shards"
                 raise ValueError(f"cannot resume the reader: its saved {field_name} differs from this run's "
-                                 f"({shown}); resume with the same cluster.num_workers, data.num_workers, "
-                                 f"data.seed and data sources")
-        self.slot_states, self.next_slot = list(state["slots"]), state["next_slot"]
+                                 f"({shown}); resume with the same data.seed, data.micro_batch_size and data "
+                                 f"sources")
+        world = self.setup.topology.world_size
+        if state["consumed"] % world:
+            raise ValueError(f"cannot resume the reader on {world} ranks: {state['consumed']} micro-batches were "
+                             f"taken, not a whole number per rank")
+        missing = [stream for stream in self.streams if str(stream) not in state["positions"]]
+        if missing:
+            raise ValueError(f"the reader state lacks data streams {missing}: resume from every rank's state "
+                             f"merged (merge_states)")
+        self.positions = {stream: state["positions"][str(stream)] for stream in self.streams}
+        self.taken = state["consumed"] // world
+
+
+def merge_states(states: list[dict]) -> dict:
+    """The stage's reader state from every rank's `state_dict()`."""
+    merged = {**states[0], "positions": {}}
+    for state in states:
+        assert state["consumed"] == merged["consumed"], "ranks saved reader states of different steps"
+        merged["positions"].update(state["positions"])
+    return merged
 
 
 def shard_lists(data: str | list[DataSource]) -> ShardLists:
@@ -184,21 +238,22 @@ def shard_lists(data: str | list[DataSource]) -> ShardLists:
                       tuple(tuple(shard_urls(s.url)) for s in sources))
 
 
-def check_enough_shards(data: ShardLists, world_size: int, loader_workers: int) -> None:
-    """Every rank x DataLoader worker (slot) must get a shard of each source."""
-    needed = world_size * max(loader_workers, 1)
+def check_enough_shards(data: ShardLists, num_streams: int) -> None:
+    """Every stream must get a shard of each source."""
     for name, shards in zip(data.names, data.shards):
-        if len(shards) < needed:
-            raise ValueError(f"{name}: {len(shards)} shards cannot feed {world_size} ranks x "
-                             f"{max(loader_workers, 1)} readers (cluster.num_workers x data.num_workers); "
-                             f"write at least {needed} shards")
+        if len(shards) < num_streams:
+            raise ValueError(f"{name}: {len(shards)} shards cannot feed {num_streams} data streams (data.streams; "
+                             f"by default cluster.num_workers x data.num_workers); write at least {num_streams} "
+                             f"shards")
 
 
 def build_loader(data: ShardLists | str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
-                 visual: VisualSpec, topology: Topology, train: bool) -> ShardLoader:
+                 visual: VisualSpec, topology: Topology, train: bool, num_streams: int | None = None) -> ShardLoader:
     """Training reads shuffled (and mixed, when several sources); evaluation reads in order.
     Both repeat, so every rank can take the same number of batches whatever its share. `data`
-    is expanded here unless it comes as the driver's ShardLists."""
+    is expanded here unless it comes as the driver's ShardLists. `num_streams` defaults to one
+    per rank x DataLoader worker."""
     data = data if isinstance(data, ShardLists) else shard_lists(data)
-    check_enough_shards(data, topology.world_size, config.num_workers)
-    return ShardLoader(ReaderSetup(data, config, tokenizer, template, visual, topology, train))
+    num_streams = num_streams or topology.world_size * max(config.num_workers, 1)
+    check_enough_shards(data, num_streams)
+    return ShardLoader(ReaderSetup(data, config, tokenizer, template, visual, topology, train, num_streams))

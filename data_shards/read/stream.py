@@ -1,9 +1,11 @@
-"""One reader slot's endless stream of raw samples, with a state that resumes it exactly.
+"""One sample stream: an endless sequence of raw samples, with a state that resumes it exactly.
 
-A slot is one DataLoader worker of one rank. Per source it reads the shards that fall to it
-in that epoch's seeded order (split by rank, then by slot); a seeded mixture picks the
-source of each sample by weight; a seeded shuffle buffer reorders samples. The state is
-small and its size does not depend on how far the slot has read: per source (epoch, shard,
+A stage's training data is split into a fixed number of streams (`data.streams`), whatever the
+ranks and DataLoader workers reading them: stream v of S reads, per source, every S-th shard of
+that epoch's seeded order, from offset v; a seeded mixture picks the source of each sample by
+weight; a seeded shuffle buffer reorders samples. Every draw is seeded by the stream, never by
+the rank or worker reading it, so a stream yields the same samples on any cluster. The state is
+small and its size does not depend on how far the stream has read: per source (epoch, shard,
 byte offset), the mixture's and buffer's draw counts, and where each buffered sample lies.
 Restoring reads the buffered samples back by offset and seeks each source to its byte
 offset; nothing before is replayed.
@@ -26,21 +28,19 @@ class ShardLists:
 
 
 @dataclass(frozen=True)
-class SlotSetup:
-    """What a slot reads (the shard lists) and where the slot sits."""
+class StreamSetup:
+    """What a stream reads: the shard lists, and which of the stage's streams it is."""
     data: ShardLists
     seed: int
     shuffle: bool
-    rank: int
-    world_size: int
-    slot: int
-    num_slots: int
+    stream: int
+    num_streams: int
 
 
 class SourceCursor:
-    """Reads one source's shards for one slot, epoch by epoch, remembering its position."""
+    """Reads one source's shards for one stream, epoch by epoch, remembering its position."""
 
-    def __init__(self, setup: SlotSetup, index: int, on_corrupt: Callable[[CorruptShard], None]):
+    def __init__(self, setup: StreamSetup, index: int, on_corrupt: Callable[[CorruptShard], None]):
         self.setup, self.index, self.on_corrupt = setup, index, on_corrupt
         self.epoch, self.shard, self.offset = 0, 0, 0
         self.exhausted = False
@@ -51,8 +51,8 @@ class SourceCursor:
         urls = list(self.setup.data.shards[self.index])
         if self.setup.shuffle:
             random.Random(f"{self.setup.seed}-{self.index}-{epoch}").shuffle(urls)
-        # never empty: reader.check_enough_shards made sure of a shard for every rank x slot
-        return urls[self.setup.rank:: self.setup.world_size][self.setup.slot:: self.setup.num_slots]
+        # never empty: reader.check_enough_shards made sure of a shard for every stream
+        return urls[self.setup.stream:: self.setup.num_streams]
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.shard, self.offset, self.exhausted = epoch, 0, 0, False
@@ -88,10 +88,10 @@ class SourceCursor:
         self.shard, self.offset, self.exhausted = state["shard"], state["offset"], state["exhausted"]
 
 
-class SlotStream:
+class SampleStream:
     """Mixture of sources -> shuffle buffer, endless; `state()` between samples resumes it."""
 
-    def __init__(self, setup: SlotSetup, mixing: str, buffer_size: int, on_corrupt: Callable[[CorruptShard], None],
+    def __init__(self, setup: StreamSetup, mixing: str, buffer_size: int, on_corrupt: Callable[[CorruptShard], None],
                  state: dict | None = None):
         self.setup, self.mixing, self.buffer_size = setup, mixing, buffer_size
         self.cursors = [SourceCursor(setup, i, on_corrupt) for i in range(len(setup.data.shards))]
@@ -104,7 +104,7 @@ class SlotStream:
             self.buffer = [_reread(url, offset, epoch) for url, offset, epoch in state["buffer"]]
 
     def _rng(self, purpose: str, count: int) -> random.Random:
-        return random.Random(f"{self.setup.seed}-{purpose}-{self.setup.rank}-{self.setup.slot}-{count}")
+        return random.Random(f"{self.setup.seed}-{purpose}-{self.setup.stream}-{count}")
 
     def _pick(self, candidates: list[int]) -> SourceCursor:
         if len(candidates) == 1:
@@ -122,8 +122,8 @@ class SlotStream:
             cursor.start_epoch(cursor.epoch + 1)
             sample = cursor.read()
         if sample is None:
-            raise ValueError(f"source {self.setup.data.names[cursor.index]!r} has no readable sample for rank "
-                             f"{self.setup.rank} reader {self.setup.slot}")
+            raise ValueError(f"source {self.setup.data.names[cursor.index]!r} has no readable sample in data "
+                             f"stream {self.setup.stream} of {self.setup.num_streams}")
         return sample
 
     def _next_by_epoch(self) -> RawSample:
@@ -138,8 +138,8 @@ class SlotStream:
                 continue
             empty_epochs += 1
             if empty_epochs > 1:
-                raise ValueError(f"no readable sample in a whole epoch for rank {self.setup.rank} reader "
-                                 f"{self.setup.slot} (sources {list(self.setup.data.names)})")
+                raise ValueError(f"no readable sample in a whole epoch of data stream {self.setup.stream} of "
+                                 f"{self.setup.num_streams} (sources {list(self.setup.data.names)})")
             self.epoch += 1
             for cursor in self.cursors:
                 cursor.start_epoch(self.epoch)
@@ -164,8 +164,8 @@ class SlotStream:
                 "buffer": [[s.url, s.offset, s.epoch] for s in self.buffer]}
 
 
-# data.mixing: how a slot interleaves its sources
-MIXING = {"epoch": SlotStream._next_by_epoch, "resampled": SlotStream._next_resampled}
+# data.mixing: how a stream interleaves its sources
+MIXING = {"epoch": SampleStream._next_by_epoch, "resampled": SampleStream._next_resampled}
 
 
 def _reread(url: str, offset: int, epoch: int) -> RawSample:
