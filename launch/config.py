@@ -28,6 +28,10 @@ class ClusterConfig(Strict):
                        "the cluster has room for, and after a lost node goes on with fewer (at least min)")
     max_failures: int = Field(0, ge=-1, description="times a stage's worker group is restarted after a failed or "
                                                     "lost worker, resuming from its newest checkpoint; -1: always")
+    worker_start_timeout_s: float = Field(
+        30, gt=0, description="how long Ray Train waits for a new worker group to start before it decides again; "
+                              "after a lost node its first try may still count the node's workers (its view of the "
+                              "cluster is up to 20 s old), so this bounds how long an elastic stage waits for them")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     num_cpus: int | None = Field(None, ge=1, description="CPUs an embedded Ray may use (default: all)")

@@ -15,6 +15,7 @@ import ray
 from mlflow import MlflowClient
 from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from data_shards.config import as_sources
 from data_shards.manifest import read_manifest
@@ -73,7 +74,8 @@ def ray_address(cfg: JobConfig) -> str | None:
 
 
 def start_ray(cfg: JobConfig) -> None:
-    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.cluster.torch_threads)}
+    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.cluster.torch_threads),
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.cluster.worker_start_timeout_s)}
     env["DS_ACCELERATOR"] = "cuda" if cfg.cluster.use_gpu else "cpu"
     address = ray_address(cfg)
     if ray.is_initialized():
@@ -202,7 +204,9 @@ class Pipeline:
         """Trains the stage on the Ray workers; where rank 0 wrote the export, and the tags that
         say which weights it holds (step, how chosen, the checkpoint's logged model)."""
         cluster = self.cfg.cluster
-        inbox = DriverInbox.remote()
+        # On the driver's node: the inbox must outlive any lost worker node (as Ray Train's controller does).
+        inbox = DriverInbox.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
         marker = None
         if self.storage.is_local:  # every worker must see it; a node that does not stops the run
             marker = StorageMarker(self.storage.url, f".node-check-{run_id}")
