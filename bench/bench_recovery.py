@@ -116,6 +116,8 @@ def node_loss_run(data: Path, out: Path, name: str, steps: int, every: int, kill
     config["stages"] = config["stages"][1:]
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     sets = [*overrides(data, out, name, steps, every), "cluster.num_workers=[1, 2]", f"cluster.storage={out}/storage"]
+    for folder in ("unseen", "cluster-logs"):
+        (out / folder).mkdir()
     cluster = start_two_node_cluster(out / "unseen", out / "cluster-logs",
                                      {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"})
     try:
