@@ -70,7 +70,7 @@ def test_a_bad_config_submits_nothing_and_a_wrong_token_is_refused(two_node_clus
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and err.splitlines() == [
         f"valleyforge: error: {TINY}: cluster.workerz: unknown key (allowed here: address, storage, num_workers, max_failures, "
-        f"use_gpu, cpus_per_worker, num_cpus, torch_threads, peak_flops_per_device)"], err
+        f"worker_start_timeout_s, use_gpu, cpus_per_worker, num_cpus, torch_threads, peak_flops_per_device)"], err
     assert submitted_ids(job_server) == before
 
     refused = valleyforge("jobs", "--address", cluster.dashboard, "list",

@@ -48,7 +48,8 @@ def test_a_tracking_outage_mid_stage_is_waited_out(ray_local, synth_data, tmp_pa
         assert [m.step for m in history] == list(range(1, STEPS + 1))  # every step, once
         assert client.get_model_version(registered.name, registered.version).run_id == registered.run_id
         said = capsys.readouterr().out  # the driver's progress output
-        assert "tracking server unreachable while logging step" in said and "retrying for up to 3600 s" in said, said
+        # whichever write was in flight when the server went away (a step's metrics, a note)
+        assert "tracking server unreachable while " in said and "retrying for up to 3600 s" in said, said
         assert "tracking server reachable again" in said, said
     finally:
         stop_group(server)
