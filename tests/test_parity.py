@@ -1,26 +1,68 @@
-"""The distributed machinery changes nothing about the maths: the first steps of a ZeRO-3 run
-on 2 ranks under Ray give the losses of a plain single-process PyTorch loop over the same global
-batches (no DeepSpeed, no Ray), within fp32 tolerance."""
+"""The distributed machinery changes nothing about the maths: ZeRO-3 on 2 ranks under Ray, each
+rank accumulating 2 micro-batches per step, gives the losses of a plain single-process PyTorch loop
+over the same global batches concatenated into one (no DeepSpeed, no Ray), within fp32 tolerance:
+a global batch's loss is the mean over all its supervised tokens, whichever rank and micro-batch
+holds them. The ranks' batches are made as unequal as the data allows (rank 0 gets the samples
+with the fewest supervised tokens, rank 1 those with the most), where a mean of each rank's or
+micro-batch's own token mean would weigh a one-word answer like a whole description."""
 import json
 from functools import partial
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 
-from data_shards.conversation import get_template
+from data_shards.conversation import IGNORE_INDEX, get_template
 from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import StageJob
 from trainer.engine import warmup_cosine
-from trainer.model import model_inputs
+from trainer.model import model_inputs, supervised_tokens
+from trainer.stage import StageRunner
 from trainer.trainable import set_trainable
-from two_ranks import fit_on_ranks, losses_worker, tiny_job
+from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
-STEPS = 6
+STEPS, ACCUM, MICRO = 4, 2, 4
+POOL = 256  # the synthetic instruct split
+
+
+def concatenated(batches: list[dict], pad_id: int) -> dict:
+    """One batch of the rows of `batches`, right-padded to the longest."""
+    length = max(batch["input_ids"].shape[1] for batch in batches)
+
+    def rows(name: str, fill: int) -> torch.Tensor:
+        return torch.cat([F.pad(batch[name], (0, length - batch[name].shape[1]), value=fill) for batch in batches])
+    return {"input_ids": rows("input_ids", pad_id), "labels": rows("labels", IGNORE_INDEX),
+            "attention_mask": rows("attention_mask", 0), "frames": torch.cat([b["frames"] for b in batches]),
+            "frame_mask": torch.cat([b["frame_mask"] for b in batches]),
+            "lengths": torch.cat([b["lengths"] for b in batches]), "keys": [k for b in batches for k in b["keys"]],
+            "seen": sum(b["seen"] for b in batches), "rejected": {}, "rejected_by_shard": {}}
+
+
+def unequal_micro_batches(job: StageJob, tokenizer, visual) -> list[list[dict]]:
+    """Per rank, its micro-batches in training order: of the split's samples sorted by their
+    supervised tokens, rank 0 gets the fewest, rank 1 the most."""
+    single = build_loader(job.train_shards, job.data.model_copy(update={"micro_batch_size": 1}), tokenizer,
+                          get_template(job.stage.template), visual, Topology(), train=True)
+    samples = sorted((next(single) for _ in range(POOL)), key=supervised_tokens)
+    needed = STEPS * ACCUM * MICRO
+    return [[concatenated(share[start: start + MICRO], tokenizer.pad_token_id) for start in range(0, needed, MICRO)]
+            for share in (samples[:needed], samples[-needed:])]
+
+
+def parity_worker(config) -> None:
+    """Trains `config["job"]` on this rank's unequal micro-batches; rank 0 writes the losses logged."""
+    topology, losses = worker_topology(), []
+    runner = StageRunner(config["job"], topology)
+    batches = unequal_micro_batches(config["job"], runner.tokenizer, runner.model.visual_spec())[topology.rank]
+    runner.train(lambda metrics, step: losses.append(metrics["train/loss"]), iter(batches))
+    if topology.rank == 0:
+        Path(config["out"], "losses.json").write_text(json.dumps(losses))
 
 
 def plain_losses(job: StageJob) -> list[float]:
-    """The same model, data and optimizer in one process: each step averages the two ranks' losses."""
+    """The same model, data and optimizer in one process, each step on the global batch in one."""
     torch.manual_seed(job.seed)
     blueprint = blueprint_from_config(job.model)
     model = build_model(blueprint, job.model.attn_implementation)
@@ -32,15 +74,12 @@ def plain_losses(job: StageJob) -> list[float]:
     scheduler = LambdaLR(optimizer, partial(warmup_cosine, total_steps=job.stage.steps,
                                             warmup_steps=job.stage.schedule.warmup_steps,
                                             min_lr_ratio=job.stage.schedule.min_lr_ratio))
-    visual = model.visual_spec()
-    loaders = [build_loader(job.stage.train_data, job.data, blueprint.tokenizer, get_template(job.stage.template), visual,
-                            Topology(rank, 2), train=True) for rank in range(2)]
+    per_rank = unequal_micro_batches(job, blueprint.tokenizer, model.visual_spec())
     losses = []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         optimizer.zero_grad()
-        batches = [next(loader) for loader in loaders]
-        rank_losses = [model(**model_inputs(batch)).loss for batch in batches]
-        loss = sum(rank_losses) / 2
+        in_step = [micro for rank in per_rank for micro in rank[step * ACCUM: (step + 1) * ACCUM]]
+        loss = model(**model_inputs(concatenated(in_step, blueprint.tokenizer.pad_token_id))).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, job.stage.max_grad_norm)
         optimizer.step()
@@ -49,14 +88,19 @@ def plain_losses(job: StageJob) -> list[float]:
     return losses
 
 
-def test_zero3_on_two_ranks_matches_a_plain_pytorch_loop(ray_local, synth_data, tmp_path):
+def test_zero3_on_two_ranks_with_accumulation_matches_one_process_on_the_global_batch(ray_local, synth_data,
+                                                                                       tmp_path):
     job = tiny_job(synth_data, tmp_path, num_frames=4, attn_implementation="sdpa",
-                   stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3},
-                          "schedule": {"warmup_steps": 2}, "max_grad_norm": 0.5},
-                   data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256, "shuffle_buffer": 16})
-    fit_on_ranks(losses_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
-    distributed = json.loads((tmp_path / "rank0.json").read_text())
+                   stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "grad_accum": ACCUM,
+                          "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2}, "max_grad_norm": 0.5},
+                   data={"micro_batch_size": MICRO, "num_workers": 1, "max_length": 256, "shuffle_buffer": 16})
+    fit_on_ranks(parity_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
+    distributed = json.loads((tmp_path / "losses.json").read_text())
     torch.set_num_threads(1)
+    blueprint = blueprint_from_config(job.model)
+    visual = build_model(blueprint, job.model.attn_implementation).visual_spec()
+    counts = [sum(supervised_tokens(b) for b in rank) for rank in unequal_micro_batches(job, blueprint.tokenizer, visual)]
+    assert counts[1] > 3 * counts[0], counts  # the ranks' shares of the supervised tokens are far apart
     reference = plain_losses(job)
     assert len(distributed) == len(reference) == STEPS
     for step, (d, r) in enumerate(zip(distributed, reference), 1):

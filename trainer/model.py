@@ -26,6 +26,12 @@ def model_inputs(batch: dict, device="cpu") -> dict:
     return {k: batch[k].to(device, non_blocking=True) for k in MODEL_INPUTS if k in batch}
 
 
+def supervised_tokens(batch: dict) -> int:
+    """The tokens a batch's loss is taken over: those with a label, each predicted from the one
+    before it (as the causal LM loss shifts them)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 @dataclass(frozen=True)
 class Architecture:
     """Everything besides the two HF configs needed to rebuild the model (saved with exports)."""
@@ -119,16 +125,20 @@ class VideoLanguageModel(nn.Module):
             embeds, attention_mask, labels = self.soft_prompt.prepend(embeds, attention_mask, labels, IGNORE_INDEX)
         return embeds, attention_mask, labels
 
-    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None, position_ids=None):
+    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None, position_ids=None,
+                num_items_in_batch: float | None = None):
         """`position_ids` marks a packed batch (several samples per row, positions restarting
-        at each): the LLM then gets no attention mask and keeps attention inside each sample."""
+        at each): the LLM then gets no attention mask and keeps attention inside each sample.
+        The loss is the mean over the batch's supervised tokens, or with `num_items_in_batch` their
+        sum divided by it (transformers' loss functions take it so)."""
         if position_ids is not None and self.soft_prompt is not None:
             raise ValueError("packed batches and a soft prompt do not mix: set data.packing false")
         embeds, attention_mask, labels = self._llm_inputs(input_ids, attention_mask, frames, frame_mask, labels)
         if position_ids is not None:
             attention_mask = None
+        extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                        use_cache=False)
+                        use_cache=False, **extra)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, frames, frame_mask, max_new_tokens: int, **kwargs) -> torch.Tensor:
