@@ -149,8 +149,11 @@ class JobConfig(Strict):
             "tokenizer": absolute(self.model.tokenizer), "word_vocab": absolute(self.model.word_vocab),
             "vision": self.model.vision.model_copy(update={"path": absolute(self.model.vision.path)}),
             "llm": self.model.llm.model_copy(update={"path": absolute(self.model.llm.path)})})
+        def absolute_probes(probe):
+            return probe and probe.model_copy(update={"data": absolute(probe.data)})
         stages = [s.model_copy(update={"train_data": absolute_sources(s.train_data), "eval_data": absolute(s.eval_data),
-                                       "init_from": absolute_init(s.init_from)}) for s in self.stages]
+                                       "init_from": absolute_init(s.init_from),
+                                       "probe_eval": absolute_probes(s.probe_eval)}) for s in self.stages]
         evaluation = self.evaluation and self.evaluation.model_copy(update={"data": absolute(self.evaluation.data)})
         return self.model_copy(update={"model": model, "stages": stages, "evaluation": evaluation})
 

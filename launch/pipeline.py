@@ -46,14 +46,15 @@ class RegisteredStage:
     run_id: str
 
 
-def resolve_inputs(cfg: JobConfig) -> dict[str, tuple[ShardLists, ShardLists | None]]:
-    """Each stage's train and eval shard lists, expanded once here for every worker; fails before
-    any worker starts when a data split or init source is unusable."""
+def resolve_inputs(cfg: JobConfig) -> dict[str, tuple[ShardLists, ShardLists | None, ShardLists | None]]:
+    """Each stage's train, eval and probe shard lists, expanded once here for every worker; fails
+    before any worker starts when a data split or init source is unusable."""
     lists = {}
     for stage in cfg.stages:
         try:
-            train, evaluation = stage.train_data, stage.eval_data
-            lists[stage.name] = (shard_lists(train), shard_lists(evaluation) if evaluation else None)
+            train, evaluation, probes = stage.train_data, stage.eval_data, stage.probe_eval
+            lists[stage.name] = (shard_lists(train), shard_lists(evaluation) if evaluation else None,
+                                 shard_lists(probes.data) if probes else None)
             check_enough_shards(lists[stage.name][0], cfg.data_streams())
             if evaluation:  # read by each rank's DataLoader workers, on as many ranks as there may be
                 check_enough_shards(lists[stage.name][1], cfg.cluster.max_workers * max(cfg.data.num_workers, 1))
@@ -178,6 +179,7 @@ class Pipeline:
             job = StageJob(model=self.cfg.model, engine=self.cfg.engine,
                            data=self.cfg.data.model_copy(update={"streams": self.cfg.data_streams()}), stage=stage,
                            train_shards=self.shard_lists[stage.name][0], eval_shards=self.shard_lists[stage.name][1],
+                           probe_shards=self.shard_lists[stage.name][2],
                            init_from=init.url if init else None,
                            export_dir=self.storage.child("exports", stage.name).url,
                            checkpoint_dir=self.storage.child("checkpoints", stage.name).url,

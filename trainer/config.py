@@ -133,6 +133,14 @@ class TokenReductionConfig(Strict):
         return self
 
 
+class ProbeEvalConfig(Strict):
+    """Evaluation by generation during a stage: the attribute probes of a held-out split asked
+    every `eval_every` steps and at the end, each rank asking about its share of the clips."""
+    data: str = Field(description="a held-out split whose samples carry probes (`valleyforge shards synth` writes them)")
+    max_new_tokens: int = Field(8, ge=1)
+    max_clips: int | None = Field(None, ge=1, description="the first this many probed clips; unset: all")
+
+
 # The stage field `register` shadows ABCMeta.register on the class, which no config uses.
 warnings.filterwarnings("ignore", message='Field name "register" in "StageConfig" shadows', category=UserWarning)
 
@@ -164,6 +172,7 @@ class StageConfig(Strict):
     schedule: ScheduleConfig = ScheduleConfig()
     eval_every: int = Field(0, ge=0, description="steps between evaluations; 0: at the end only")
     eval_batches: int = Field(4, ge=1)
+    probe_eval: ProbeEvalConfig | None = None
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints (and one at the end); 0: none")
     resume: bool = Field(True, description="start from the stage's newest checkpoint when there is one")
     resume_from: str | None = Field(
@@ -203,4 +212,5 @@ class StageJob:
     seed: int
     resume_from: str | None = None  # a checkpoint tag's URL (the stage's `resume_from`, resolved by the driver)
     micro_batches_per_step: int | None = None  # the global batch; None: grad_accum on every rank
+    probe_shards: ShardLists | None = None  # the stage's probe_eval data, expanded by the driver
     peak_flops_per_device: float | None = None  # for MFU; None: known GPUs only

@@ -35,8 +35,9 @@ def media_for(model, members: dict[str, bytes] | None) -> tuple[str | None, torc
 
 @torch.no_grad()
 def answer(model, tokenizer, template_name: str, prompt: str, media: tuple[str | None, torch.Tensor | None],
-           max_new_tokens: int = 64) -> str:
-    """The model's greedy answer to `prompt` about `media` (from `media_for`)."""
+           max_new_tokens: int = 64, **generate_options) -> str:
+    """The model's greedy answer to `prompt` about `media` (from `media_for`); `generate_options`
+    go to transformers' generate."""
     visual = model.visual_spec()
     template = get_template(template_name)
     media_kind, frames = media
@@ -45,7 +46,7 @@ def answer(model, tokenizer, template_name: str, prompt: str, media: tuple[str |
                       "pixels": frames}], tokenizer.pad_token_id, visual)
     out = model.generate(batch["input_ids"], batch["attention_mask"], batch["frames"], batch["frame_mask"],
                          max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, template),
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, **generate_options)
     return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
 

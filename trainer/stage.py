@@ -16,10 +16,11 @@ from trainer.blueprint import blueprint_from_config, blueprint_from_export
 from trainer.checkpoint import Checkpointer, CheckpointRecord, best_tag, complete_tags, find_resume_point, tag_name
 from trainer.config import StageJob
 from trainer.engine import build_engine, uses_bf16
+from trainer.evaluation import sharded_attribute_accuracy
 from trainer.export import export_model, write_blueprint
 from trainer.layout import plan_layout
 from trainer.metric_log import MetricLog, Send, as_metric_log
-from trainer.model import model_inputs
+from trainer.model import model_inputs, supervised_tokens
 from trainer.ranks import from_rank0, gather, rank, sum_across_ranks, world_size
 from trainer.storage import Storage
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
@@ -73,23 +74,21 @@ class StageRunner:
         for step in range(start + 1, stage.steps + 1):
             started = time.perf_counter()
             self.meter.begin()
-            step_reads, step_keys = ReadHealth(), []
-            for _ in range(self.layout.grad_accum):
-                fetch = time.perf_counter()
-                batch = next(batches)
-                data_wait = time.perf_counter() - fetch
-                step_reads.add_batch(batch)
-                step_keys.append(batch["keys"])
-                loss = self.engine(**model_inputs(batch, self.engine.device)).loss
+            micro_batches = self._fetch(batches)
+            share = self._token_share([batch for batch, _ in micro_batches])
+            for batch, data_wait in micro_batches:
+                loss = self.engine(**model_inputs(batch, self.engine.device), num_items_in_batch=share).loss
                 self.engine.backward(loss)
                 self.engine.step()
                 self.meter.add(batch, float(loss), data_wait)
-            metrics = self._step_metrics(step_reads, step_keys, time.perf_counter() - started)
+            metrics = self._step_metrics([batch for batch, _ in micro_batches], time.perf_counter() - started)
             last = step == stage.steps
             checkpoint = self.checkpointer.due(step, last)
-            if self.eval_batches and ((stage.eval_every and step % stage.eval_every == 0) or last
-                                      or (checkpoint and stage.register == "best")):
+            evaluate = bool(stage.eval_every and step % stage.eval_every == 0) or last
+            if self.eval_batches and (evaluate or (checkpoint and stage.register == "best")):
                 metrics["eval/loss"] = self.heldout_loss()
+            if self.job.probe_shards and evaluate:
+                metrics.update(self.probe_accuracy())
             log(metrics, step)
             self.health.check()
             scores = {**scores, **{k: metrics[k] for k in ("train/loss", "eval/loss") if k in metrics}}
@@ -97,7 +96,28 @@ class StageRunner:
                 self.checkpointer.save(step, log, scores)
         return metrics
 
-    def _step_metrics(self, step_reads: ReadHealth, step_keys: list[list[str]], elapsed: float) -> dict:
+    def _fetch(self, batches: Iterator[dict]) -> list[tuple[dict, float]]:
+        """This rank's micro-batches of a step, each with the seconds waited for it."""
+        fetched = []
+        for _ in range(self.layout.grad_accum):
+            begin = time.perf_counter()
+            batch = next(batches)
+            fetched.append((batch, time.perf_counter() - begin))
+        return fetched
+
+    def _token_share(self, micro_batches: list[dict]) -> float:
+        """What each micro-batch's summed token losses are divided by, so that a step's gradient is
+        that of the mean over every supervised token of the global batch, whichever rank and
+        micro-batch holds it: DeepSpeed divides each micro-batch's loss by grad_accum and ZeRO
+        averages gradients over the ranks, so the global count over ranks x grad_accum. The
+        logged train/loss, the mean of the micro-batch losses, is then that token mean too."""
+        total, = sum_across_ranks([sum(supervised_tokens(batch) for batch in micro_batches)])
+        return total / (world_size() * self.layout.grad_accum)
+
+    def _step_metrics(self, micro_batches: list[dict], elapsed: float) -> dict:
+        step_reads, step_keys = ReadHealth(), [batch["keys"] for batch in micro_batches]
+        for batch in micro_batches:
+            step_reads.add_batch(batch)
         keys_by_rank = []
         for seen, by_reason, by_shard, keys in gather((step_reads.seen, dict(step_reads.by_reason),
                                                        dict(step_reads.by_shard), step_keys)):
@@ -113,15 +133,28 @@ class StageRunner:
         }
 
     def heldout_loss(self) -> float:
-        """Mean loss over `eval_batches` held-out batches per rank, averaged over ranks."""
+        """The mean loss over every supervised token of `eval_batches` held-out batches per rank."""
         self.engine.eval()
-        total = 0.0
+        summed, tokens = 0.0, 0
         with torch.no_grad():
             for _ in range(self.job.stage.eval_batches):
-                total += float(self.engine(**model_inputs(next(self.eval_batches), self.engine.device)).loss)
+                batch = next(self.eval_batches)
+                # num_items_in_batch 1: the batch's summed token losses
+                summed += float(self.engine(**model_inputs(batch, self.engine.device), num_items_in_batch=1.0).loss)
+                tokens += supervised_tokens(batch)
         self.engine.train()
-        summed, = sum_across_ranks([total / self.job.stage.eval_batches])
-        return summed / world_size()
+        summed, tokens = sum_across_ranks([summed, tokens])
+        return summed / tokens
+
+    def probe_accuracy(self) -> dict:
+        """`eval/attribute_accuracy/*` by generation on the stage's probe clips, each rank asking
+        about its share."""
+        probe = self.job.stage.probe_eval
+        metrics = sharded_attribute_accuracy(self.model, self.tokenizer, self.job.probe_shards.shards[0],
+                                             self.job.stage.template, probe.max_new_tokens, probe.max_clips, rank(),
+                                             world_size())
+        self.engine.train()
+        return metrics
 
     def export(self) -> tuple[Storage | None, dict]:
         """Gather the weights and write the export to `job.export_dir`: the last step's, or with
