@@ -52,16 +52,15 @@ def unequal_micro_batches(job: StageJob, tokenizer, visual) -> list[list[dict]]:
 
 
 def parity_worker(config) -> None:
-    """Trains `config["job"]` on this rank's unequal micro-batches; rank 0 writes the losses logged."""
+    """Trains `config["job"]` on this rank's micro-batches; rank 0 writes the losses logged."""
     topology, losses = worker_topology(), []
     runner = StageRunner(config["job"], topology)
-    batches = unequal_micro_batches(config["job"], runner.tokenizer, runner.model.visual_spec())[topology.rank]
-    runner.train(lambda metrics, step: losses.append(metrics["train/loss"]), iter(batches))
+    runner.train(lambda metrics, step: losses.append(metrics["train/loss"]), iter(config["batches"][topology.rank]))
     if topology.rank == 0:
         Path(config["out"], "losses.json").write_text(json.dumps(losses))
 
 
-def plain_losses(job: StageJob) -> list[float]:
+def plain_losses(job: StageJob, per_rank: list[list[dict]]) -> list[float]:
     """The same model, data and optimizer in one process, each step on the global batch in one."""
     torch.manual_seed(job.seed)
     blueprint = blueprint_from_config(job.model)
@@ -74,7 +73,6 @@ def plain_losses(job: StageJob) -> list[float]:
     scheduler = LambdaLR(optimizer, partial(warmup_cosine, total_steps=job.stage.steps,
                                             warmup_steps=job.stage.schedule.warmup_steps,
                                             min_lr_ratio=job.stage.schedule.min_lr_ratio))
-    per_rank = unequal_micro_batches(job, blueprint.tokenizer, model.visual_spec())
     losses = []
     for step in range(STEPS):
         optimizer.zero_grad()
@@ -94,14 +92,15 @@ def test_zero3_on_two_ranks_with_accumulation_matches_one_process_on_the_global_
                    stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "grad_accum": ACCUM,
                           "optimizer": {"lr": 3e-3}, "schedule": {"warmup_steps": 2}, "max_grad_norm": 0.5},
                    data={"micro_batch_size": MICRO, "num_workers": 1, "max_length": 256, "shuffle_buffer": 16})
-    fit_on_ranks(parity_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
-    distributed = json.loads((tmp_path / "losses.json").read_text())
     torch.set_num_threads(1)
     blueprint = blueprint_from_config(job.model)
-    visual = build_model(blueprint, job.model.attn_implementation).visual_spec()
-    counts = [sum(supervised_tokens(b) for b in rank) for rank in unequal_micro_batches(job, blueprint.tokenizer, visual)]
+    per_rank = unequal_micro_batches(job, blueprint.tokenizer,
+                                     build_model(blueprint, job.model.attn_implementation).visual_spec())
+    counts = [sum(supervised_tokens(batch) for batch in batches) for batches in per_rank]
     assert counts[1] > 3 * counts[0], counts  # the ranks' shares of the supervised tokens are far apart
-    reference = plain_losses(job)
+    fit_on_ranks(parity_worker, {"job": job, "batches": per_rank, "out": str(tmp_path)}, tmp_path / "ray")
+    distributed = json.loads((tmp_path / "losses.json").read_text())
+    reference = plain_losses(job, per_rank)
     assert len(distributed) == len(reference) == STEPS
     for step, (d, r) in enumerate(zip(distributed, reference), 1):
         assert abs(d - r) <= 1e-4 * max(1.0, abs(r)), (step, distributed, reference)
