@@ -93,7 +93,7 @@ def worker_kill_run(data: Path, out: Path, name: str, steps: int, every: int, ki
     os.environ["MLFLOW_TRACKING_URI"] = uri
     watch, outcome = StageWatch(out, uri), {}
     cfg = load_config(DEMO, overrides(data, out, name, steps, every))
-    cfg = cfg.model_copy(update={"stages": cfg.stages[1:]})
+    cfg = cfg.model_copy(update={"stages": [stage for stage in cfg.stages if stage.name == "instruct"]})
     thread = threading.Thread(target=lambda: outcome.update(result=Pipeline(cfg, console=lambda _: None).run()))
     thread.start()
     wait_for(lambda: len(watch.history()) >= kill_after, f"step {kill_after}")
@@ -113,7 +113,7 @@ def node_loss_run(data: Path, out: Path, name: str, steps: int, every: int, kill
     uri = f"sqlite:///{out / 'mlflow.db'}"
     watch = StageWatch(out, uri)
     config = yaml.safe_load(DEMO.read_text())
-    config["stages"] = config["stages"][1:]
+    config["stages"] = [stage for stage in config["stages"] if stage["name"] == "instruct"]
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     sets = [*overrides(data, out, name, steps, every), "cluster.num_workers=[1, 2]", f"cluster.storage={out}/storage"]
     for folder in ("unseen", "cluster-logs"):

@@ -96,6 +96,19 @@ class JobConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _contrastive_stages_have_their_towers(self):
+        for stage in self.stages:
+            if stage.objective != "contrastive":
+                continue
+            if self.model.contrastive is None:
+                raise ValueError(f"stages.{stage.name}: objective contrastive needs model.contrastive (the temporal "
+                                 f"module and the text tower)")
+            if self.data.packing:
+                raise ValueError(f"stages.{stage.name}: objective contrastive pairs each clip with its own sample's "
+                                 f"text; data.packing puts several samples in a row: set it false")
+        return self
+
+    @model_validator(mode="after")
     def _batches_split_over_every_rank_count(self):
         """Every rank count a stage may run on must divide its data streams and its global batch."""
         lcm, counts = self.cluster.worker_counts_lcm, list(self.cluster.worker_range)

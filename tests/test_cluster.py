@@ -34,6 +34,16 @@ def cluster_overrides(cluster, synth_data, store_data, name: str) -> list[str]:
             "stages.instruct.steps=3", "stages.instruct.checkpoint_every=2"]
 
 
+def demo_stages(folder: Path, *names: str) -> Path:
+    """The demo config with only the named stages (the cluster tests need its language-modelling
+    ones), written into `folder`."""
+    config = yaml.safe_load(DEMO.read_text())
+    config["stages"] = [stage for stage in config["stages"] if stage["name"] in names]
+    path = folder / f"demo-{'-'.join(names)}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def valleyforge(*args: str, env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -54,7 +64,7 @@ def last_section(log: Path) -> str:
 
 
 def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster, object_store, mlflow_server,
-                                                                 synth_data, store_data, monkeypatch):
+                                                                 synth_data, store_data, monkeypatch, tmp_path):
     for key, value in object_store.env.items():  # this process reads the store too
         monkeypatch.setenv(key, value)
     cluster, name = two_node_cluster, "cluster"
@@ -62,7 +72,8 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
     overrides = cluster_overrides(cluster, synth_data, store_data, name)
     overrides.append(f"cluster.storage=s3://{object_store.bucket}/runs/{{name}}")
     env = {**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": mlflow_server}
-    command = ["run", str(DEMO), *[arg for o in overrides for arg in ("--set", o)]]
+    command = ["run", str(demo_stages(tmp_path, "pretrain", "instruct")), *[arg for o in overrides
+                                                                           for arg in ("--set", o)]]
 
     # First run: stopped once stage 1 has a checkpoint in the store.
     first = valleyforge(*command, env=env)
@@ -117,7 +128,8 @@ def test_a_local_storage_path_that_a_node_cannot_see_stops_the_run(two_node_clus
                                                                     store_data, tmp_path):
     cluster, name = two_node_cluster, "cluster-local"
     overrides = cluster_overrides(cluster, synth_data, store_data, name)  # storage: the output dir
-    run = valleyforge("run", str(DEMO), *[arg for o in overrides for arg in ("--set", o)],
+    run = valleyforge("run", str(demo_stages(tmp_path, "pretrain", "instruct")),
+                      *[arg for o in overrides for arg in ("--set", o)],
                       env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
     out, err = run.communicate(timeout=600)
     assert run.returncode == 1, out + err
@@ -137,10 +149,7 @@ def test_an_elastic_stage_goes_on_with_the_worker_left_when_a_node_is_lost(
     for key, value in object_store.env.items():
         monkeypatch.setenv(key, value)
     cluster, name = two_node_cluster, "elastic"
-    one_stage = yaml.safe_load(DEMO.read_text())
-    one_stage["stages"] = one_stage["stages"][:1]
-    config = tmp_path / "one_stage.yaml"
-    config.write_text(yaml.safe_dump(one_stage))
+    config = demo_stages(tmp_path, "pretrain")
     storage = Storage(f"s3://{object_store.bucket}/runs/{name}")
     overrides = [o for o in cluster_overrides(cluster, synth_data, store_data, name) if not o.startswith("stages.inst")]
     overrides += [f"cluster.storage={storage.url}", "cluster.num_workers=[1, 2]", "cluster.max_failures=1",

@@ -17,16 +17,16 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("override, expected", [
-    ("stages.pretrain.steps=0", "stages.0.steps: Input should be greater than 0"),
-    ("stages.instruct.optimizer.learning_rate=1", "stages.1.optimizer.learning_rate: unknown key (allowed here: lr, "),
+    ("stages.pretrain.steps=0", "stages.1.steps: Input should be greater than 0"),
+    ("stages.instruct.optimizer.learning_rate=1", "stages.2.optimizer.learning_rate: unknown key (allowed here: lr, "),
     ("model.reducer=avgpool", "model.reducer: Input should be 'none', 'valley', 'spatial_pool2' or 'temporal_diff' (got 'avgpool')"),
-    ("stages.pretrain.trainable=[brain]", "stages.0.trainable.0: Input should be 'vision', 'projector', 'llm', 'embeddings', 'soft_prompt' or 'lora' (got 'brain')"),
+    ("stages.pretrain.trainable=[brain]", "stages.1.trainable.0: Input should be 'vision', 'projector', 'llm', 'embeddings', 'soft_prompt', 'lora', 'temporal' or 'text' (got 'brain')"),
     ("stages.nosuch.steps=3", "stages has no item 'nosuch'"),
     ("stages.pretrain.template=alpaca", "unknown template 'alpaca'"),
     ("model.vision.path=/some/clip", "model.vision: set exactly one of `path`"),
     ("clusterr.num_workers=4", "clusterr: unknown key (allowed here: name, output_dir"),
     ("cluster.num_workers=[3, 1]", "cluster: num_workers: [3, 1]: a count >= 1, or [min, max] with 1 <= min <= max"),
-    ("cluster.num_workers=[2, 4]", "stages.pretrain.grad_accum: a global batch of 4 micro-batches (grad_accum 1 x 4 "
+    ("cluster.num_workers=[2, 4]", "stages.contrastive.grad_accum: a global batch of 4 micro-batches (grad_accum 1 x 4 "
                                    "ranks) does not split over every rank count cluster.num_workers [2, 4] allows; "
                                    "make grad_accum x 4 a multiple of 12"),
     ("data.streams=3", "data.streams 3 must be a multiple of 2 to split over every rank count"),
@@ -67,17 +67,18 @@ def test_missing_data_split_fails_before_workers_start(tmp_path):
 
 
 def test_overrides_parse_yaml_values_and_stage_names():
-    cfg = load_config(DEMO, ["stages.instruct.optimizer.lr=5e-4", "stages.1.steps=7", "cluster.num_workers=1",
+    cfg = load_config(DEMO, ["stages.instruct.optimizer.lr=5e-4", "stages.2.steps=7", "cluster.num_workers=1",
                              "stages.pretrain.trainable=[projector, llm]"])
-    assert cfg.stages[1].optimizer.lr == 5e-4 and cfg.stages[1].steps == 7
-    assert cfg.cluster.num_workers == 1 and cfg.stages[0].trainable == ["projector", "llm"]
+    assert cfg.stages[2].optimizer.lr == 5e-4 and cfg.stages[2].steps == 7
+    assert cfg.cluster.num_workers == 1 and cfg.stages[1].trainable == ["projector", "llm"]
 
 
 def test_elastic_worker_range_sets_streams_and_global_batch():
-    cfg = load_config(DEMO, ["cluster.num_workers=[2, 3]", "stages.pretrain.grad_accum=2", "stages.instruct.grad_accum=2"])
+    cfg = load_config(DEMO, ["cluster.num_workers=[2, 3]", *(f"stages.{name}.grad_accum=2"
+                                                            for name in ("contrastive", "pretrain", "instruct"))])
     assert cfg.cluster.worker_range == (2, 3)
     assert cfg.data_streams() == 6 * cfg.data.num_workers  # every count of 2..3 divides it
-    assert [cfg.micro_batches_per_step(stage) for stage in cfg.stages] == [6, 6]  # grad_accum x the most ranks
+    assert [cfg.micro_batches_per_step(stage) for stage in cfg.stages] == [6, 6, 6]  # grad_accum x the most ranks
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(DEMO.parent) for p in DEMO.parent.rglob("*.yaml")
@@ -91,7 +92,7 @@ def test_every_shipped_config_validates(path):
 
 
 def test_demo_refuses_a_mixture_in_one_line():
-    result = run_cli("demo", "--set", "stages.pretrain.train_data=[{url: a}, {url: b}]")
+    result = run_cli("demo", "--set", "stages.contrastive.train_data=[{url: a}, {url: b}]")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "stages.0.train_data" in result.stderr
 

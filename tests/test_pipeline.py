@@ -1,5 +1,6 @@
-"""Two stages end to end on Ray + MLflow: runs, metrics, registered versions, the second stage
-starting from the first through the registry, and a registry round trip with identical weights."""
+"""The demo's three stages end to end on Ray + MLflow (a contrastive one, then two language-modelling
+ones): runs, metrics, registered versions, each stage starting from the one before through the
+registry, and a registry round trip with identical weights."""
 from pathlib import Path
 
 import mlflow
@@ -10,7 +11,7 @@ from mlflow import MlflowClient
 from launch.config import load_config
 from launch.pipeline import Pipeline
 from launch.tracking import register_export, resolve_model_uri
-from trainer.blueprint import load_export
+from trainer.blueprint import blueprint_from_config, build_model, fill_weights, load_export
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -22,15 +23,15 @@ def tracking_uri(tmp_path, monkeypatch):
     return uri
 
 
-def test_two_stages_register_and_chain_through_the_registry(ray_local, synth_data, tmp_path, tracking_uri):
+def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, tmp_path, tracking_uri):
     overrides = [f"output_dir={tmp_path}/run", f"model.word_vocab={synth_data}/vocab.txt", "model.num_frames=4",
                  "data.micro_batch_size=4", "tracking.registered_model_prefix=t"]
-    for stage, data in (("pretrain", "captions"), ("instruct", "instruct")):
+    for stage, data in (("contrastive", "captions"), ("pretrain", "captions"), ("instruct", "instruct")):
         overrides += [f"stages.{stage}.train_data={synth_data}/{data}/train",
                       f"stages.{stage}.eval_data={synth_data}/{data}/heldout",
                       f"stages.{stage}.steps=3", f"stages.{stage}.eval_every=2", f"stages.{stage}.eval_batches=1"]
     overrides.append(f"evaluation.data={synth_data}/instruct/heldout")
-    # stage 1 reads a weighted mixture of two sources; stage 2 checkpoints
+    # pretrain reads a weighted mixture of two sources; instruct checkpoints
     overrides += [f"stages.pretrain.train_data=[{{url: {synth_data}/captions/train, weight: 0.8}}, "
                   f"{{url: '{synth_data}/instruct/train/shard-*.tar', weight: 0.2}}]",
                   "stages.instruct.checkpoint_every=2"]
@@ -38,9 +39,10 @@ def test_two_stages_register_and_chain_through_the_registry(ray_local, synth_dat
     registered = Pipeline(cfg, console=lambda _: None).run()
 
     client = MlflowClient(tracking_uri)
-    assert [(r.name, r.version) for r in registered] == [("t-pretrain", "1"), ("t-instruct", "1")]
-    pretrain_run, instruct_run = (client.get_run(r.run_id) for r in registered)
-    for run in (pretrain_run, instruct_run):
+    assert [(r.name, r.version) for r in registered] == [("t-contrastive", "1"), ("t-pretrain", "1"),
+                                                         ("t-instruct", "1")]
+    contrastive_run, pretrain_run, instruct_run = (client.get_run(r.run_id) for r in registered)
+    for run in (contrastive_run, pretrain_run, instruct_run):
         history = client.get_metric_history(run.info.run_id, "train/loss")
         assert [m.step for m in history] == [1, 2, 3]
         for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "eval/loss",
@@ -53,6 +55,18 @@ def test_two_stages_register_and_chain_through_the_registry(ray_local, synth_dat
     assert client.get_run(parent_id).data.tags["config_hash"] == cfg.digest()
     assert "config.resolved.yaml" in [a.path for a in client.list_artifacts(parent_id)]
     assert instruct_run.data.params["init_from"] == "models:/t-pretrain@latest -> version 1"
+    assert pretrain_run.data.params["init_from"] == "models:/t-contrastive@latest -> version 1"
+    for name in ("train/logit_scale", "eval/retrieval/video_to_text_r1", "eval/retrieval/video_to_text_r5",
+                 "eval/retrieval/text_to_video_r1", "eval/retrieval/text_to_video_r5"):
+        assert name in contrastive_run.data.metrics, name
+    # the contrastive stage trained the vision tower, and the next stage started from it
+    contrastive, _ = load_export(tmp_path / "run" / "exports" / "contrastive")
+    pretrained, _ = load_export(tmp_path / "run" / "exports" / "pretrain")
+    initial = build_model(blueprint_from_config(cfg.model))
+    fill_weights(initial, blueprint_from_config(cfg.model), cfg.model.init_std, cfg.seed)
+    for key, value in contrastive.vision.state_dict().items():
+        assert torch.equal(pretrained.vision.state_dict()[key], value), key
+    assert any(not torch.equal(initial.vision.state_dict()[k], v) for k, v in contrastive.vision.state_dict().items())
     checkpoints = tmp_path / "run" / "checkpoints" / "instruct"
     assert (checkpoints / "latest").read_text() == "step-00000003"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000002", "step-00000003"]
@@ -77,13 +91,15 @@ def test_two_stages_register_and_chain_through_the_registry(ray_local, synth_dat
     again = Pipeline(cfg, console=said.append).run()
     assert [(r.name, r.version, r.run_id) for r in again] == [(r.name, r.version, r.run_id) for r in registered]
     assert [line for line in said if "reusing" in line] == [
+        "[contrastive] reusing t-contrastive version 1: registered for the same config, data and start",
         "[pretrain] reusing t-pretrain version 1: registered for the same config, data and start",
         "[instruct] reusing t-instruct version 1: registered for the same config, data and start"]
     # --restart: trained anew, under new runs, from step 1 (the checkpoints are ignored)
     restarted = Pipeline(cfg, console=lambda _: None).run(restart=True)
-    assert [(r.name, r.version) for r in restarted] == [("t-pretrain", "2"), ("t-instruct", "2")]
+    assert [(r.name, r.version) for r in restarted] == [("t-contrastive", "2"), ("t-pretrain", "2"),
+                                                        ("t-instruct", "2")]
     assert not {r.run_id for r in restarted} & {r.run_id for r in registered}
-    assert [m.step for m in client.get_metric_history(restarted[1].run_id, "train/loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(restarted[2].run_id, "train/loss")] == [1, 2, 3]
     assert client.get_model_version("t-instruct", "2").tags["init_from"] == "models:/t-pretrain/2"
 
 

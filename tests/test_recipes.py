@@ -16,7 +16,7 @@ STEPS = 2
 # recipe -> per stage, the parameter-name patterns allowed (and required) to change
 INTENDED = {
     "valley": [("projector.",), ("projector.", "llm.")],
-    "clipa": [("projector.",), ("projector.", "llm.")],
+    "clipa": [("vision.", "temporal.", "text."), ("projector.",), ("projector.", "llm.")],
     "mplug_owl": [("projector.",), ("lora_",)],
     "ep_alm": [("projector.", "soft_prompt.")],
     "multimodal_gpt": [("lora_", "projector.")],
@@ -54,7 +54,7 @@ def recipe_worker(config):
             exported = AutoModelForCausalLM.from_pretrained(Path(job.export_dir) / "llm").eval()
             with torch.no_grad():
                 logit_diff = float((exported(input_ids=probe).logits - trained_logits).abs().max())
-            report.append({"visual_tokens": runner.model.visual_spec().tokens_per_video,
+            report.append({"patches": runner.model.num_patches,
                            "changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
                            "table": runner.trainable_table, "logit_diff": logit_diff,
                            "adapter": sorted(p.name for p in (Path(job.export_dir) / "llm_adapter").glob("*"))})
@@ -94,5 +94,5 @@ def test_tiny_twin_trains_only_what_the_recipe_says(ray_local, synth_data, tmp_p
         assert table["projector"] == "0.003" and table["llm"] == "0.002" and table["vision"] == "frozen"
         assert table["embeddings"] == "0.002"  # training the LLM trains its input embeddings too
         assert "llm.model.embed_tokens.weight" in report[1]["changed"]
-    if recipe == "clipa":  # a quarter of the 16 patches per frame in stage 1, all of them in stage 2
-        assert [stage["visual_tokens"] for stage in report] == [4 * 4, 4 * 16]
+    if recipe == "clipa":  # a quarter of the 16 patches per frame in the contrastive stage, all of them after it
+        assert [stage["patches"] for stage in report] == [4, 16, 16]

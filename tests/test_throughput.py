@@ -27,7 +27,7 @@ def test_formula_matches_torch_flop_counter(tmp_path):
         llm = measured(lambda: model.llm(input_ids=ids))
         pixels = torch.randn(5, 3, 32, 32)
         vision = measured(lambda: model.vision(pixel_values=pixels))
-    formula_llm = counter._forward(*counter.llm, torch.full((3,), 40))
+    formula_llm = counter._forward(*counter.language, torch.full((3,), 40))
     formula_vision = counter._forward(*counter.vision, torch.full((5,), counter.frame_tokens))
     assert abs(formula_llm - llm) / llm < 0.01, (formula_llm, llm)
     assert abs(formula_vision - vision) / vision < 0.01, (formula_vision, vision)
@@ -35,3 +35,23 @@ def test_formula_matches_torch_flop_counter(tmp_path):
     batch = {"lengths": torch.full((3,), 40), "frame_mask": torch.ones(1, 5, dtype=torch.bool)}
     assert counter.batch_flops(batch) == formula_vision + 2 * formula_llm  # frozen vision, projector trains
     assert FlopCounter(model, ["vision", "llm"]).batch_flops(batch) == 3 * formula_vision + 3 * formula_llm
+
+
+def test_a_contrastive_stage_counts_the_text_tower_in_the_llms_place(tmp_path):
+    (tmp_path / "vocab.txt").write_text("\n".join(vocabulary()))
+    cfg = ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(tmp_path / "vocab.txt"), num_frames=2,
+                      contrastive={"embed_dim": 16, "temporal_layers": 1})
+    blueprint = blueprint_from_config(cfg)
+    model = build_model(blueprint, "eager")
+    fill_weights(model, blueprint, 0.02, seed=0)
+    counter = FlopCounter(model, ["vision", "temporal", "text"], contrastive=True)
+    ids = torch.randint(5, 50, (3, 12))
+    with torch.no_grad():
+        text = measured(lambda: model.text.transformer(input_ids=ids))
+    formula_text = counter._forward(*counter.language, torch.full((3,), 12))
+    assert abs(formula_text - text) / text < 0.02, (formula_text, text)
+    labels = torch.full((3, 20), -100)
+    labels[:, 4:16] = 7  # 12 caption tokens per sample
+    batch = {"labels": labels, "lengths": torch.full((3,), 20), "frame_mask": torch.ones(1, 5, dtype=torch.bool)}
+    formula_vision = counter._forward(*counter.vision, torch.full((5,), counter.frame_tokens))
+    assert counter.batch_flops(batch) == 3 * formula_vision + 3 * formula_text

@@ -27,7 +27,7 @@ def one_stage(synth_data, out: Path, name: str, steps: int = STEPS, overrides: t
                              "evaluation=", "cluster.max_failures=1",
                              f"stages.pretrain.train_data={synth_data}/captions/train", "stages.pretrain.eval_data=",
                              f"stages.pretrain.steps={steps}", "stages.pretrain.checkpoint_every=3", *overrides])
-    return cfg.model_copy(update={"stages": cfg.stages[:1]})
+    return cfg.model_copy(update={"stages": [stage for stage in cfg.stages if stage.name == "pretrain"]})
 
 
 def kill_rank_one_after_a_checkpoint(out: Path, finished: threading.Event) -> int:

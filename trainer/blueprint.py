@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPVisionConfig, LlamaConfig
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPTextConfig, CLIPVisionConfig, LlamaConfig
 
 from data_shards.conversation import VISUAL_TOKEN
 from data_shards.tokenizer import load_tokenizer, word_tokenizer_from_file
@@ -31,6 +31,7 @@ class Blueprint:
     llm_config: object
     arch: Architecture
     weights: dict[str, Path | None]  # component -> folder with its safetensors; None: random init
+    text_config: object = None  # the contrastive text tower's, when the architecture has one
 
 
 def pick_attention(requested: str) -> str:
@@ -72,13 +73,23 @@ def blueprint_from_config(cfg: ModelConfig) -> Blueprint:
     else:
         llm_config = AutoConfig.from_pretrained(cfg.llm.path)
         llm_config.vocab_size = max(llm_config.vocab_size, len(tokenizer))
+    towers = cfg.contrastive
     arch = Architecture(reducer=cfg.reducer, projector=cfg.projector, vision_feature_layer=cfg.vision_feature_layer,
                         num_frames=cfg.num_frames, visual_token_id=tokenizer.convert_tokens_to_ids(VISUAL_TOKEN),
                         abstractor_queries=cfg.abstractor_queries, abstractor_layers=cfg.abstractor_layers,
-                        soft_prompt_tokens=cfg.soft_prompt_tokens)
+                        soft_prompt_tokens=cfg.soft_prompt_tokens, embed_dim=towers.embed_dim if towers else 0,
+                        temporal_layers=towers.temporal_layers if towers else 0)
+    text_config = None
+    if towers:
+        t = towers.text
+        text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=t.hidden_size,
+                                     intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
+                                     num_attention_heads=t.num_heads, max_position_embeddings=t.max_length,
+                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                     pad_token_id=tokenizer.pad_token_id)
     weights = {"vision": Path(cfg.vision.path) if cfg.vision.path else None,
-               "llm": Path(cfg.llm.path) if cfg.llm.path else None, "projector": None, "soft_prompt": None}
-    return Blueprint(tokenizer, vision_config, llm_config, arch, weights)
+               "llm": Path(cfg.llm.path) if cfg.llm.path else None}  # the rest: random init
+    return Blueprint(tokenizer, vision_config, llm_config, arch, weights, text_config)
 
 
 def blueprint_from_export(folder: str | Path) -> Blueprint:
@@ -92,7 +103,8 @@ def blueprint_from_export(folder: str | Path) -> Blueprint:
         vision_config=AutoConfig.from_pretrained(folder / "vision"),
         llm_config=AutoConfig.from_pretrained(folder / "llm"),
         arch=Architecture.from_json(spec["architecture"]),
-        weights={name: folder / name for name in spec["components"]})
+        weights={name: folder / name for name in spec["components"]},
+        text_config=CLIPTextConfig.from_pretrained(folder / "text") if "text" in spec["components"] else None)
 
 
 def build_model(blueprint: Blueprint, attn_implementation: str = "auto",
@@ -102,7 +114,8 @@ def build_model(blueprint: Blueprint, attn_implementation: str = "auto",
     attn = pick_attention(attn_implementation)
     vision = AutoModel.from_config(blueprint.vision_config, attn_implementation=attn)
     llm = AutoModelForCausalLM.from_config(blueprint.llm_config, attn_implementation=attn)
-    model = VideoLanguageModel(vision, llm, blueprint.arch)
+    text = AutoModel.from_config(blueprint.text_config, attn_implementation=attn) if blueprint.text_config else None
+    model = VideoLanguageModel(vision, llm, blueprint.arch, text)
     if token_reduction is not None:
         model.token_reduction = token_reduction_for(model, token_reduction)
     return model

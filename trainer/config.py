@@ -47,6 +47,24 @@ class TinyLLM(Strict):
     max_position_embeddings: int = 1024
 
 
+class TinyText(Strict):
+    """A random CLIP text tower built from these sizes, on the model's tokenizer."""
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    max_length: int = Field(64, ge=2, description="caption tokens kept (the rest cut)")
+
+
+class ContrastiveTowers(Strict):
+    """What a contrastive stage trains besides the vision tower: the temporal module over the
+    frames' [CLS] features and the text tower, meeting in a shared embedding space. The text
+    tower is trained from scratch on the model's tokenizer, as CLIPA trains both towers."""
+    embed_dim: int = Field(256, ge=1, description="the shared embedding space's size")
+    temporal_layers: int = Field(2, ge=1, description="transformer layers across each clip's frames")
+    text: TinyText = TinyText()
+
+
 class ComponentSource(Strict):
     """A pretrained component (`path`, a local checkpoint folder) or a random one (`tiny`)."""
     path: str | None = None
@@ -78,6 +96,8 @@ class ModelConfig(Strict):
     soft_prompt_tokens: int = Field(0, ge=0, description="eP-ALM: trainable prompt embeddings before the text")
     vision_feature_layer: int = -2
     num_frames: int = Field(8, ge=1)
+    contrastive: ContrastiveTowers | None = Field(
+        None, description="the towers of `objective: contrastive` stages (temporal module, text tower)")
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = "auto"
     init_std: float = Field(0.02, gt=0, description="std of random init (tiny parts and the projector)")
 
@@ -152,8 +172,13 @@ def is_checkpoint_uri(source: str) -> bool:
     return re.match(CHECKPOINT_URI, source) is not None
 
 
+CONTRASTIVE_MODULES = ("vision", "temporal", "text")
+
+
 class StageConfig(Strict):
     name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$")
+    objective: Literal["language_modeling", "contrastive"] = Field(
+        "language_modeling", description="contrastive: video-text InfoNCE over the global batch (trainer/contrastive.py)")
     train_data: str | list[DataSource] = Field(
         description="a split directory, shard URLs (globs, {000..099} ranges, s3://, gs://, https://, pipe:), "
                     "or a weighted mixture: a list of {url, weight}")
@@ -181,6 +206,20 @@ class StageConfig(Strict):
     register: Literal["last", "best"] = Field(
         "last", description="the export registered at the end: the last step's weights, or the checkpoint with "
                             "the lowest eval/loss (kept in storage until then)")
+
+    @model_validator(mode="after")
+    def _objective_consistent(self):
+        if self.objective == "contrastive":
+            other = set(self.trainable) - set(CONTRASTIVE_MODULES)
+            if other:
+                raise ValueError(f"a contrastive stage trains only {list(CONTRASTIVE_MODULES)}; it does not run "
+                                 f"{sorted(other)}")
+            if self.probe_eval is not None:
+                raise ValueError("probe_eval asks questions by generation: it goes with a language-modelling stage")
+        elif {"temporal", "text"} & set(self.trainable):
+            raise ValueError("the temporal module and the text tower train only in a stage with "
+                             "`objective: contrastive` (a language-modelling stage does not run them)")
+        return self
 
     @model_validator(mode="after")
     def _lora_consistent(self):

@@ -6,6 +6,8 @@
       llm/                     causal LM + tokenizer: AutoModelForCausalLM.from_pretrained(EXPORT/llm)
       projector/               model.safetensors (the reducer has no weights)
       soft_prompt/             model.safetensors (eP-ALM's prompt embeddings, when the model has them)
+      temporal/, text/         model.safetensors of the contrastive towers, when the model has them
+                               (text/ also holds the text transformer's config.json)
       llm_adapter/             peft adapter_config.json + adapter_model.safetensors, when the stage
                                trained LoRA (llm/ then holds the merged weights)
 """
@@ -41,11 +43,17 @@ def export_model(model: VideoLanguageModel, tokenizer, storage: Storage, templat
 def write_blueprint(model: VideoLanguageModel, tokenizer, folder: Path, template: str | None) -> None:
     """An export without its weights: the configs, tokenizer and spec that rebuild the module tree
     (each checkpoint holds one, so it can become an export: trainer/checkpoint_export.py)."""
-    model.vision.config.save_pretrained(folder / "vision")
+    _write_configs(model, folder)
     llm = model.llm.get_base_model() if has_lora(model.llm) else model.llm
     llm.config.save_pretrained(folder / "llm")
     tokenizer.save_pretrained(folder / "llm")
     _write_spec(model, folder, template, {"lora_adapter": "llm_adapter"} if has_lora(model.llm) else {})
+
+
+def _write_configs(model: VideoLanguageModel, folder: Path) -> None:
+    model.vision.config.save_pretrained(folder / "vision")
+    if model.text is not None:
+        model.text.config.save_pretrained(folder / "text")
 
 
 def _write_spec(model: VideoLanguageModel, folder: Path, template: str | None, extra: dict) -> None:
@@ -56,6 +64,7 @@ def _write_spec(model: VideoLanguageModel, folder: Path, template: str | None, e
 
 def _write_export(model: VideoLanguageModel, tokenizer, states: dict, folder: Path, template: str | None) -> None:
     model.vision.save_pretrained(folder / "vision", state_dict=states["vision"])
+    _write_configs(model, folder)
     spec_extra = {}
     if has_lora(model.llm):  # the merged LLM for plain loading; the adapter alone beside it
         peft_config = model.llm.peft_config[ADAPTER]
@@ -69,6 +78,6 @@ def _write_export(model: VideoLanguageModel, tokenizer, states: dict, folder: Pa
     tokenizer.save_pretrained(folder / "llm")
     for name in model.components():
         if name not in ("vision", "llm"):  # our own modules: plain safetensors
-            (folder / name).mkdir(parents=True)
+            (folder / name).mkdir(parents=True, exist_ok=True)
             save_file({k: v.contiguous() for k, v in states[name].items()}, folder / name / "model.safetensors")
     _write_spec(model, folder, template, spec_extra)

@@ -12,6 +12,7 @@ from torch import nn
 
 from data_shards.conversation import IGNORE_INDEX
 from data_shards.media import VisualSpec
+from trainer.contrastive import ContrastiveOutput, TemporalEncoder, TextEncoder, caption_tokens, info_nce
 from trainer.token_reduction import TokenReduction, encode_kept_patches
 from trainer.visual import PROJECTORS, REDUCERS, SoftPrompt
 
@@ -45,6 +46,8 @@ class Architecture:
     abstractor_queries: int = 32
     abstractor_layers: int = 2
     soft_prompt_tokens: int = 0
+    embed_dim: int = 0  # > 0: the model has the contrastive towers (`temporal` and `text`)
+    temporal_layers: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -55,7 +58,10 @@ class Architecture:
 
 
 class VideoLanguageModel(nn.Module):
-    def __init__(self, vision: nn.Module, llm: nn.Module, arch: Architecture):
+    """`text`: the text transformer (a CLIPTextModel) when `arch.embed_dim` asks for the
+    contrastive towers."""
+
+    def __init__(self, vision: nn.Module, llm: nn.Module, arch: Architecture, text: nn.Module | None = None):
         super().__init__()
         self.arch = arch
         self.vision = vision
@@ -66,11 +72,19 @@ class VideoLanguageModel(nn.Module):
         self.soft_prompt = SoftPrompt(arch.soft_prompt_tokens, llm.config.hidden_size) \
             if arch.soft_prompt_tokens else None
         self.llm = llm
+        self.temporal = self.text = None
+        if arch.embed_dim:
+            if text is None:
+                raise ValueError("the architecture has contrastive towers (embed_dim) but no text transformer")
+            self.temporal = TemporalEncoder(vision.config.hidden_size, arch.embed_dim, arch.num_frames,
+                                            arch.temporal_layers, vision.config.num_attention_heads)
+            self.text = TextEncoder(text, arch.embed_dim)
         self.token_reduction: TokenReduction | None = None  # set per stage (CLIPA-style pretraining)
 
     def components(self) -> list[str]:
         """The parts with weights of their own, as exports store them."""
-        return ["vision", "projector", "llm"] + (["soft_prompt"] if self.soft_prompt is not None else [])
+        return ["vision", "projector", "llm"] + (["soft_prompt"] if self.soft_prompt is not None else []) + \
+            (["temporal", "text"] if self.temporal is not None else [])
 
     @property
     def num_patches(self) -> int:
@@ -79,16 +93,24 @@ class VideoLanguageModel(nn.Module):
             return self.token_reduction.patches
         return (self.vision.config.image_size // self.vision.config.patch_size) ** 2
 
-    def visual_spec(self) -> VisualSpec:
-        """What the data reader must produce for this model."""
+    def visual_spec(self, contrastive: bool = False) -> VisualSpec:
+        """What the data reader must produce for this model; for a contrastive stage, whose text
+        never meets the visual tokens, one placeholder token per clip or image."""
+        if contrastive:
+            return VisualSpec(num_frames=self.arch.num_frames, image_size=self._input_size(),
+                              tokens_per_video=1, tokens_per_image=1)
         return VisualSpec(
             num_frames=self.arch.num_frames,
-            image_size=self.token_reduction.input_size if self.token_reduction else self.vision.config.image_size,
+            image_size=self._input_size(),
             tokens_per_video=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, self.arch.num_frames)),
             tokens_per_image=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, 1)))
 
-    def encode_media(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor):
-        """Projected visual tokens [B,N,D_llm] and which of them are real [B,N], from uint8 frames."""
+    def _input_size(self) -> int:
+        return self.token_reduction.input_size if self.token_reduction else self.vision.config.image_size
+
+    def frame_features(self, frames_BTCHW: torch.Tensor, layer: int) -> torch.Tensor:
+        """The vision tower's hidden states at `layer` for every frame, [B,T,1+P,D], from uint8
+        frames (fewer patches P under token reduction)."""
         batch, num_frames = frames_BTCHW.shape[:2]
         dtype = next(self.projector.parameters()).dtype
         mean = torch.tensor(self.arch.image_mean, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
@@ -97,14 +119,31 @@ class VideoLanguageModel(nn.Module):
         reduction = self.token_reduction
         if reduction is not None and reduction.masks:
             kept_BK = reduction.kept_indices(batch, pixels.device)
-            features = encode_kept_patches(self.vision, pixels, kept_BK.repeat_interleave(num_frames, 0),
-                                           self.arch.vision_feature_layer)
+            features = encode_kept_patches(self.vision, pixels, kept_BK.repeat_interleave(num_frames, 0), layer)
         else:
             resized = reduction is not None  # a smaller input: position embeddings interpolated
             features = self.vision(pixel_values=pixels, output_hidden_states=True,
-                                   interpolate_pos_encoding=resized).hidden_states[self.arch.vision_feature_layer]
-        features_BTND = features.unflatten(0, (batch, num_frames))
+                                   interpolate_pos_encoding=resized).hidden_states[layer]
+        return features.unflatten(0, (batch, num_frames))
+
+    def encode_media(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor):
+        """Projected visual tokens [B,N,D_llm] and which of them are real [B,N], from uint8 frames."""
+        features_BTND = self.frame_features(frames_BTCHW, self.arch.vision_feature_layer)
         return self.projector(*self.reducer(features_BTND, frame_mask_BT))
+
+    def embed_video(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor) -> torch.Tensor:
+        """One unit-length embedding per clip [B,E]: the temporal module over every frame's final
+        tokens (after the tower's last layer norm, which CLIP applies to what it pools)."""
+        tokens_BTND = self.frame_features(frames_BTCHW, -1)
+        return self.temporal(self.vision.post_layernorm(tokens_BTND), frame_mask_BT)
+
+    def contrast(self, input_ids, labels, frames, frame_mask) -> ContrastiveOutput:
+        """The contrastive objective on a batch: each clip against its sample's supervised text."""
+        if self.temporal is None:
+            raise ValueError("a contrastive stage needs the model's contrastive towers: set model.contrastive")
+        ids, mask = caption_tokens(input_ids, labels, self.text.config.max_position_embeddings)
+        video, text, scale = self.embed_video(frames, frame_mask), self.text(ids, mask), self.temporal.logit_scale()
+        return ContrastiveOutput(info_nce(video, text, scale), video, text, scale)
 
     def embed(self, input_ids: torch.Tensor, frames: torch.Tensor, frame_mask: torch.Tensor) -> torch.Tensor:
         visual_BND, valid_BN = self.encode_media(frames, frame_mask)
@@ -126,11 +165,14 @@ class VideoLanguageModel(nn.Module):
         return embeds, attention_mask, labels
 
     def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None, position_ids=None,
-                num_items_in_batch: float | None = None):
+                num_items_in_batch: float | None = None, contrastive: bool = False):
         """`position_ids` marks a packed batch (several samples per row, positions restarting
         at each): the LLM then gets no attention mask and keeps attention inside each sample.
         The loss is the mean over the batch's supervised tokens, or with `num_items_in_batch` their
-        sum divided by it (transformers' loss functions take it so)."""
+        sum divided by it (transformers' loss functions take it so). `contrastive`: the
+        contrastive objective instead (`contrast`), the LLM unused."""
+        if contrastive:
+            return self.contrast(input_ids, labels, frames, frame_mask)
         if position_ids is not None and self.soft_prompt is not None:
             raise ValueError("packed batches and a soft prompt do not mix: set data.packing false")
         embeds, attention_mask, labels = self._llm_inputs(input_ids, attention_mask, frames, frame_mask, labels)

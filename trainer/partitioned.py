@@ -30,7 +30,8 @@ def _whole(params: list[tuple[str, nn.Parameter]], modifier_rank: int | None):
 
 
 def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
-    """Deterministic random init: matrices and embeddings ~ N(0, std), biases 0, norm scales 1.
+    """Deterministic random init: matrices and embeddings ~ N(0, std), biases and offsets (a
+    parameter named `*_offset`) 0, norm scales 1.
 
     Seeded per submodule by name, so the result does not depend on rank count or build order.
     """
@@ -44,7 +45,7 @@ def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
             generator = torch.Generator().manual_seed(seed ^ zlib.crc32(prefix.encode()))
             for name, param in params:
                 with torch.no_grad():
-                    if name.endswith("bias"):
+                    if name.endswith(("bias", "_offset")):
                         param.zero_()
                     elif param.ndim == 1 and name == "weight":
                         param.fill_(1.0)

@@ -15,6 +15,7 @@ from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, blueprint_from_export
 from trainer.checkpoint import Checkpointer, CheckpointRecord, best_tag, complete_tags, find_resume_point, tag_name
 from trainer.config import StageJob
+from trainer.contrastive import retrieval_metrics
 from trainer.engine import build_engine, uses_bf16
 from trainer.evaluation import sharded_attribute_accuracy
 from trainer.export import export_model, write_blueprint
@@ -46,7 +47,8 @@ class StageRunner:
         self.engine, self.trainable_table = build_engine(job, blueprint, self.layout.grad_accum)
         self.model = self.engine.module
         self.tokenizer = blueprint.tokenizer
-        visual, template = self.model.visual_spec(), get_template(job.stage.template)
+        self.contrastive = job.stage.objective == "contrastive"
+        visual, template = self.model.visual_spec(self.contrastive), get_template(job.stage.template)
         self.train_batches = build_loader(job.train_shards, job.data, self.tokenizer, template, visual, topology,
                                           train=True, num_streams=self.layout.streams)
         self.eval_batches = iter(build_loader(job.eval_shards, job.data, self.tokenizer, template, visual, topology,
@@ -57,7 +59,8 @@ class StageRunner:
                                          on_saved=on_checkpoint,
                                          write_model_files=lambda folder: write_blueprint(
                                              self.model, self.tokenizer, folder, job.stage.template))
-        self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable), self.model.arch.visual_token_id,
+        self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable, self.contrastive),
+                               self.model.arch.visual_token_id,
                                peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
 
     def train(self, log: MetricLog | Send, batches: Iterator[dict] | None = None) -> dict:
@@ -75,18 +78,20 @@ class StageRunner:
             started = time.perf_counter()
             self.meter.begin()
             micro_batches = self._fetch(batches)
-            share = self._token_share([batch for batch, _ in micro_batches])
+            objective = self._objective([batch for batch, _ in micro_batches])
             for batch, data_wait in micro_batches:
-                loss = self.engine(**model_inputs(batch, self.engine.device), num_items_in_batch=share).loss
-                self.engine.backward(loss)
+                output = self.engine(**model_inputs(batch, self.engine.device), **objective)
+                self.engine.backward(output.loss)
                 self.engine.step()
-                self.meter.add(batch, float(loss), data_wait)
+                self.meter.add(batch, float(output.loss), data_wait)
             metrics = self._step_metrics([batch for batch, _ in micro_batches], time.perf_counter() - started)
+            if self.contrastive:
+                metrics["train/logit_scale"] = float(output.logit_scale)
             last = step == stage.steps
             checkpoint = self.checkpointer.due(step, last)
             evaluate = bool(stage.eval_every and step % stage.eval_every == 0) or last
             if self.eval_batches and (evaluate or (checkpoint and stage.register == "best")):
-                metrics["eval/loss"] = self.heldout_loss()
+                metrics.update(self.heldout_retrieval() if self.contrastive else {"eval/loss": self.heldout_loss()})
             if self.job.probe_shards and evaluate:
                 metrics.update(self.probe_accuracy())
             log(metrics, step)
@@ -104,6 +109,12 @@ class StageRunner:
             batch = next(batches)
             fetched.append((batch, time.perf_counter() - begin))
         return fetched
+
+    def _objective(self, micro_batches: list[dict]) -> dict:
+        """What the model's forward is told besides the batch, for this step's micro-batches."""
+        if self.contrastive:
+            return {"contrastive": True}
+        return {"num_items_in_batch": self._token_share(micro_batches)}
 
     def _token_share(self, micro_batches: list[dict]) -> float:
         """What each micro-batch's summed token losses are divided by, so that a step's gradient is
@@ -145,6 +156,19 @@ class StageRunner:
         self.engine.train()
         summed, tokens = sum_across_ranks([summed, tokens])
         return summed / tokens
+
+    def heldout_retrieval(self) -> dict:
+        """Retrieval metrics (and eval/loss) over every rank's `eval_batches` held-out batches."""
+        self.engine.eval()
+        videos, texts = [], []
+        with torch.no_grad():
+            for _ in range(self.job.stage.eval_batches):
+                output = self.engine(**model_inputs(next(self.eval_batches), self.engine.device), contrastive=True)
+                videos.append(output.video_embeds.float().cpu())
+                texts.append(output.text_embeds.float().cpu())
+        self.engine.train()
+        video, text = zip(*gather((torch.cat(videos), torch.cat(texts))))
+        return retrieval_metrics(torch.cat(video), torch.cat(text), float(output.logit_scale))
 
     def probe_accuracy(self) -> dict:
         """`eval/attribute_accuracy/*` by generation on the stage's probe clips, each rank asking

@@ -9,7 +9,8 @@ their weighted sum, without causal halving). A training step multiplies that by
 The model's FLOPs are the vision encoder's over every real frame (S = 1 + patches) plus the
 LLM's over every sample (S = its token count, visual tokens included); padding and the
 all-zero frames of text-only samples are not useful work and are not counted. The projector
-is small and left out.
+is small and left out. In a contrastive stage the text tower takes the LLM's place (S = the
+caption's tokens) and the small temporal module is left out too.
 
 MFU = model FLOPs per second per device / the device's peak: `cluster.peak_flops_per_device`,
 else the dense bf16 (or TF32 for fp32) peak of a known GPU; unknown devices (CPU) get none.
@@ -19,6 +20,8 @@ from __future__ import annotations
 import resource
 
 import torch
+
+from data_shards.conversation import IGNORE_INDEX
 
 # dense peak FLOP/s per device: (bf16, tf32)
 KNOWN_PEAKS = {
@@ -50,15 +53,20 @@ def _dense_params(module) -> int:
 class FlopCounter:
     """Model FLOPs of one micro-batch, from its attention and frame masks."""
 
-    def __init__(self, model, trainable: list[str]):
-        vision_cfg, llm_cfg = model.vision.config, model.llm.config
+    def __init__(self, model, trainable: list[str], contrastive: bool = False):
+        vision_cfg = model.vision.config
         self.vision = (_dense_params(model.vision), vision_cfg.num_hidden_layers, vision_cfg.hidden_size)
-        self.llm = (_dense_params(model.llm), llm_cfg.num_hidden_layers, llm_cfg.hidden_size)
         self.frame_tokens = 1 + model.num_patches  # fewer under token reduction
         vision_trains = "vision" in trainable
-        upstream_of_llm = vision_trains or bool({"projector", "soft_prompt"} & set(trainable))
         self.vision_factor = 3 if vision_trains else 1
-        self.llm_factor = 3 if {"llm", "lora", "embeddings"} & set(trainable) else (2 if upstream_of_llm else 1)
+        self.contrastive = contrastive
+        language = model.text if contrastive else model.llm
+        self.language = (_dense_params(language), language.config.num_hidden_layers, language.config.hidden_size)
+        if contrastive:  # the text tower runs beside the vision tower, not after it
+            self.language_factor = 3 if "text" in trainable else 1
+        else:
+            upstream_of_llm = vision_trains or bool({"projector", "soft_prompt"} & set(trainable))
+            self.language_factor = 3 if {"llm", "lora", "embeddings"} & set(trainable) else (2 if upstream_of_llm else 1)
 
     @staticmethod
     def _forward(params: int, layers: int, width: int, lengths: torch.Tensor) -> float:
@@ -68,8 +76,9 @@ class FlopCounter:
     def batch_flops(self, batch: dict) -> float:
         frames = int(batch["frame_mask"].sum())
         vision = self._forward(*self.vision, torch.full((frames,), self.frame_tokens))
-        llm = self._forward(*self.llm, batch["lengths"])  # per sample: packing saves the cross terms
-        return self.vision_factor * vision + self.llm_factor * llm
+        # per sample: packing saves the cross terms
+        lengths = (batch["labels"] != IGNORE_INDEX).sum(1) if self.contrastive else batch["lengths"]
+        return self.vision_factor * vision + self.language_factor * self._forward(*self.language, lengths)
 
 
 def peak_memory_metrics() -> dict[str, float]:

@@ -11,7 +11,8 @@ if TYPE_CHECKING:
 
 # The modules a stage can name in `trainable`, each with the parameters it holds: the vision
 # encoder, the projector (abstractor included), the whole LLM, only the LLM's input embeddings,
-# eP-ALM's soft prompt, LoRA adapters on the LLM. A module listed later is more specific than
+# eP-ALM's soft prompt, LoRA adapters on the LLM, and a contrastive stage's temporal module (with the
+# learned temperature) and text tower. A module listed later is more specific than
 # one it lies inside: a parameter belongs to the last module that holds it.
 TRAINABLE_MODULES = {
     "vision": lambda model: list(model.vision.parameters()),
@@ -20,6 +21,8 @@ TRAINABLE_MODULES = {
     "embeddings": lambda model: list(model.llm.get_input_embeddings().parameters()),
     "soft_prompt": lambda model: list(model.soft_prompt.parameters()) if model.soft_prompt is not None else [],
     "lora": lambda model: [p for name, p in model.llm.named_parameters() if "lora_" in name],
+    "temporal": lambda model: list(model.temporal.parameters()) if model.temporal is not None else [],
+    "text": lambda model: list(model.text.parameters()) if model.text is not None else [],
 }
 
 
