@@ -59,7 +59,7 @@ def test_cli_reports_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_missing_data_split_fails_before_workers_start(tmp_path):
-    result = run_cli("run", str(DEMO), "--set", f"stages.pretrain.train_data={tmp_path}/nothing",
+    result = run_cli("run", str(DEMO), "--set", f"stages.contrastive.train_data={tmp_path}/nothing",
                      "--set", f"output_dir={tmp_path}/run")
     assert result.returncode == 2
     assert f"{tmp_path}/nothing: not found (expected a split directory" in result.stderr

@@ -52,7 +52,9 @@ class Storage:
         return self.fs.exists(self._path(name))
 
     def read_text(self, name: str) -> str | None:
-        """The file's text; None when there is no such file."""
+        """The file's text as it is now; None when there is no such file. (Another process may have
+        written it since this one last looked: an object store's cached listing is dropped first.)"""
+        self.fs.invalidate_cache(self._path(name))
         try:
             with self.fs.open(self._path(name), "r") as f:
                 return f.read()
