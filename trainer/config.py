@@ -57,8 +57,8 @@ class TinyText(Strict):
 
 
 class ContrastiveTowers(Strict):
-    """What a contrastive stage trains besides the vision tower: the temporal module over the
-    frames' [CLS] features and the text tower, meeting in a shared embedding space. The text
+    """What a contrastive stage trains besides the vision tower: the temporal module attending
+    across every frame's tokens and the text tower, meeting in a shared embedding space. The text
     tower is trained from scratch on the model's tokenizer, as CLIPA trains both towers."""
     embed_dim: int = Field(256, ge=1, description="the shared embedding space's size")
     temporal_layers: int = Field(2, ge=1, description="transformer layers across each clip's frames")
