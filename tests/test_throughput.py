@@ -55,3 +55,25 @@ def test_a_contrastive_stage_counts_the_text_tower_in_the_llms_place(tmp_path):
     batch = {"labels": labels, "lengths": torch.full((3,), 20), "frame_mask": torch.ones(1, 5, dtype=torch.bool)}
     formula_vision = counter._forward(*counter.vision, torch.full((5,), counter.frame_tokens))
     assert counter.batch_flops(batch) == 3 * formula_vision + 3 * formula_text
+
+
+def test_a_packed_batch_counts_its_samples_not_its_rows():
+    from data_shards.media import VisualSpec
+    from data_shards.read.batching import collate
+    from trainer.throughput import StepMeter
+    visual_id = 3
+    samples = [{"key": str(i), "input_ids": [visual_id] * 4 + [9] * (i + 2), "labels": [-100] * 4 + [9] * (i + 2),
+                "pixels": None} for i in range(6)]
+    batch = collate(samples, 0, VisualSpec(num_frames=1, image_size=1, tokens_per_video=0, tokens_per_image=0),
+                    pack_length=64)
+    assert batch["input_ids"].shape[0] == 1  # all six in one row
+
+    class NoFlops:
+        def batch_flops(self, batch):
+            return 0.0
+    meter = StepMeter(NoFlops(), visual_id, None)
+    meter.add(batch, 1.0, 0.0)
+    metrics = meter.metrics(meter.local(), micro_batches=1, world=1, elapsed=2.0)
+    assert metrics["train/samples_per_s"] == 3.0
+    assert metrics["train/visual_tokens_per_sample"] == 4.0
+    assert metrics["train/tokens_per_s"] == sum(len(s["input_ids"]) for s in samples) / 2.0

@@ -35,8 +35,16 @@ def gather(value) -> list:
     return values
 
 
+def collective_device() -> torch.device:
+    """Where a collective's tensors must be: a process group with no CPU backend (NCCL's, e.g.
+    'cuda:nccl') reduces only tensors on this process's GPU; gloo takes CPU tensors."""
+    if dist.is_initialized() and "cpu:" not in dist.get_backend_config():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_across_ranks(values: list[float]) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()

@@ -83,7 +83,7 @@ class StageRunner:
                 output = self.engine(**model_inputs(batch, self.engine.device), **objective)
                 self.engine.backward(output.loss)
                 self.engine.step()
-                self.meter.add(batch, float(output.loss), data_wait)
+                self.meter.add(batch, float(output.loss.detach()), data_wait)
             metrics = self._step_metrics([batch for batch, _ in micro_batches], time.perf_counter() - started)
             if self.contrastive:
                 metrics["train/logit_scale"] = float(output.logit_scale)

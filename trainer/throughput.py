@@ -105,7 +105,7 @@ class StepMeter:
         c = self.counts
         c["loss"] += loss
         c["tokens"] += int(batch["attention_mask"].sum())
-        c["samples"] += batch["input_ids"].shape[0]
+        c["samples"] += len(batch["lengths"])  # a packed row holds several
         c["visual_tokens"] += int((batch["input_ids"] == self.visual_token_id).sum())
         c["data_wait_s"] += data_wait_s
         c["flops"] += self.flops.batch_flops(batch)

@@ -173,7 +173,7 @@ def vocabulary() -> list[str]:
 
 def write_synthetic_dataset(out: Path, train_samples: int, heldout_samples: int, seed: int = 0,
                             samples_per_shard: int = 128, spec: SynthSpec = SynthSpec(),
-                            progress=print) -> dict[str, Path]:
+                            progress=print, processes: int = 2) -> dict[str, Path]:
     """Write captions/{train,heldout} and instruct/{train,heldout} splits plus vocab.txt."""
     out = Path(out)
     splits = {}
@@ -185,6 +185,6 @@ def write_synthetic_dataset(out: Path, train_samples: int, heldout_samples: int,
             per_shard = min(samples_per_shard, max(1, count // 8))
             progress(f"writing {count} {stage}/{split} samples to {directory}")
             splits[f"{stage}/{split}"] = write_split(directory, stage, count, split_seed, spec,
-                                                     per_shard, heldout)
+                                                     per_shard, heldout, processes)
     (out / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
     return splits
