@@ -322,6 +322,7 @@ class StageRun:
                               partial(self.run.metrics, metrics, step, int(time.time() * 1000)), step)
             self.queued_through = step
         for record in mail.checkpoints:
+            self.line.print_above(f"[{self.name}] checkpoint at step {record.step}: {record.url}")
             self.tracking.put(f"recording checkpoint step {record.step}", partial(self.registry.record, record))
         if mail.placement != self.placement:
             self.placement = mail.placement

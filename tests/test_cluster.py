@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -49,13 +50,17 @@ def valleyforge(*args: str, env: dict) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_a_checkpoint(job: subprocess.Popen, checkpoints: Storage, timeout_s: float = 300) -> None:
-    """Until the running job's first checkpoint is in `checkpoints`."""
-    deadline = time.monotonic() + timeout_s
-    while checkpoints.read_text("latest") is None:
-        assert job.poll() is None, job.communicate()
-        assert time.monotonic() < deadline, f"no checkpoint within {timeout_s} s"
-        time.sleep(0.2)
+def wait_for_a_checkpoint(job: subprocess.Popen, timeout_s: float = 300) -> str:
+    """Until the running job's driver reports the first checkpoint on its console (it goes on
+    with the stage after that); returns what the driver printed until then."""
+    deadline, printed, fd = time.monotonic() + timeout_s, b"", job.stdout.fileno()
+    while not re.search(rb"\] checkpoint at step \d+: ", printed):
+        assert time.monotonic() < deadline, f"no checkpoint within {timeout_s} s: {printed.decode()}"
+        if select.select([fd], [], [], 1.0)[0]:
+            chunk = os.read(fd, 65536)
+            assert chunk, f"the job ended before a checkpoint: {printed.decode()}{job.communicate()[1]}"
+            printed += chunk
+    return printed.decode()
 
 
 def last_section(log: Path) -> str:
@@ -77,7 +82,9 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
 
     # First run: stopped once stage 1 has a checkpoint in the store.
     first = valleyforge(*command, env=env)
-    wait_for_a_checkpoint(first, storage.child("checkpoints", "pretrain"))
+    printed = wait_for_a_checkpoint(first)
+    assert f"[pretrain] checkpoint at step 3: {storage.child('checkpoints', 'pretrain', 'step-00000003').url}" \
+        in printed, printed
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err
@@ -158,7 +165,7 @@ def test_an_elastic_stage_goes_on_with_the_worker_left_when_a_node_is_lost(
                       env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": mlflow_server})
     checkpoints = storage.child("checkpoints", "pretrain")
     try:
-        wait_for_a_checkpoint(job, checkpoints)
+        wait_for_a_checkpoint(job)
         cluster.lose_second_node()
         out, err = job.communicate(timeout=600)
     finally:
