@@ -8,6 +8,7 @@ from functools import partial
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from torch.optim.lr_scheduler import LambdaLR
 from transformers.initialization import no_init_weights
 
@@ -24,6 +25,17 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_lr_ratio: 
         return (step + 1) / warmup_steps
     progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def skip_inference_comm_kernel() -> None:
+    """On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce kernel whenever it sets up its
+    comm backend, though only its inference all-reduce uses it, never training. The build takes
+    about 50 s of both cores, and happens again each time the cached build was made with other
+    flags (the Ray workers of a test run alternate between two), so the kernel is marked
+    unavailable and the process group's own all-reduce serves."""
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def uses_bf16(engine: EngineConfig) -> bool:
@@ -56,6 +68,7 @@ def build_engine(job: StageJob, blueprint: Blueprint, grad_accum: int):
     stage with `grad_accum` micro-batches per rank and step, and the table of what trains at
     which learning rate."""
     stage, seed = job.stage, job.seed
+    skip_inference_comm_kernel()
     ds_config = deepspeed_config(job.engine, stage, job.data.micro_batch_size, grad_accum)
     # transformers' own init would write into already-partitioned (empty) tensors; skip it,
     # fill_weights initialises or loads every parameter right after.
