@@ -45,8 +45,15 @@ def demo_stages(folder: Path, *names: str) -> Path:
     return path
 
 
+# A foreground command, which Ctrl-C (SIGINT) interrupts, also when these tests run as a background
+# job of a non-interactive shell: its children inherit SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler.
+FOREGROUND = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "sys.argv[0] = 'valleyforge'; runpy.run_module('launch.cli', run_name='__main__')")
+
+
 def valleyforge(*args: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], env={**os.environ, **env},
+    return subprocess.Popen([sys.executable, "-c", FOREGROUND, *args], env={**os.environ, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
