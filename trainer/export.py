@@ -10,6 +10,9 @@
                                (text/ also holds the text transformer's config.json)
       llm_adapter/             peft adapter_config.json + adapter_model.safetensors, when the stage
                                trained LoRA (llm/ then holds the merged weights)
+      llava_next_video/        the whole model as transformers' LlavaNextVideoForConditionalGeneration
+                               with its processor, when the model is one (trainer/llava_next_video.py);
+                               the spec says why not otherwise
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from trainer import llava_next_video
 from trainer.blueprint import EXPORT_SPEC
 from trainer.lora import ADAPTER, has_lora, split_lora_state
 from trainer.model import VideoLanguageModel
@@ -63,19 +67,29 @@ def _write_spec(model: VideoLanguageModel, folder: Path, template: str | None, e
 
 
 def _write_export(model: VideoLanguageModel, tokenizer, states: dict, folder: Path, template: str | None) -> None:
-    model.vision.save_pretrained(folder / "vision", state_dict=states["vision"])
+    # save_pretrained empties the state dict it is given: each gets its own (same tensors)
+    model.vision.save_pretrained(folder / "vision", state_dict=dict(states["vision"]))
     _write_configs(model, folder)
     spec_extra = {}
     if has_lora(model.llm):  # the merged LLM for plain loading; the adapter alone beside it
         peft_config = model.llm.peft_config[ADAPTER]
-        merged, adapter = split_lora_state(states["llm"], peft_config.lora_alpha / peft_config.r)
-        model.llm.get_base_model().save_pretrained(folder / "llm", state_dict=merged)
+        llm_state, adapter = split_lora_state(states["llm"], peft_config.lora_alpha / peft_config.r)
+        model.llm.get_base_model().save_pretrained(folder / "llm", state_dict=dict(llm_state))
         peft_config.save_pretrained(folder / "llm_adapter")
         save_file({k: v.contiguous() for k, v in adapter.items()}, folder / "llm_adapter" / "adapter_model.safetensors")
         spec_extra["lora_adapter"] = "llm_adapter"
     else:
-        model.llm.save_pretrained(folder / "llm", state_dict=states["llm"])
+        llm_state = states["llm"]
+        model.llm.save_pretrained(folder / "llm", state_dict=dict(llm_state))
     tokenizer.save_pretrained(folder / "llm")
+    reason = llava_next_video.mismatch(model)
+    if reason is None:
+        llava_next_video.write_twin(model, tokenizer, states, llm_state, folder / llava_next_video.FOLDER)
+        spec_extra["llava_next_video"] = {"folder": llava_next_video.FOLDER}
+        print(f"export: LLaVA-NeXT-Video twin (transformers, vLLM) in {llava_next_video.FOLDER}/", flush=True)
+    else:
+        spec_extra["llava_next_video"] = {"unavailable": reason}
+        print(f"export: no LLaVA-NeXT-Video twin: {reason}", flush=True)
     for name in model.components():
         if name not in ("vision", "llm"):  # our own modules: plain safetensors
             (folder / name).mkdir(parents=True, exist_ok=True)
