@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import yaml
@@ -67,6 +68,16 @@ class TrackingConfig(Strict):
     registered_model_prefix: str = Field("valleyforge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     max_outage_s: float = Field(3600, gt=0, description="how long the driver waits out an unreachable tracking "
                                                         "server (training goes on meanwhile) before it stops the job")
+    promote_alias: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+        description="an alias (e.g. champion) moved to each stage's new version when its evaluation beats the "
+                    "version holding it (launch/versions.py)")
+
+    @model_validator(mode="after")
+    def _alias_not_reserved(self):
+        if self.promote_alias == "latest" or re.fullmatch(r"v\d+", self.promote_alias or ""):
+            raise ValueError(f"promote_alias {self.promote_alias!r} is reserved by MLflow (latest, v<number>)")
+        return self
 
 
 class EvaluationConfig(Strict):

@@ -27,8 +27,10 @@ from launch.config import JobConfig, save_resolved
 from launch.inbox import DriverInbox, Mail
 from launch.progress import ProgressLine
 from launch.tracking import (RunWriter, fetch_model, git_commit, register_export, registered_model_name,
-                             resolve_model_uri, resolve_tracking_uri, retried, reusable_version, unfinished_run)
+                             resolve_model_uri, resolve_tracking_uri, retried, reusable_version, ui_link,
+                             unfinished_run)
 from launch.tracking_queue import TrackingQueue
+from launch.versions import StageRecord, describe, promote
 from launch.worker import StageWorker, StorageMarker
 from launch.worker_logs import StageLogs
 from trainer.checkpoint_export import export_checkpoint
@@ -38,12 +40,17 @@ from trainer.storage import Storage
 EXPORT_ARTIFACT = "export"
 
 
+# The MLflow UI opens an experiment with this tag's value in its model-training view.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
 @dataclass
 class RegisteredStage:
     stage: str
     name: str
     version: str
     run_id: str
+    record: StageRecord | None = None  # what its description says; None: reused, described when registered
 
 
 def resolve_inputs(cfg: JobConfig) -> dict[str, tuple[ShardLists, ShardLists | None, ShardLists | None]]:
@@ -109,6 +116,8 @@ class Pipeline:
         cfg_path = save_resolved(self.cfg, self.out / "config.resolved.yaml")
         mlflow.set_tracking_uri(self.tracking_uri)
         self.experiment_id = mlflow.set_experiment(self.cfg.tracking.experiment).experiment_id
+        if EXPERIMENT_KIND not in self.client.get_experiment(self.experiment_id).tags:  # a kind set by hand stays
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         start_ray(self.cfg)
         registered: list[RegisteredStage] = []
         tags = {"config_hash": self.cfg.digest(), "git_commit": git_commit()}
@@ -120,14 +129,32 @@ class Pipeline:
                 mlflow.log_params(_flatten(self.cfg.model_dump(mode="json", exclude={"stages"})))
             self.console(f"MLflow run {parent.info.run_id}{' (continued)' if continued else ''} "
                          f"({self.tracking_uri}); storage {self.storage.url}; logs in {self.out / 'logs'}")
+            self.console(f"UI: {ui_link(self.tracking_uri, self.experiment_id, parent.info.run_id)}")
             for index, stage in enumerate(self.cfg.stages):
                 if restart:
                     stage = stage.model_copy(update={"resume": False})
                 registered.append(self.run_stage(index, stage, registered[-1] if registered else None, tags,
                                                  parent.info.run_id, reuse=not restart))
+                last = index == len(self.cfg.stages) - 1
+                if registered[-1].record and not (last and self.cfg.evaluation):  # else once evaluated
+                    self.settle(registered[-1])
             if self.cfg.evaluation:
                 self.run_evaluation(registered[-1], parent.info.run_id)
+                if registered[-1].record:
+                    self.settle(registered[-1])
         return registered
+
+    def settle(self, stage: RegisteredStage) -> None:
+        """The new version's description, from its stage run's figures, and the promoted alias."""
+        metrics = self.retried(lambda: self.client.get_run(stage.run_id).data.metrics, "reading the stage run")
+        self.retried(lambda: self.client.update_model_version(stage.name, stage.version,
+                                                              description=describe(stage.record, metrics)),
+                     f"describing {stage.name} version {stage.version}")
+        alias = self.cfg.tracking.promote_alias
+        if alias:
+            decision = self.retried(lambda: promote(self.client, stage.name, stage.version, alias, metrics),
+                                    f"deciding {stage.name}@{alias}")
+            self.console(f"[{stage.stage}] {stage.name}: {decision}")
 
     def init_source(self, stage, previous: RegisteredStage | None) -> tuple[str | None, str]:
         """(the stage's start: a models:/ URI pinned to a version or an export folder, None to build
@@ -196,7 +223,10 @@ class Pipeline:
             self.console(f"[{stage.name}] registered {name} version {version.version} "
                          f"(models:/{name}@latest): step {chosen['checkpoint_step']}, {chosen['selected_by']}; "
                          f"started from {init_desc}")
-            return RegisteredStage(stage.name, name, str(version.version), run.info.run_id)
+            sources = ", ".join(f"{source.url} (weight {source.weight:g})" for source in as_sources(stage.train_data))
+            record = StageRecord(self.cfg.name, stage.name, stage.objective, sources, data_hash, stage.steps,
+                                 f"step {chosen['checkpoint_step']} ({chosen['selected_by']})", init_desc)
+            return RegisteredStage(stage.name, name, str(version.version), run.info.run_id, record)
 
     def retried(self, call, what: str):
         """`call()` through an outage of the tracking server of up to `tracking.max_outage_s`."""

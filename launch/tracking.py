@@ -103,6 +103,21 @@ class RunWriter:
         self.client.set_tag(self.run_id, key, value)
 
 
+def ui_path(experiment_id: str, run_id: str | None = None, tab: str | None = None) -> str:
+    """An experiment's page in the MLflow UI, or one of its runs' (after the server's address), in
+    the model-training view: MLflow 3's UI opens experiments in its GenAI view unless the link says
+    otherwise (the experiment's kind tag counts only where the UI's view switch is off)."""
+    path = f"#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "") + (f"/{tab}" if tab else "")
+    return f"{path}?workflowType=machine_learning"
+
+
+def ui_link(tracking_uri: str, experiment_id: str, run_id: str) -> str:
+    """Where to open a run: the tracking server's page, or the path to open in `mlflow ui`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"{tracking_uri.rstrip('/')}/{ui_path(experiment_id, run_id)}"
+    return f"`mlflow ui` + /{ui_path(experiment_id, run_id)}"
+
+
 def registered_model_name(cfg: TrackingConfig, stage_name: str) -> str:
     return f"{cfg.registered_model_prefix}-{stage_name}"
 

@@ -25,7 +25,7 @@ def tracking_uri(tmp_path, monkeypatch):
 
 def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, tmp_path, tracking_uri):
     overrides = [f"output_dir={tmp_path}/run", f"model.word_vocab={synth_data}/vocab.txt", "model.num_frames=4",
-                 "data.micro_batch_size=4", "tracking.registered_model_prefix=t"]
+                 "data.micro_batch_size=4", "tracking.registered_model_prefix=t", "tracking.promote_alias=champion"]
     for stage, data in (("contrastive", "captions"), ("pretrain", "captions"), ("instruct", "instruct")):
         overrides += [f"stages.{stage}.train_data={synth_data}/{data}/train",
                       f"stages.{stage}.eval_data={synth_data}/{data}/heldout",
@@ -47,7 +47,8 @@ def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, t
         assert [m.step for m in history] == [1, 2, 3]
         for key in ("train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s", "eval/loss",
                     "data/skip_fraction", "train/visual_tokens_per_sample", "train/model_tflops_per_s_per_device",
-                    "train/data_wait_fraction", "system/peak_rss_gb"):
+                    "train/data_wait_fraction", "system/peak_rss_gb", "system/cpu_utilization_percentage",
+                    "system/system_memory_usage_megabytes"):
             assert key in run.data.metrics, key
         table = client.download_artifacts(run.info.run_id, "trainable_parameters.txt", str(tmp_path))
         assert Path(table).read_text().splitlines()[0].split() == ["module", "parameters", "trainable", "lr"]
@@ -76,6 +77,22 @@ def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, t
     version = client.get_model_version("t-instruct", "1")
     assert version.tags["stage"] == "instruct" and version.tags["config_hash"] == cfg.digest()
     assert len(version.tags["data_manifest_hash"]) == 64 and version.tags["git_commit"]
+    # the experiment opens in the UI's model-training view; each version describes itself
+    assert client.get_experiment(contrastive_run.info.experiment_id).tags["mlflow.experimentKind"] == \
+        "custom_model_development"
+    description = version.description.splitlines()
+    assert description[0] == "**demo**, stage `instruct` (language_modeling)"
+    assert description[2] == "- steps: 3; weights of step 3 (last step)"
+    assert description[3].startswith("- final losses: train/loss ") and ", eval/loss " in description[3]
+    assert "eval/attribute_accuracy " in description[4]
+    assert description[5] == "- started from: models:/t-pretrain@latest -> version 1"
+    assert "eval/retrieval/video_to_text_r1" in client.get_model_version("t-contrastive", "1").description
+    # the first evaluated version of each stage takes the promoted alias
+    for name, metric in (("t-contrastive", "eval/retrieval/video_to_text_r1"), ("t-pretrain", "eval/loss"),
+                         ("t-instruct", "eval/attribute_accuracy")):
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+        assert client.get_model_version(name, "1").tags["promotion"].startswith(
+            f"champion -> version 1, the first evaluated ({metric} ")
 
     # Registry round trip: resolve the alias, download, load: identical to what the workers exported.
     pinned, _ = resolve_model_uri(client, "models:/t-instruct@latest")
@@ -101,6 +118,10 @@ def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, t
     assert not {r.run_id for r in restarted} & {r.run_id for r in registered}
     assert [m.step for m in client.get_metric_history(restarted[2].run_id, "train/loss")] == [1, 2, 3]
     assert client.get_model_version("t-instruct", "2").tags["init_from"] == "models:/t-pretrain/2"
+    for name in ("t-contrastive", "t-pretrain", "t-instruct"):  # the alias moved only where version 2 did better
+        decision = client.get_model_version(name, "2").tags["promotion"]
+        holder = str(client.get_model_version_by_alias(name, "champion").version)
+        assert holder == ("2" if decision.startswith("champion -> version 2: ") else "1"), (name, decision)
 
 
 def test_latest_alias_follows_the_newest_version(tmp_path, tracking_uri):

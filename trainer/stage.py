@@ -24,6 +24,7 @@ from trainer.metric_log import MetricLog, Send, as_metric_log
 from trainer.model import model_inputs, supervised_tokens
 from trainer.ranks import from_rank0, gather, rank, sum_across_ranks, world_size
 from trainer.storage import Storage
+from trainer.system_metrics import SystemSampler, system_metrics
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
 
 
@@ -59,6 +60,7 @@ class StageRunner:
                                          on_saved=on_checkpoint,
                                          write_model_files=lambda folder: write_blueprint(
                                              self.model, self.tokenizer, folder, job.stage.template))
+        self.system = SystemSampler()
         self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable, self.contrastive),
                                self.model.arch.visual_token_id,
                                peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
@@ -129,12 +131,15 @@ class StageRunner:
         step_reads, step_keys = ReadHealth(), [batch["keys"] for batch in micro_batches]
         for batch in micro_batches:
             step_reads.add_batch(batch)
-        keys_by_rank = []
-        for seen, by_reason, by_shard, keys in gather((step_reads.seen, dict(step_reads.by_reason),
-                                                       dict(step_reads.by_shard), step_keys)):
+        keys_by_rank, system_samples = [], []
+        for seen, by_reason, by_shard, keys, system in gather((step_reads.seen, dict(step_reads.by_reason),
+                                                               dict(step_reads.by_shard), step_keys,
+                                                               self.system.sample())):
             self.health.add(seen, by_reason, by_shard)
             keys_by_rank.append(keys)
+            system_samples.append(system)
         return {
+            **system_metrics(system_samples),
             **self.meter.metrics(sum_across_ranks(self.meter.local()), self.layout.grad_accum, world_size(),
                                  elapsed),
             "train/lr": self.engine.get_lr()[0],
