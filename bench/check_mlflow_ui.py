@@ -60,7 +60,7 @@ class Checks:
 
     def visit(self, path: str, shot: str) -> None:
         self.page.goto(self.base + path)
-        self.page.wait_for_load_state("networkidle")
+        self.page.wait_for_load_state("domcontentloaded")  # the UI keeps polling: no network idle
         self.shot = self.out / f"{shot}.png"
 
     def expect(self, what: str, text: str, timeout_ms: int = 30_000) -> None:
@@ -94,7 +94,9 @@ def main() -> None:
     job = jobs[0]
     stages = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{job.info.run_id}'",
                                 order_by=["attributes.start_time ASC"])
-    versions = [v for run in stages for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
+    # each version read whole: a search leaves out aliases
+    versions = [client.get_model_version(v.name, v.version) for run in stages
+                for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
 
     port = free_port()
     ui = start_ui(args.tracking_uri, port)
@@ -112,7 +114,8 @@ def main() -> None:
                 page.get_by_placeholder("Search metric charts").fill("train/loss")
                 checks.expect(f"stage run {stage}: its loss chart", f"{stage} (train/loss)")
                 checks.visit(ui_path(experiment.experiment_id, run.info.run_id, "system-metrics"), f"{stage}-system")
-                checks.expect(f"stage run {stage}: its system metrics", "cpu_utilization_percentage")
+                checks.expect(f"stage run {stage}: its system metrics (CPU chart drawn)",
+                              f"{stage} (system/cpu_utilization_percentage)")
             for version in versions:
                 name = f"{version.name} version {version.version}"
                 checks.visit(f"#/models/{version.name}/versions/{version.version}", f"{version.name}-{version.version}")
