@@ -21,6 +21,7 @@ setup(
         "safetensors",
         "fsspec",
         "pyarrow",  # Ray Train reaches cluster.storage through a pyarrow filesystem
+        "psutil",  # the nodes' system metrics
         "tqdm",
         "tokenizers",
     ],
