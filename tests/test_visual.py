@@ -102,3 +102,34 @@ def test_clipa_token_reduction(tmp_path, reduction, patches):
             assert (rows.view(64, 2, 2)[:, :, 0].diff(dim=1) >= 1).all() and (cols.view(64, 2, 2)[:, 0].diff(dim=1) >= 1).all()
     model.token_reduction = None
     assert model.visual_spec().tokens_per_video == 4 * 16  # a later stage sees every patch again
+
+
+def test_only_real_frames_go_through_the_vision_tower(tmp_path):
+    """A video (4 frames), an image and a text-only sample: the tower sees 5 frames, not 12; a
+    text-only batch still runs it on one frame (ZeRO-3's collectives), which joins the loss at
+    weight zero; each sample's logits are those it gets alone."""
+    model, tokenizer = tiny_model(tmp_path, reducer="valley")
+    seen = []
+    model.vision.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]),
+                                           with_kwargs=True)
+    mixed = batch_for(model, tokenizer, ["video", "image", "text"])
+    with torch.no_grad():
+        together = model(**mixed).logits
+    assert seen == [5]
+    for i, kind in enumerate(["video", "image", "text"]):
+        alone = {key: value[i:i + 1] for key, value in mixed.items()}
+        length = int(alone["attention_mask"].sum())
+        alone = {key: value[:, :length] if key in ("input_ids", "attention_mask", "labels") else value
+                 for key, value in alone.items()}
+        with torch.no_grad():
+            logits = model(**alone).logits
+        torch.testing.assert_close(logits[0], together[i, :length], atol=1e-5, rtol=1e-5)
+    model(**batch_for(model, tokenizer, ["video"])).loss.backward()
+    used = {name for name, p in model.vision.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    seen.clear()
+    model(**batch_for(model, tokenizer, ["text", "text"])).loss.backward()
+    assert seen == [1]
+    grads = {name: p.grad for name, p in model.vision.named_parameters()}
+    assert used and {name for name, grad in grads.items() if grad is not None} == used  # in the graph...
+    assert all(float(grads[name].abs().sum()) == 0.0 for name in used)  # ... at weight zero

@@ -108,33 +108,44 @@ class VideoLanguageModel(nn.Module):
     def _input_size(self) -> int:
         return self.token_reduction.input_size if self.token_reduction else self.vision.config.image_size
 
-    def frame_features(self, frames_BTCHW: torch.Tensor, layer: int) -> torch.Tensor:
+    def frame_features(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor, layer: int) -> torch.Tensor:
         """The vision tower's hidden states at `layer` for every frame, [B,T,1+P,D], from uint8
-        frames (fewer patches P under token reduction)."""
+        frames (fewer patches P under token reduction); zeros for the frames a sample does not have.
+
+        Only real frames go through the tower, every sample's together. A batch without any still
+        runs it on one blank frame, whose features join the graph with weight zero: under ZeRO-3
+        every rank must gather (and, when the tower trains, reduce) the tower's parameters."""
         batch, num_frames = frames_BTCHW.shape[:2]
+        real_N = frame_mask_BT.flatten().nonzero().squeeze(1)
+        run_N = real_N if len(real_N) else real_N.new_zeros(1)
         dtype = next(self.projector.parameters()).dtype
         mean = torch.tensor(self.arch.image_mean, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
         std = torch.tensor(self.arch.image_std, dtype=dtype, device=frames_BTCHW.device).view(1, 3, 1, 1)
-        pixels = (frames_BTCHW.flatten(0, 1).to(dtype) / 255.0 - mean) / std
+        pixels = (frames_BTCHW.flatten(0, 1)[run_N].to(dtype) / 255.0 - mean) / std
         reduction = self.token_reduction
         if reduction is not None and reduction.masks:
             kept_BK = reduction.kept_indices(batch, pixels.device)
-            features = encode_kept_patches(self.vision, pixels, kept_BK.repeat_interleave(num_frames, 0), layer)
+            features = encode_kept_patches(self.vision, pixels, kept_BK.repeat_interleave(num_frames, 0)[run_N], layer)
         else:
             resized = reduction is not None  # a smaller input: position embeddings interpolated
             features = self.vision(pixel_values=pixels, output_hidden_states=True,
                                    interpolate_pos_encoding=resized).hidden_states[layer]
-        return features.unflatten(0, (batch, num_frames))
+        every_frame = features.new_zeros(batch * num_frames, *features.shape[1:])
+        if len(real_N):
+            every_frame = every_frame.index_copy(0, real_N, features)
+        else:
+            every_frame = every_frame + 0.0 * features.sum()
+        return every_frame.unflatten(0, (batch, num_frames))
 
     def encode_media(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor):
         """Projected visual tokens [B,N,D_llm] and which of them are real [B,N], from uint8 frames."""
-        features_BTND = self.frame_features(frames_BTCHW, self.arch.vision_feature_layer)
+        features_BTND = self.frame_features(frames_BTCHW, frame_mask_BT, self.arch.vision_feature_layer)
         return self.projector(*self.reducer(features_BTND, frame_mask_BT))
 
     def embed_video(self, frames_BTCHW: torch.Tensor, frame_mask_BT: torch.Tensor) -> torch.Tensor:
         """One unit-length embedding per clip [B,E]: the temporal module over every frame's final
         tokens (after the tower's last layer norm, which CLIP applies to what it pools)."""
-        tokens_BTND = self.frame_features(frames_BTCHW, -1)
+        tokens_BTND = self.frame_features(frames_BTCHW, frame_mask_BT, -1)
         return self.temporal(self.vision.post_layernorm(tokens_BTND), frame_mask_BT)
 
     def contrast(self, input_ids, labels, frames, frame_mask) -> ContrastiveOutput:
