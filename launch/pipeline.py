@@ -40,7 +40,8 @@ from trainer.storage import Storage
 EXPORT_ARTIFACT = "export"
 
 
-# The MLflow UI opens an experiment with this tag's value in its model-training view.
+# The experiment's kind, which MLflow UIs without 3.17's view switch follow (that one needs the
+# link to ask for the model-training view: launch/tracking.ui_path).
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
