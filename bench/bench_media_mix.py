@@ -21,8 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_shards.build.synth import vocabulary  # noqa: E402
 from data_shards.conversation import IGNORE_INDEX  # noqa: E402
+from data_shards.read.batching import collate  # noqa: E402
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
+from trainer.model import MODEL_INPUTS  # noqa: E402
 
 MIX = ["text"] * 8 + ["image"] * 3 + ["video"] * 5
 
@@ -41,25 +43,20 @@ def model_and_tokenizer(work: Path):
 
 
 def mixed_batch(model, tokenizer) -> dict:
+    """The MIX as the reader would batch it (data_shards' collate): placeholder slots, then words."""
     spec = model.visual_spec()
     visual_id = tokenizer.convert_tokens_to_ids("<visual>")
     words = tokenizer("what colour is the shape ? it is red .", add_special_tokens=False)["input_ids"] * 4
-    rows, masks = [], []
-    for kind in MIX:
+    samples = []
+    for i, kind in enumerate(MIX):
         slots = {"video": spec.tokens_per_video, "image": spec.tokens_per_image, "text": 0}[kind]
-        rows.append([visual_id] * slots + words)
-        real = {"video": spec.num_frames, "image": 1, "text": 0}[kind]
-        masks.append([True] * real + [False] * (spec.num_frames - real))
-    length = max(map(len, rows))
-    input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    attention = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)], attention[i, : len(row)] = torch.tensor(row), 1
-    labels = torch.where((input_ids != visual_id) & (attention == 1), input_ids, IGNORE_INDEX)
-    size = spec.image_size
-    frames = torch.randint(0, 256, (len(rows), spec.num_frames, 3, size, size), dtype=torch.uint8)
-    return {"input_ids": input_ids, "attention_mask": attention, "frames": frames,
-            "frame_mask": torch.tensor(masks), "labels": labels}
+        frames = {"video": spec.num_frames, "image": 1, "text": 0}[kind]
+        ids = [visual_id] * slots + words
+        pixels = torch.randint(0, 256, (frames, 3, spec.image_size, spec.image_size), dtype=torch.uint8) \
+            if frames else None
+        samples.append({"key": str(i), "input_ids": ids, "labels": [IGNORE_INDEX] * slots + words, "pixels": pixels})
+    batch = collate(samples, tokenizer.pad_token_id, spec)
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 def main() -> None:
