@@ -11,9 +11,10 @@ from trainer.config import ModelConfig
 from trainer.model import model_inputs
 
 
-def test_first_fit_decreasing_rows():
-    assert pack_rows([100, 300, 200, 50, 400], 512) == [[4, 0], [1, 2], [3]]
-    assert pack_rows([600, 10], 512) == [[0], [1]]  # too long for a row: a row of its own
+def test_rows_as_few_as_first_fit_decreasing_and_even():
+    # first-fit decreasing needs 3 rows (400+100, 300+200, 50): filled evenly, the longest holds 400, not 500
+    assert pack_rows([100, 300, 200, 50, 400], 512) == [[4], [1, 3], [2, 0]]
+    assert pack_rows([600, 10], 512) == [[1], [0]]  # too long for a row: a row of its own
 
 
 def test_packed_loss_and_gradients_equal_padded(synth_data):

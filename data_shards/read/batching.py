@@ -16,19 +16,30 @@ from data_shards.conversation import IGNORE_INDEX
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
-    """Sample indices per row: longest first, each into the first row with room (first-fit
-    decreasing); a sample longer than `row_length` gets a row of its own."""
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        target = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
-        if target is None:
-            rows.append([i])
-            room.append(row_length - lengths[i])
+    """Sample indices per row: as many rows as first-fit decreasing needs, filled evenly (each
+    sample, longest first, into the emptiest row with room), since every row of a batch is padded
+    to the longest; a sample that fits in none of them gets a row of its own."""
+    by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    needed = len(_place(lengths, by_length, row_length, 0, lambda fits, room: fits[0]))
+    return _place(lengths, by_length, row_length, needed, lambda fits, room: max(fits, key=room.__getitem__))
+
+
+def _place(lengths: list[int], order: list[int], row_length: int, rows: int, choose) -> list[list[int]]:
+    """Samples in `order` into `rows` empty rows (a new one when a sample fits in none), each into
+    the row `choose(rows with room for it, room left per row)` picks; the rows not left empty."""
+    placed: list[list[int]] = [[] for _ in range(rows)]
+    room = [row_length] * rows
+    for i in order:
+        fits = [r for r, free in enumerate(room) if free >= lengths[i]]
+        if fits:
+            target = choose(fits, room)
         else:
-            rows[target].append(i)
-            room[target] -= lengths[i]
-    return rows
+            target = len(placed)
+            placed.append([])
+            room.append(row_length)
+        placed[target].append(i)
+        room[target] -= lengths[i]
+    return [row for row in placed if row]
 
 
 def collate(samples: list[dict], pad_id: int, visual, pack_length: int | None = None) -> dict:
