@@ -4,8 +4,9 @@ LLaVA-like length distribution (BENCHMARKS.md, "Packing").
 Sample lengths are drawn log-normally (median 300 tokens, long tail, capped at 1024), as
 LLaVA-style instruction data with a few hundred visual tokens per sample is; each micro-batch
 of 16 samples is either padded to its longest sample or packed into rows of 1024 tokens. The
-LLM is a 4-layer Llama of width 256, trained with SDPA attention on CPU; only the LLM runs (the
-vision path costs the same either way).
+LLM is a 4-layer Llama of width 256, trained with SDPA attention on CPU as our trainer runs it
+(trainer/packed_attention.py: padded rows under a mask, each packed sample attended alone); only
+the LLM runs (the vision path costs the same either way).
 
     python bench/bench_packing.py [--batches 20]
 """
@@ -23,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data_shards.read.batching import collate  # noqa: E402
 from data_shards.media import VisualSpec  # noqa: E402
+from trainer import packed_attention  # noqa: E402
 
 ROW = 1024
 VISUAL = VisualSpec(num_frames=1, image_size=1, tokens_per_video=0, tokens_per_image=0)
@@ -65,9 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    packed_attention.register()  # as our trainer builds the LLM where SDPA is chosen
     model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=ROW,
-                                         attn_implementation="sdpa"))
+                                         attn_implementation=packed_attention.NAME))
     rng = np.random.default_rng(0)
     groups = [samples(rng, args.batch_size) for _ in range(args.batches)]
     padded = [collate(g, 0, VISUAL) for g in groups]

@@ -2,7 +2,7 @@
 inside each sample; the loss and every gradient equal those of the padded batch."""
 import torch
 
-from data_shards.read.batching import pack_rows
+from data_shards.read.batching import collate, pack_rows
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
 from data_shards.read.reader import Topology, build_loader
@@ -40,3 +40,30 @@ def test_packed_loss_and_gradients_equal_padded(synth_data):
     assert packed_grads.keys() == padded_grads.keys() and packed_grads
     for name, grad in padded_grads.items():
         assert torch.allclose(packed_grads[name], grad, atol=1e-6, rtol=1e-4), name
+
+
+def test_each_sample_of_a_packed_row_is_attended_alone(synth_data):
+    """The LLM's SDPA runs over each sample's span of a packed row, not over the whole row under
+    a block-diagonal mask; a padded batch keeps transformers' masked SDPA."""
+    blueprint = blueprint_from_config(ModelConfig(vision={"tiny": {}}, llm={"tiny": {}},
+                                                  word_vocab=str(synth_data / "vocab.txt"), num_frames=4))
+    model = build_model(blueprint, "sdpa")
+    fill_weights(model, blueprint, 0.02, seed=0)
+    samples = [{"key": str(n), "input_ids": list(range(4, 4 + n)), "labels": list(range(4, 4 + n)), "pixels": None}
+               for n in (5, 9, 3)]
+    layers = model.llm.config.num_hidden_layers
+
+    def attended_lengths(batch: dict) -> list[int]:
+        inputs = {k: batch[k] for k in ("input_ids", "position_ids") if k in batch}
+        if "position_ids" not in batch:
+            inputs["attention_mask"] = batch["attention_mask"]
+        with torch.profiler.profile(record_shapes=True) as profile, torch.no_grad():
+            model.llm(**inputs)
+        return sorted(event.input_shapes[0][2] for event in profile.events()
+                      if event.name == "aten::scaled_dot_product_attention")
+
+    packed = collate(samples, blueprint.tokenizer.pad_token_id, model.visual_spec(), pack_length=20)
+    assert packed["input_ids"].shape == (1, 17)  # one row holds all three
+    assert attended_lengths(packed) == sorted([5, 9, 3] * layers)
+    padded = collate(samples, blueprint.tokenizer.pad_token_id, model.visual_spec())
+    assert attended_lengths(padded) == [9] * layers

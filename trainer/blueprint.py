@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPTextCo
 
 from data_shards.conversation import VISUAL_TOKEN
 from data_shards.tokenizer import load_tokenizer, word_tokenizer_from_file
+from trainer import packed_attention
 from trainer.config import ModelConfig, TokenReductionConfig
 from trainer.model import Architecture, VideoLanguageModel
 from trainer.partitioned import SafetensorsFolder, init_random_weights, load_weights
@@ -113,7 +114,10 @@ def build_model(blueprint: Blueprint, attn_implementation: str = "auto",
     showing the vision encoder fewer patches when a stage asks for `token_reduction`."""
     attn = pick_attention(attn_implementation)
     vision = AutoModel.from_config(blueprint.vision_config, attn_implementation=attn)
-    llm = AutoModelForCausalLM.from_config(blueprint.llm_config, attn_implementation=attn)
+    if attn == "sdpa":  # the LLM gets packed rows: each sample attended alone
+        packed_attention.register()
+    llm = AutoModelForCausalLM.from_config(blueprint.llm_config,
+                                           attn_implementation=packed_attention.NAME if attn == "sdpa" else attn)
     text = AutoModel.from_config(blueprint.text_config, attn_implementation=attn) if blueprint.text_config else None
     model = VideoLanguageModel(vision, llm, blueprint.arch, text)
     if token_reduction is not None:
