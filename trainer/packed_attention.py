@@ -5,7 +5,8 @@ Given a packed row (positions restarting at every sample, no attention mask), tr
 SDPA path builds a block-diagonal mask over the whole row and computes attention for every pair
 of positions in it, most of them masked out. Here each sample's span goes through causal SDPA on
 its own, so attention costs the samples' own lengths squared (BENCHMARKS.md, "Packing").
-Batches with a padding mask, and decoding with a cache, take transformers' SDPA path unchanged.
+Batches with a padding mask, decoding with a cache and non-causal calls take transformers' SDPA
+path unchanged.
 
 It is added to transformers' attention and mask registries under NAME (their extension points);
 the LLM is built with it where SDPA is chosen (trainer/blueprint.py). Exports do not record it:
@@ -27,20 +28,23 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
                           position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query [B,H,L,D], key and value [B,H_kv,L,D] -> ([B,L,H,D], None), as transformers' SDPA
     function returns; a sample starts wherever its row's position id is 0."""
-    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+    if (attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]
+            or kwargs.get("is_causal") is False):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       position_ids=position_ids, **kwargs)
     length = query.shape[2]
-    position_ids = position_ids.expand(query.shape[0], -1)  # transformers' own are [1,L] for every row
+    starts: list[set[int]] = [{0} for _ in range(query.shape[0])]
+    # transformers' own position ids are [1,L] for every row; one device-to-host copy per layer
+    for row, start in (position_ids.expand(query.shape[0], -1) == 0).nonzero().tolist():
+        starts[row].add(start)
     rows = []
-    for row in range(query.shape[0]):
-        starts = sorted({0, *(position_ids[row] == 0).nonzero().flatten().tolist()})
-        spans = [(start, end) for start, end in zip(starts, starts[1:] + [length])]
+    for row, row_starts in enumerate(starts):
+        bounds = sorted(row_starts) + [length]
         rows.append(torch.cat([
             F.scaled_dot_product_attention(query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
                                            value[row:row + 1, :, start:end], dropout_p=dropout, is_causal=True,
                                            scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-            for start, end in spans], dim=2))
+            for start, end in zip(bounds, bounds[1:])], dim=2))
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 

@@ -5,8 +5,8 @@ A batch holds input_ids, labels, attention_mask (1 on real tokens), each sample'
 (`lengths`), uint8 frames [N,T,3,S,S] with a frame mask, and the sample keys. Frames follow the
 order in which samples appear in the rows, row after row: the order in which the model splices
 visual tokens into the text. A packed batch also holds position_ids restarting at every sample;
-the model then gives the LLM no attention mask and transformers keeps attention inside each
-sample (flash-attention varlen on GPU, a block-diagonal mask with SDPA on CPU).
+the model then gives the LLM no attention mask and attention stays inside each
+sample (flash-attention's varlen kernels, or SDPA over each sample's span).
 """
 from __future__ import annotations
 
