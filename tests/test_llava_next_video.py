@@ -5,10 +5,12 @@ import json
 
 import pytest
 import torch
-from transformers import LlavaNextVideoForConditionalGeneration
+from safetensors import safe_open
+from transformers import LlamaConfig, LlamaForCausalLM, LlavaNextVideoForConditionalGeneration
 
 from data_shards.build.synth import vocabulary
 from data_shards.conversation import VISUAL_TOKEN
+from data_shards.tokenizer import word_tokenizer_from_file
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import ModelConfig
 from trainer.export import export_model
@@ -18,13 +20,18 @@ from trainer.storage import Storage
 FRAMES = 4
 
 
-def exported(tmp_path, **model_options):
+def vocab_file(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(vocabulary()))
-    cfg = ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(tmp_path / "vocab.txt"),
+    return tmp_path / "vocab.txt"
+
+
+def exported(tmp_path, llm: dict | None = None, dtype=torch.float32, **model_options):
+    cfg = ModelConfig(vision={"tiny": {}}, llm=llm or {"tiny": {}}, word_vocab=str(vocab_file(tmp_path)),
                       num_frames=FRAMES, **model_options)
     blueprint = blueprint_from_config(cfg)
     model = build_model(blueprint, "sdpa")
     fill_weights(model, blueprint, 0.05, seed=0)
+    model.to(dtype)
     export_model(model, blueprint.tokenizer, Storage(str(tmp_path / "export")), "vicuna_v1")
     return model.eval(), blueprint.tokenizer, tmp_path / "export"
 
@@ -86,3 +93,20 @@ def test_a_model_that_is_no_llava_next_video_says_why(tmp_path, capsys):
     assert reason.startswith("reducer 'valley': LLaVA-NeXT-Video pools each frame 2x2 or not at all")
     assert not (export / FOLDER).exists()
     assert f"export: no LLaVA-NeXT-Video twin: {reason}\n" in capsys.readouterr().out
+
+
+def test_a_twin_of_a_model_with_tied_embeddings_keeps_its_dtype_and_its_tied_head(tmp_path):
+    """A bf16 model whose LLM ties its output head to its embeddings: the twin is written (its
+    head tied again, not left unset) with every tensor in bf16, and loads with our head."""
+    tokenizer = word_tokenizer_from_file(vocab_file(tmp_path))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, tie_word_embeddings=True)).save_pretrained(tmp_path / "llm")
+    model, _, export = exported(tmp_path, llm={"path": str(tmp_path / "llm")}, dtype=torch.bfloat16,
+                                reducer="none", projector="mlp2x_gelu")
+    with safe_open(export / FOLDER / "model.safetensors", "pt") as twin:
+        dtypes = {key: twin.get_slice(key).get_dtype() for key in twin.keys()}
+    assert any(key.endswith("image_newline") for key in dtypes) and not any(key.endswith("lm_head.weight")
+                                                                             for key in dtypes)
+    assert set(dtypes.values()) == {"BF16"}, {k: v for k, v in dtypes.items() if v != "BF16"}
+    twin = LlavaNextVideoForConditionalGeneration.from_pretrained(export / FOLDER)
+    assert torch.equal(twin.lm_head.weight, model.llm.get_output_embeddings().weight)

@@ -71,8 +71,8 @@ def twin_state(states: dict[str, dict[str, torch.Tensor]], llm_state: dict[str, 
         elif key == "lm_head.weight" and not tie_word_embeddings:
             tensors[key] = value
     # LLaVA-NeXT's row separator for anyres images, which the twin is not shown (see above)
-    tensors["model.image_newline"] = torch.zeros(llm_width, dtype=tensors["lm_head.weight"].dtype
-                                                 if "lm_head.weight" in tensors else torch.float32)
+    dtype = next(v.dtype for v in llm_state.values() if v.is_floating_point())
+    tensors["model.image_newline"] = torch.zeros(llm_width, dtype=dtype)
     return tensors
 
 
@@ -89,6 +89,8 @@ def write_twin(model, tokenizer, states: dict, llm_state: dict, folder: Path) ->
     if unexpected or [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]:
         raise RuntimeError(f"the LLaVA-NeXT-Video twin's weights do not line up: missing {missing[:3]}, "
                            f"unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:  # the head, still on the meta device, becomes the embeddings again
+        twin.tie_weights()
     twin.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "processor_config.json").write_text(json.dumps(processor_config(model), indent=2) + "\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors import safe_open
@@ -17,8 +18,14 @@ from torch import nn
 from trainer.ranks import rank
 
 
-def _own_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return list(module.named_parameters(recurse=False))
+def _params_by_module(module: nn.Module) -> Iterator[tuple[str, list[tuple[str, nn.Parameter]]]]:
+    """(prefix, its own parameters) for every submodule; a parameter shared by several (an LLM's
+    output head tied to its embeddings) only under the first, the name `named_parameters` gives it."""
+    seen: set[int] = set()
+    for prefix, sub in module.named_modules():
+        params = [(name, p) for name, p in sub.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in params)
+        yield prefix, params
 
 
 def _whole(params: list[tuple[str, nn.Parameter]], modifier_rank: int | None):
@@ -35,8 +42,7 @@ def init_random_weights(module: nn.Module, std: float, seed: int) -> None:
 
     Seeded per submodule by name, so the result does not depend on rank count or build order.
     """
-    for prefix, sub in module.named_modules():
-        params = _own_params(sub)
+    for prefix, params in _params_by_module(module):
         if not params:
             continue
         with _whole(params, modifier_rank=0):
@@ -86,17 +92,15 @@ def load_weights(module: nn.Module, source: SafetensorsFolder) -> None:
     missing = sorted(expected - source.keys())
     if missing:
         raise ValueError(f"{source.folder}: weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
-    for prefix, sub in module.named_modules():
-        params = _own_params(sub)
+    for prefix, params in _params_by_module(module):
         with _whole(params, modifier_rank=0):
             if rank() == 0:
                 for name, param in params:
                     _copy_into(param, source.get(f"{prefix}.{name}" if prefix else name), source.folder, name)
-        for name, buffer in sub.named_buffers(recurse=False):
-            key = f"{prefix}.{name}" if prefix else name
-            if key in source.keys():
-                with torch.no_grad():
-                    buffer.copy_(source.get(key))
+    for key, buffer in module.named_buffers():
+        if key in source.keys():
+            with torch.no_grad():
+                buffer.copy_(source.get(key))
 
 
 def _copy_into(param: torch.Tensor, tensor: torch.Tensor, folder: Path, name: str) -> None:
@@ -112,8 +116,7 @@ def _copy_into(param: torch.Tensor, tensor: torch.Tensor, folder: Path, name: st
 def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     """The full state dict on rank 0 (CPU tensors); empty on other ranks. All ranks must call."""
     state = {}
-    for prefix, sub in module.named_modules():
-        params = _own_params(sub)
+    for prefix, params in _params_by_module(module):
         with _whole(params, modifier_rank=None):
             if rank() == 0:
                 for name, param in params:
