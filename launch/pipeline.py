@@ -51,7 +51,7 @@ class RegisteredStage:
     name: str
     version: str
     run_id: str
-    record: StageRecord | None = None  # what its description says; None: reused, described when registered
+    record: StageRecord | None = None  # what its description says; None: a reused version, described already
 
 
 def resolve_inputs(cfg: JobConfig) -> dict[str, tuple[ShardLists, ShardLists | None, ShardLists | None]]:
@@ -194,7 +194,9 @@ class Pipeline:
         if done:
             self.console(f"[{stage.name}] reusing {name} version {done.version}: registered for the same config, "
                          f"data and start")
-            return RegisteredStage(stage.name, name, str(done.version), done.run_id)
+            # a stop between its registration and its description left it undescribed: described now
+            record = None if done.description else self._record(stage, data_hash, init_desc, done.tags)
+            return RegisteredStage(stage.name, name, str(done.version), done.run_id, record)
         continued = unfinished_run(self.client, self.experiment_id, stage.name, tags["config_hash"],
                                    parent_run_id) if reuse else None
         with mlflow.start_run(run_id=continued, run_name=stage.name, nested=True, tags=stage_tags) as run:
@@ -224,10 +226,15 @@ class Pipeline:
             self.console(f"[{stage.name}] registered {name} version {version.version} "
                          f"(models:/{name}@latest): step {chosen['checkpoint_step']}, {chosen['selected_by']}; "
                          f"started from {init_desc}")
-            sources = ", ".join(f"{source.url} (weight {source.weight:g})" for source in as_sources(stage.train_data))
-            record = StageRecord(self.cfg.name, stage.name, stage.objective, sources, data_hash, stage.steps,
-                                 f"step {chosen['checkpoint_step']} ({chosen['selected_by']})", init_desc)
-            return RegisteredStage(stage.name, name, str(version.version), run.info.run_id, record)
+            return RegisteredStage(stage.name, name, str(version.version), run.info.run_id,
+                                   self._record(stage, data_hash, init_desc, chosen))
+
+    def _record(self, stage, data_hash: str, init_desc: str, chosen: dict) -> StageRecord:
+        """What a stage's version is described with; `chosen`: its registration tags that say which
+        weights it holds."""
+        sources = ", ".join(f"{source.url} (weight {source.weight:g})" for source in as_sources(stage.train_data))
+        return StageRecord(self.cfg.name, stage.name, stage.objective, sources, data_hash, stage.steps,
+                           f"step {chosen['checkpoint_step']} ({chosen['selected_by']})", init_desc)
 
     def retried(self, call, what: str):
         """`call()` through an outage of the tracking server of up to `tracking.max_outage_s`."""

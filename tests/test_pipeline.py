@@ -103,9 +103,18 @@ def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, t
     assert registry_state.keys() == worker_state.keys()
     assert all(torch.equal(registry_state[k], worker_state[k]) for k in worker_state)
 
-    # Run again: both stages are registered for this config, data and start: reused, not retrained.
+    # A stop between registering a version and describing it, as the registry would be left:
+    pretrain_description = client.get_model_version("t-pretrain", "1").description
+    client.update_model_version("t-pretrain", "1", description="")
+    client.delete_model_version_tag("t-pretrain", "1", "promotion")
+    client.delete_registered_model_alias("t-pretrain", "champion")
+    # Run again: both stages are registered for this config, data and start: reused, not retrained;
+    # the undescribed one described and its alias decided now.
     said = []
     again = Pipeline(cfg, console=said.append).run()
+    assert client.get_model_version("t-pretrain", "1").description == pretrain_description
+    assert client.get_model_version("t-pretrain", "1").tags["promotion"].startswith("champion -> version 1, the first")
+    assert str(client.get_model_version_by_alias("t-pretrain", "champion").version) == "1"
     assert [(r.name, r.version, r.run_id) for r in again] == [(r.name, r.version, r.run_id) for r in registered]
     assert [line for line in said if "reusing" in line] == [
         "[contrastive] reusing t-contrastive version 1: registered for the same config, data and start",
