@@ -120,6 +120,8 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
         assert [rank for rank, _ in nodes] == ["0", "1"] and nodes[0][1] != nodes[1][1], run.data.tags["placement"]
         assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "logs")) == \
             [f"logs/{stage}-rank0.log", f"logs/{stage}-rank1.log"]
+        # both nodes run on this one machine (one host name): its load under MLflow's names, once
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     history = client.get_metric_history(stage_runs["pretrain"].info.run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, 31))  # each step once, before and after the stop
     assert storage.child("checkpoints", "instruct").read_text("latest") == "step-00000003"
