@@ -46,7 +46,7 @@ PRECISIONS = ("bf16", "fp32")
 
 
 def make_data(out: Path, sizes: dict, samples: int, processes: int) -> Path:
-    from data_shards.build.synth import SynthSpec, write_synthetic_dataset
+    from data_shards.write.synth import SynthSpec, write_synthetic_dataset
     if not (out / "vocab.txt").is_file():
         started = time.perf_counter()
         write_synthetic_dataset(out, train_samples=samples, heldout_samples=8, samples_per_shard=16,

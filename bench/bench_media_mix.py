@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_shards.build.synth import vocabulary  # noqa: E402
+from data_shards.write.synth import vocabulary  # noqa: E402
 from data_shards.conversation import IGNORE_INDEX  # noqa: E402
 from data_shards.read.batching import collate  # noqa: E402
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights  # noqa: E402

@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from clips import write_clips  # noqa: E402
 
-from data_shards.build.shards import BuildOptions, build_shards  # noqa: E402
+from data_shards.write.shards import BuildOptions, build_shards  # noqa: E402
 from data_shards.config import ReaderConfig  # noqa: E402
 from data_shards.conversation import encode_conversation, get_template  # noqa: E402
 from data_shards.frames import FrameSampling, decode_frames, uniform_indices  # noqa: E402
-from data_shards.build.ingest import IngestOptions  # noqa: E402
+from data_shards.write.ingest import IngestOptions  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
 from data_shards.read.batching import collate  # noqa: E402
 from data_shards.media import VisualSpec  # noqa: E402

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from mlflow import MlflowClient  # noqa: E402
 
-from data_shards.build.synth import write_synthetic_dataset  # noqa: E402
+from data_shards.write.synth import write_synthetic_dataset  # noqa: E402
 from launch.config import load_config  # noqa: E402
 from launch.pipeline import Pipeline  # noqa: E402
 

@@ -22,7 +22,7 @@ from data_shards.config import ReaderConfig  # noqa: E402
 from data_shards.conversation import get_template  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
 from data_shards.read.reader import Topology, build_loader  # noqa: E402
-from data_shards.build.synth import write_synthetic_dataset  # noqa: E402
+from data_shards.write.synth import write_synthetic_dataset  # noqa: E402
 from trainer.blueprint import build_model, fill_weights, blueprint_from_config  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.contrastive import retrieval_metrics  # noqa: E402

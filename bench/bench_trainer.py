@@ -78,8 +78,8 @@ def model_config(work: Path):
 def prepare(work: Path) -> Path:
     """The model's export (with its twin) and the text-only split the stage config names (the
     runner builds its own reader from it; the bench hands it the in-memory batches instead)."""
-    from data_shards.build.synth import SynthSpec, make_sample, vocabulary
-    from data_shards.build.writer import SplitWriter
+    from data_shards.write.synth import SynthSpec, make_sample, vocabulary
+    from data_shards.write.writer import SplitWriter
     from trainer.blueprint import blueprint_from_config, build_model, fill_weights
     from trainer.export import export_model
     from trainer.llava_next_video import FOLDER

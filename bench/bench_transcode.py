@@ -20,13 +20,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from clips import write_clips  # noqa: E402
 
-from data_shards.build.shards import BuildOptions, build_shards  # noqa: E402
+from data_shards.write.shards import BuildOptions, build_shards  # noqa: E402
 from data_shards.frames import FrameSampling  # noqa: E402
-from data_shards.build.ingest import IngestOptions  # noqa: E402
+from data_shards.write.ingest import IngestOptions  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
 from data_shards.media import VisualSpec, decode_media  # noqa: E402
 from data_shards.read.tarstream import iter_samples  # noqa: E402
-from data_shards.build.transcode import TranscodeOptions  # noqa: E402
+from data_shards.write.transcode import TranscodeOptions  # noqa: E402
 
 VISUAL = VisualSpec(num_frames=8, image_size=224, tokens_per_video=64, tokens_per_image=8)
 TRANSCODE = TranscodeOptions(video_size=224, video_fps=4, keyframe_interval=4)

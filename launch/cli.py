@@ -165,7 +165,7 @@ def _jobs(args) -> int:
 
 def _demo(overrides: list[str]) -> int:
     from launch.config import load_config
-    from data_shards.build.synth import write_synthetic_dataset
+    from data_shards.write.synth import write_synthetic_dataset
 
     cfg = load_config(DEMO_CONFIG, overrides)
     if not isinstance(cfg.stages[0].train_data, str):
@@ -202,16 +202,16 @@ def _checkpoints(args) -> int:
 
 
 def _shards_synth(args) -> int:
-    from data_shards.build.synth import write_synthetic_dataset
+    from data_shards.write.synth import write_synthetic_dataset
     write_synthetic_dataset(Path(args.out), args.train_samples, args.heldout_samples, seed=args.seed,
                             samples_per_shard=args.samples_per_shard, progress=print)
     return 0
 
 
 def _shards_build(args) -> int:
-    from data_shards.build.shards import BuildOptions, build_shards
-    from data_shards.build.ingest import IngestOptions
-    from data_shards.build.transcode import TranscodeOptions
+    from data_shards.write.shards import BuildOptions, build_shards
+    from data_shards.write.ingest import IngestOptions
+    from data_shards.write.transcode import TranscodeOptions
 
     transcode = TranscodeOptions(video_size=args.video_size, video_fps=args.video_fps,
                                  keyframe_interval=args.keyframe_interval, max_seconds=args.max_seconds,

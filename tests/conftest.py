@@ -5,7 +5,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from data_shards.build.synth import write_synthetic_dataset  # noqa: E402
+from data_shards.write.synth import write_synthetic_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

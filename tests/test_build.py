@@ -11,18 +11,18 @@ import pytest
 from PIL import Image
 
 from annotation_fixtures import EXPECTED_REJECTS, GOOD_SAMPLES, moving_square, write_annotation_set
-from data_shards.build.shards import BuildOptions, build_shards
+from data_shards.write.shards import BuildOptions, build_shards
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
 from data_shards.frames import index_video
-from data_shards.build.ingest import IngestOptions
+from data_shards.write.ingest import IngestOptions
 from data_shards.manifest import read_manifest, sha256_file
 from data_shards.media import VisualSpec
 from data_shards.read.reader import Topology, build_loader
 from data_shards.read.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
-from data_shards.build.transcode import TranscodeOptions
-from data_shards.build.writer import write_tar
+from data_shards.write.transcode import TranscodeOptions
+from data_shards.write.writer import write_tar
 
 VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=5, tokens_per_image=2)
 

@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from data_shards.media import encode_jpeg, encode_mp4
-from data_shards.build.synth import vocabulary
+from data_shards.write.synth import vocabulary
 from launch.tracking import register_export
 from trainer.blueprint import build_model, fill_weights, load_export, blueprint_from_config
 from trainer.config import ModelConfig

@@ -1,5 +1,5 @@
 """The layout's import rules, read from the import statements (those under `if TYPE_CHECKING:`
-do not run and do not count) and followed through our own modules: the build side never imports
+do not run and do not count) and followed through our own modules: the write side never imports
 the read side, the model imports neither the reader nor DeepSpeed, Ray or MLflow; and setup.py
 installs exactly what the code imports."""
 import ast
@@ -47,8 +47,8 @@ def imported_by(module: str) -> set[str]:
     return seen - {module}
 
 
-@pytest.mark.parametrize("module", sorted(f"data_shards.build.{p.stem}" for p in ROOT.glob("data_shards/build/*.py")))
-def test_build_side_never_imports_the_read_side(module):
+@pytest.mark.parametrize("module", sorted(f"data_shards.write.{p.stem}" for p in ROOT.glob("data_shards/write/*.py")))
+def test_write_side_never_imports_the_read_side(module):
     assert not [m for m in imported_by(module) if m.startswith("data_shards.read")]
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaNextVideoForConditionalGeneration
 
-from data_shards.build.synth import vocabulary
+from data_shards.write.synth import vocabulary
 from data_shards.conversation import VISUAL_TOKEN
 from data_shards.tokenizer import word_tokenizer_from_file
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights

@@ -3,7 +3,7 @@ import pytest
 
 from data_shards.conversation import (IGNORE_INDEX, TEMPLATE_SPECIAL_TOKENS, TEMPLATES, VISUAL_TOKEN, SampleError,
                                       encode_conversation, get_template, template_texts)
-from data_shards.build.synth import vocabulary
+from data_shards.write.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
 VISUAL = {"video": 5, "image": 3}

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 
 
-from data_shards.build.synth import SynthSpec, make_sample
-from data_shards.build.writer import SplitWriter
+from data_shards.write.synth import SynthSpec, make_sample
+from data_shards.write.writer import SplitWriter
 from data_shards.conversation import get_template
 from data_shards.read.reader import Topology, build_loader
 from trainer.stage import StageRunner

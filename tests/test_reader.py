@@ -8,10 +8,10 @@ from data_shards.conversation import get_template
 from data_shards.manifest import read_manifest
 from data_shards.media import VisualSpec
 from data_shards.read.reader import Topology, build_loader
-from data_shards.build.synth import vocabulary
+from data_shards.write.synth import vocabulary
 from data_shards.read.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
-from data_shards.build.writer import SplitWriter
+from data_shards.write.writer import SplitWriter
 
 VISUAL = VisualSpec(num_frames=4, image_size=32, tokens_per_video=20, tokens_per_image=17)
 

@@ -14,7 +14,7 @@ from data_shards.config import DataSource, ReaderConfig
 from data_shards.conversation import get_template
 from data_shards.media import VisualSpec
 from data_shards.read.reader import Topology, build_loader, merge_states
-from data_shards.build.synth import vocabulary
+from data_shards.write.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
 VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=20, tokens_per_image=17)

@@ -6,7 +6,7 @@ import webdataset as wds
 from data_shards.frames import FrameSampling, decode_frames
 from data_shards.manifest import read_manifest, sha256_file
 from data_shards.read.tarstream import iter_samples
-from data_shards.build.writer import SplitWriter
+from data_shards.write.writer import SplitWriter
 
 
 def test_round_trip_keys_counts_bytes(tmp_path):

@@ -2,7 +2,7 @@
 with a message naming the shard the skips came from."""
 import pytest
 
-from data_shards.build.writer import SplitWriter
+from data_shards.write.writer import SplitWriter
 from data_shards.manifest import read_manifest
 from data_shards.read.tarstream import iter_samples
 from trainer.stage import StageRunner

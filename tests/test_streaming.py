@@ -18,10 +18,10 @@ from data_shards.manifest import read_manifest
 from data_shards.media import VisualSpec
 from data_shards.read.reader import Topology, build_loader, shard_lists
 from data_shards.read.sources import expand_braces, shard_urls
-from data_shards.build.synth import vocabulary
+from data_shards.write.synth import vocabulary
 from data_shards.read.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
-from data_shards.build.writer import SplitWriter
+from data_shards.write.writer import SplitWriter
 
 VISUAL = VisualSpec(num_frames=2, image_size=16, tokens_per_video=3, tokens_per_image=2)
 TOKENIZER = build_word_tokenizer(vocabulary())

@@ -3,7 +3,7 @@ model's own forward passes, and the step factors follow what trains."""
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data_shards.build.synth import vocabulary
+from data_shards.write.synth import vocabulary
 from trainer.blueprint import build_model, fill_weights, blueprint_from_config
 from trainer.config import ModelConfig
 from trainer.throughput import FlopCounter

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data_shards.conversation import IGNORE_INDEX
-from data_shards.build.synth import vocabulary
+from data_shards.write.synth import vocabulary
 from trainer.blueprint import build_model, fill_weights, blueprint_from_config
 from trainer.config import ModelConfig, TokenReductionConfig
 from trainer.token_reduction import token_reduction_for

@@ -23,11 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_shards.build.annotations import Record, read_records
-from data_shards.build.ingest import IngestOptions, Rejected, ingest
+from data_shards.write.annotations import Record, read_records
+from data_shards.write.ingest import IngestOptions, Rejected, ingest
 from data_shards.manifest import ShardEntry, sha256_file, write_manifest
 from data_shards.tokenizer import token_counter
-from data_shards.build.writer import tar_bytes, tar_file_bytes, write_shard
+from data_shards.write.writer import tar_bytes, tar_file_bytes, write_shard
 
 STATE_DIR = ".build"
 

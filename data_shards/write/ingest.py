@@ -17,9 +17,9 @@ from typing import Callable
 
 from PIL import Image
 
-from data_shards.build.annotations import Record
+from data_shards.write.annotations import Record
 from data_shards.conversation import PLACEHOLDERS, TEMPLATES, SampleError, render_segments
-from data_shards.build.transcode import TranscodeOptions, shrink_image, transcode_video
+from data_shards.write.transcode import TranscodeOptions, shrink_image, transcode_video
 from data_shards.frames import NoFrames, decode_at, index_video
 from data_shards.media import IMAGE_EXTS, VIDEO_EXTS, media_kind
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from data_shards.media import encode_jpeg, encode_mp4
-from data_shards.build.writer import SplitWriter
+from data_shards.write.writer import SplitWriter
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 SHAPES = ("square", "circle", "triangle")
