@@ -59,7 +59,8 @@ def make_data(out: Path, sizes: dict, samples: int, processes: int) -> Path:
 def stage_job(args, precision: str):
     from data_shards.config import ReaderConfig
     from data_shards.read.reader import shard_lists
-    from trainer.config import EngineConfig, ModelConfig, StageConfig, StageJob
+    from trainer.config import EngineConfig, ModelConfig, StageConfig
+    from trainer.job import StageJob
     sizes = SIZES[args.sizes]
     stage = StageConfig(name="instruct", train_data=str(args.data / "instruct" / "train"), template="vicuna_v1",
                         trainable=["projector", "llm"], steps=args.steps,
@@ -72,7 +73,7 @@ def stage_job(args, precision: str):
         engine=EngineConfig(zero_stage=args.zero_stage, precision=precision),
         data=ReaderConfig(micro_batch_size=args.micro_batch_size, num_workers=args.num_workers,
                           max_length=sizes["max_length"], packing=True),
-        stage=stage, train_shards=shard_lists(stage.train_data), eval_shards=None, init_from=None,
+        stage=stage, train_shards=shard_lists(stage.train_data), eval_shards=None, init_export_url=None,
         export_dir=str(args.out / precision / "export"), checkpoint_dir=str(args.out / precision / "ckpt"), seed=0)
 
 

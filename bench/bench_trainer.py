@@ -162,7 +162,8 @@ def ours(rank: int, args, port: int) -> None:
     from data_shards.config import ReaderConfig
     from data_shards.read.batching import collate
     from data_shards.read.reader import Topology, shard_lists
-    from trainer.config import EngineConfig, StageConfig, StageJob
+    from trainer.config import EngineConfig, StageConfig
+    from trainer.job import StageJob
     from trainer.stage import StageRunner
     join_process_group(rank, port)
     stage = StageConfig(name="instruct", train_data=str(args.work / "declared"), template="vicuna_v1",
@@ -171,7 +172,7 @@ def ours(rank: int, args, port: int) -> None:
     job = StageJob(model=model_config(args.work), engine=EngineConfig(),
                    data=ReaderConfig(micro_batch_size=args.micro_batch_size, num_workers=0, max_length=ROW,
                                      packing=True),
-                   stage=stage, train_shards=shard_lists(stage.train_data), eval_shards=None, init_from=None,
+                   stage=stage, train_shards=shard_lists(stage.train_data), eval_shards=None, init_export_url=None,
                    export_dir=str(args.work / "ours-export"), checkpoint_dir=str(args.work / "ours-ckpt"), seed=0)
     runner = StageRunner(job, Topology(rank, WORLD), init_folder=args.work / "export")
     samples = make_samples(runner.tokenizer, runner.model.visual_spec(), args.samples, WORLD * args.micro_batch_size)

@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from data_shards.config import ReaderConfig, Strict
-from trainer.config import EngineConfig, ModelConfig, StageConfig, TemplateName
+from data_shards.config import ReaderConfig, Strict, TemplateName
+from trainer.config import EngineConfig, ModelConfig, StageConfig
 
 
 class ConfigError(ValueError):

@@ -34,7 +34,8 @@ from launch.versions import StageRecord, describe, promote
 from launch.worker import StageWorker, StorageMarker
 from launch.worker_logs import StageLogs
 from trainer.checkpoint_export import export_checkpoint
-from trainer.config import StageJob, is_checkpoint_uri
+from trainer.config import is_checkpoint_uri
+from trainer.job import StageJob
 from trainer.storage import Storage
 
 EXPORT_ARTIFACT = "export"
@@ -210,11 +211,11 @@ class Pipeline:
                            data=self.cfg.data.model_copy(update={"streams": self.cfg.data_streams()}), stage=stage,
                            train_shards=self.shard_lists[stage.name][0], eval_shards=self.shard_lists[stage.name][1],
                            probe_shards=self.shard_lists[stage.name][2],
-                           init_from=init.url if init else None,
+                           init_export_url=init.url if init else None,
                            export_dir=self.storage.child("exports", stage.name).url,
                            checkpoint_dir=self.storage.child("checkpoints", stage.name).url,
                            seed=self.cfg.seed + index, peak_flops_per_device=self.cfg.cluster.peak_flops_per_device,
-                           resume_from=resume_from, micro_batches_per_step=self.cfg.micro_batches_per_step(stage))
+                           resume_checkpoint_url=resume_from, micro_batches_per_step=self.cfg.micro_batches_per_step(stage))
             export_url, chosen = self._train_on_ray(job, run.info.run_id)
             export = Storage(export_url)
             with export.fetched() as folder:

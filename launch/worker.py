@@ -17,7 +17,7 @@ import ray
 import ray.train
 import torch
 
-from trainer.config import StageJob
+from trainer.job import StageJob
 from trainer.storage import Storage
 
 
@@ -101,10 +101,10 @@ class StageWorker:
         rank has loaded it. Nodes are told apart by Ray node id (several nodes may share an IP)."""
         from trainer.ranks import barrier, gather, rank
 
-        if self.job.init_from is None:
+        if self.job.init_export_url is None:
             yield None
             return
-        storage = Storage(self.job.init_from)
+        storage = Storage(self.job.init_export_url)
         if storage.is_local:
             yield Path(storage.root)
             return

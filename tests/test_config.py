@@ -110,3 +110,37 @@ def test_workers_get_absolute_model_paths():
     cfg = load_config(DEMO, ["model.vision={path: ckpt/clip}", "model.llm={path: ckpt/llm}"]).with_absolute_paths()
     assert cfg.model.vision.path == str(Path("ckpt/clip").absolute())
     assert cfg.model.llm.path == str(Path("ckpt/llm").absolute())
+
+
+def test_config_names_are_the_registries_keys():
+    """The config modules name each registry's choices as Literals without importing it: the
+    names must stay what the registries hold."""
+    from typing import get_args
+
+    from data_shards.config import TEMPLATE_NAMES, FrameSampling, Mixing
+    from data_shards.conversation import TEMPLATES
+    from data_shards.frames import SAMPLERS
+    from data_shards.read.stream import MIXING
+    from trainer.config import Module, Projector, Reducer
+    from trainer.trainable import TRAINABLE_MODULES
+    from trainer.visual import PROJECTORS, REDUCERS
+
+    assert get_args(FrameSampling) == tuple(SAMPLERS)
+    assert get_args(Mixing) == tuple(MIXING)
+    assert TEMPLATE_NAMES == tuple(TEMPLATES)
+    assert get_args(Module) == tuple(TRAINABLE_MODULES)
+    assert get_args(Reducer) == tuple(REDUCERS)
+    assert get_args(Projector) == tuple(PROJECTORS)
+
+
+def test_loading_a_config_imports_neither_torch_nor_pyav():
+    """Config modules are leaves: reading and validating every shipped config loads neither torch
+    nor PyAV (nor the other heavy libraries)."""
+    configs = sorted(str(p) for p in DEMO.parent.rglob("*.yaml") if p.parent.name != "tiny" or p.name != "common.yaml")
+    script = ("import sys\nfrom launch.config import load_config\n"
+              f"for path in {configs!r}:\n    load_config(path)\n"
+              "print(sorted(m for m in ('torch', 'av', 'transformers', 'deepspeed', 'ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=DEMO.parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

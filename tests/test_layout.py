@@ -59,6 +59,13 @@ def test_model_imports_no_reader_and_no_distributed_or_tracking_library(module):
     assert not {m.split(".")[0] for m in imported} & {"deepspeed", "ray", "mlflow"}
 
 
+@pytest.mark.parametrize("module", ["data_shards.config", "trainer.config", "launch.config"])
+def test_config_modules_are_leaves(module):
+    """A config schema imports other schemas only, never an implementation of ours."""
+    ours = {m for m in imported_by(module) if m.split(".")[0] in OURS and "." in m}
+    assert ours <= {"data_shards.config", "trainer.config"}, sorted(ours)
+
+
 def test_the_check_follows_imports_through_our_modules():
     """The rules above can fail: the stage runner reaches the reader and DeepSpeed through others."""
     assert {"data_shards.read.stream", "deepspeed", "trainer.token_reduction"} <= imported_by("trainer.stage")

@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from data_shards.conversation import IGNORE_INDEX, get_template
 from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights
-from trainer.config import StageJob
+from trainer.job import StageJob
 from trainer.engine import warmup_cosine
 from trainer.model import model_inputs, supervised_tokens
 from trainer.stage import StageRunner

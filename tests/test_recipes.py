@@ -25,7 +25,7 @@ INTENDED = {
 
 def recipe_worker(config):
     from data_shards.read.reader import shard_lists
-    from trainer.config import StageJob
+    from trainer.job import StageJob
     from trainer.partitioned import gather_state_dict
     from trainer.stage import StageRunner
 
@@ -35,7 +35,7 @@ def recipe_worker(config):
     previous, report = None, []
     for index, stage_cfg in enumerate(cfg.stages):
         job = StageJob(model=cfg.model, engine=cfg.engine, data=cfg.data, stage=stage_cfg,
-                       train_shards=shard_lists(stage_cfg.train_data), eval_shards=None, init_from=previous,
+                       train_shards=shard_lists(stage_cfg.train_data), eval_shards=None, init_export_url=previous,
                        export_dir=str(out / "exports" / stage_cfg.name),
                        checkpoint_dir=str(out / "checkpoints" / stage_cfg.name), seed=cfg.seed + index)
         runner = StageRunner(job, topology, init_folder=previous)

@@ -10,7 +10,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from data_shards.config import ReaderConfig
 from data_shards.read.reader import Topology, shard_lists
-from trainer.config import EngineConfig, ModelConfig, StageConfig, StageJob
+from trainer.config import EngineConfig, ModelConfig, StageConfig
+from trainer.job import StageJob
 
 
 def fit_on_ranks(worker, config: dict, storage, timeout_s: int = 1800, num_workers: int = 2) -> None:
@@ -43,4 +44,4 @@ def tiny_job(synth_data, tmp_path, stage: dict, data: dict, engine: dict | None 
         model=ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"), **model),
         engine=EngineConfig(zero_stage=3, param_persistence_threshold=0, **(engine or {})),
         data=ReaderConfig(**data), stage=stage_cfg, train_shards=shard_lists(stage_cfg.train_data), eval_shards=None,
-        init_from=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)
+        init_export_url=None, export_dir=str(tmp_path / "export"), checkpoint_dir=str(tmp_path / "ckpt"), seed=0)

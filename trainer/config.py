@@ -1,30 +1,22 @@
-"""Config sections owned by the trainer (model, engine, the stages), and the stage job the
-driver hands each worker."""
+"""Config sections owned by the trainer: model, engine, the stages. A leaf: it imports no
+implementation (the registries its names select from are checked against them in
+tests/test_config.py); the runtime job a worker gets is trainer/job.py."""
 from __future__ import annotations
 
 import re
 import warnings
-from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
-from data_shards.config import DataSource, ReaderConfig, Strict
-from data_shards.conversation import TEMPLATES
-from data_shards.read.stream import ShardLists
-from trainer.trainable import TRAINABLE_MODULES
-from trainer.visual import PROJECTORS, REDUCERS
+from data_shards.config import DataSource, Strict, TemplateName
 
-Module = Literal[tuple(TRAINABLE_MODULES)]
-
-
-def _known_template(name: str) -> str:
-    if name not in TEMPLATES:
-        raise ValueError(f"unknown template {name!r}; choose one of {sorted(TEMPLATES)}")
-    return name
-
-
-TemplateName = Annotated[str, AfterValidator(_known_template)]
+# a stage's `trainable`: trainer/trainable.py TRAINABLE_MODULES
+Module = Literal["vision", "projector", "llm", "embeddings", "soft_prompt", "lora", "temporal", "text"]
+# model.reducer: trainer/visual.py REDUCERS
+Reducer = Literal["none", "valley", "spatial_pool2", "temporal_diff"]
+# model.projector: trainer/visual.py PROJECTORS
+Projector = Literal["linear", "mlp2x_gelu", "abstractor"]
 
 
 class TinyVision(Strict):
@@ -89,8 +81,8 @@ class ModelConfig(Strict):
     llm: LLMSource
     tokenizer: str | None = Field(None, description="tokenizer folder; default: the LLM path")
     word_vocab: str | None = Field(None, description="word list for a word-level tokenizer (tiny models)")
-    reducer: Literal[tuple(REDUCERS)] = "valley"
-    projector: Literal[tuple(PROJECTORS)] = "linear"
+    reducer: Reducer = "valley"
+    projector: Projector = "linear"
     abstractor_queries: int = Field(32, ge=1, description="abstractor: learned queries = visual tokens per sample")
     abstractor_layers: int = Field(2, ge=1)
     soft_prompt_tokens: int = Field(0, ge=0, description="eP-ALM: trainable prompt embeddings before the text")
@@ -234,22 +226,3 @@ class StageConfig(Strict):
             raise ValueError("`register: best` picks among checkpoints by eval/loss: it needs `eval_data` "
                              "and `checkpoint_every`")
         return self
-
-
-@dataclass
-class StageJob:
-    """Everything a worker needs for one stage (plain data: Ray sends it to workers on any node)."""
-    model: ModelConfig
-    engine: EngineConfig
-    data: ReaderConfig
-    stage: StageConfig
-    train_shards: ShardLists  # the stage's data as the driver expanded it: every rank splits these lists
-    eval_shards: ShardLists | None
-    init_from: str | None  # an export folder or a pinned models:/NAME/VERSION; None: build from `model`
-    export_dir: str  # in storage (a URL or a path): trainer/storage.py
-    checkpoint_dir: str
-    seed: int
-    resume_from: str | None = None  # a checkpoint tag's URL (the stage's `resume_from`, resolved by the driver)
-    micro_batches_per_step: int | None = None  # the global batch; None: grad_accum on every rank
-    probe_shards: ShardLists | None = None  # the stage's probe_eval data, expanded by the driver
-    peak_flops_per_device: float | None = None  # for MFU; None: known GPUs only

@@ -13,7 +13,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers.initialization import no_init_weights
 
 from trainer.blueprint import Blueprint, build_model, fill_weights
-from trainer.config import EngineConfig, StageConfig, StageJob
+from trainer.config import EngineConfig, StageConfig
+from trainer.job import StageJob
 from trainer.lora import add_lora
 from trainer.trainable import set_trainable, trainable_table
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-from trainer.config import StageJob
+from trainer.job import StageJob
 
 
 @dataclass(frozen=True)

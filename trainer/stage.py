@@ -14,7 +14,7 @@ from data_shards.read.health import ReadHealth
 from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, blueprint_from_export
 from trainer.checkpoint import Checkpointer, CheckpointRecord, best_tag, complete_tags, find_resume_point, tag_name
-from trainer.config import StageJob
+from trainer.job import StageJob
 from trainer.contrastive import retrieval_metrics
 from trainer.engine import build_engine, uses_bf16
 from trainer.evaluation import sharded_attribute_accuracy
@@ -42,7 +42,7 @@ class StageRunner:
         self.job = job
         torch.manual_seed(job.seed)
         storage = Storage(job.checkpoint_dir)
-        self.resume_point = find_resume_point(storage, job.resume_from) if job.stage.resume else None
+        self.resume_point = find_resume_point(storage, job.resume_checkpoint_url) if job.stage.resume else None
         self.layout = plan_layout(job, topology.world_size, self.resume_point and self.resume_point.layout)
         blueprint = blueprint_from_export(init_folder) if init_folder else blueprint_from_config(job.model)
         self.engine, self.trainable_table = build_engine(job, blueprint, self.layout.grad_accum)
