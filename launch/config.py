@@ -11,11 +11,12 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from data_shards.errors import ValleyForgeError
 from data_shards.config import ReaderConfig, Strict, TemplateName
 from trainer.config import EngineConfig, ModelConfig, StageConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(ValleyForgeError):
     """A config problem, told in one line naming the file and the key."""
 
 

@@ -17,6 +17,7 @@ import ray
 import ray.train
 import torch
 
+from data_shards.errors import ValleyForgeError
 from trainer.job import StageJob
 from trainer.storage import Storage
 
@@ -39,7 +40,7 @@ class StorageMarker:
 
     def check(self) -> None:
         if not Storage(self.storage).exists(self.name):
-            raise ValueError(
+            raise ValleyForgeError(
                 f"cluster.storage {self.storage} is a local path that node {socket.gethostname()} "
                 f"({ray.util.get_node_ip_address()}) does not see: with workers on more than one node, "
                 f"set cluster.storage to a URL (s3://, gs://) or a mount every node shares")

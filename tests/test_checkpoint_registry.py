@@ -16,6 +16,7 @@ from launch.checkpoint_registry import KEPT, REMOVED, recorded_checkpoints
 from launch.pipeline import Pipeline
 from test_worker_loss import one_stage
 
+pytestmark = pytest.mark.ray
 STEPS = 5
 
 
@@ -45,7 +46,7 @@ def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(r
         assert float(model.params["eval_loss"]) == pytest.approx(eval_losses[step], rel=1e-5)
         assert model.params["location"] == str(tmp_path / "a" / "checkpoints" / "pretrain" / f"step-{step:08d}")
     held = next(m for m in records if int(m.params["step"]) == best)
-    version = client.get_model_version(first.name, first.version)
+    version = client.get_model_version(first.model_name, first.version)
     assert version.tags["checkpoint_step"] == str(best) and version.tags["selected_by"] == "lowest eval/loss"
     assert version.tags["checkpoint"] == f"models:/{held.model_id}"
 
@@ -56,14 +57,14 @@ def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(r
     for key, value in exported.items():
         torch.testing.assert_close(value, weights[f"projector.{key}"])
 
-    listing = subprocess.run([sys.executable, "-m", "launch.cli", "checkpoints", f"models:/{first.name}@latest"],
+    listing = subprocess.run([sys.executable, "-m", "launch.cli", "checkpoints", f"models:/{first.model_name}@latest"],
                              capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
     assert lines[0] == f"stage run {first.run_id} (pretrain): {STEPS} checkpoint(s) recorded"
     marked = [line for line in lines if "<-" in line]
     assert len(marked) == 1 and marked[0].split()[0] == str(best) and f"models:/{held.model_id}" in marked[0]
-    assert f"{first.name} version 1 (lowest eval/loss)" in marked[0]
+    assert f"{first.model_name} version 1 (lowest eval/loss)" in marked[0]
 
     # Another run continues from a recorded checkpoint: step STEPS as the first run trained it.
     source = next(m for m in records if int(m.params["step"]) == STEPS - 1)

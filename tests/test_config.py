@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from launch.config import ConfigError, TrackingConfig, load_config
-from launch.pipeline import ray_address
+from launch.stage_on_ray import ray_address
 from launch.tracking import resolve_tracking_uri
 
+pytestmark = pytest.mark.unit
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
 

@@ -23,6 +23,7 @@ def tracking_uri(tmp_path, monkeypatch):
     return uri
 
 
+@pytest.mark.ray
 def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, tmp_path, tracking_uri):
     overrides = [f"output_dir={tmp_path}/run", f"model.word_vocab={synth_data}/vocab.txt", "model.num_frames=4",
                  "data.micro_batch_size=4", "tracking.registered_model_prefix=t", "tracking.promote_alias=champion"]
@@ -39,7 +40,7 @@ def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, t
     registered = Pipeline(cfg, console=lambda _: None).run()
 
     client = MlflowClient(tracking_uri)
-    assert [(r.name, r.version) for r in registered] == [("t-contrastive", "1"), ("t-pretrain", "1"),
+    assert [(r.model_name, r.version) for r in registered] == [("t-contrastive", "1"), ("t-pretrain", "1"),
                                                          ("t-instruct", "1")]
     contrastive_run, pretrain_run, instruct_run = (client.get_run(r.run_id) for r in registered)
     for run in (contrastive_run, pretrain_run, instruct_run):
@@ -115,14 +116,14 @@ def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, t
     assert client.get_model_version("t-pretrain", "1").description == pretrain_description
     assert client.get_model_version("t-pretrain", "1").tags["promotion"].startswith("champion -> version 1, the first")
     assert str(client.get_model_version_by_alias("t-pretrain", "champion").version) == "1"
-    assert [(r.name, r.version, r.run_id) for r in again] == [(r.name, r.version, r.run_id) for r in registered]
+    assert [(r.model_name, r.version, r.run_id) for r in again] == [(r.model_name, r.version, r.run_id) for r in registered]
     assert [line for line in said if "reusing" in line] == [
         "[contrastive] reusing t-contrastive version 1: registered for the same config, data and start",
         "[pretrain] reusing t-pretrain version 1: registered for the same config, data and start",
         "[instruct] reusing t-instruct version 1: registered for the same config, data and start"]
     # --restart: trained anew, under new runs, from step 1 (the checkpoints are ignored)
     restarted = Pipeline(cfg, console=lambda _: None).run(restart=True)
-    assert [(r.name, r.version) for r in restarted] == [("t-contrastive", "2"), ("t-pretrain", "2"),
+    assert [(r.model_name, r.version) for r in restarted] == [("t-contrastive", "2"), ("t-pretrain", "2"),
                                                         ("t-instruct", "2")]
     assert not {r.run_id for r in restarted} & {r.run_id for r in registered}
     assert [m.step for m in client.get_metric_history(restarted[2].run_id, "train/loss")] == [1, 2, 3]
@@ -133,6 +134,7 @@ def test_stages_register_and_chain_through_the_registry(ray_local, synth_data, t
         assert holder == ("2" if decision.startswith("champion -> version 2: ") else "1"), (name, decision)
 
 
+@pytest.mark.unit
 def test_latest_alias_follows_the_newest_version(tmp_path, tracking_uri):
     client = MlflowClient(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)

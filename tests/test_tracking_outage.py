@@ -5,11 +5,14 @@ import threading
 import time
 from urllib.parse import urlparse
 
+import pytest
 from mlflow import MlflowClient
 
 from cluster_parts import start_mlflow_server, stop_group
 from launch.pipeline import Pipeline
 from test_worker_loss import one_stage
+
+pytestmark = pytest.mark.cluster  # an `mlflow server` process (stopped and restarted), besides Ray
 
 OUTAGE_S, STEPS = 60, 40
 
@@ -46,7 +49,7 @@ def test_a_tracking_outage_mid_stage_is_waited_out(ray_local, synth_data, tmp_pa
         assert trained_meanwhile > stopped_at  # training went on while the server was down
         history = client.get_metric_history(registered.run_id, "train/loss")
         assert [m.step for m in history] == list(range(1, STEPS + 1))  # every step, once
-        assert client.get_model_version(registered.name, registered.version).run_id == registered.run_id
+        assert client.get_model_version(registered.model_name, registered.version).run_id == registered.run_id
         said = capsys.readouterr().out  # the driver's progress output
         # whichever write was in flight when the server went away (a step's metrics, a note)
         assert "tracking server unreachable while " in said and "retrying for up to 3600 s" in said, said

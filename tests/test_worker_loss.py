@@ -17,6 +17,7 @@ from launch.config import load_config
 from launch.pipeline import Pipeline
 from trainer.blueprint import load_export
 
+pytestmark = pytest.mark.ray
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 STEPS = 12
 

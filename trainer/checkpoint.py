@@ -1,11 +1,12 @@
-"""One checkpointer for everything resumable: the engine (sharded model, optimizer, scheduler),
-the step, the read-health counts, every data stream's position, and per rank its torch RNG and
-(rank 0) the metrics the tracking store may not have yet.
+"""One checkpointer for everything resumable: the engine (sharded model, optimizer, scheduler,
+step) and a dict of named parts, each an object with `state_dict` / `load_state_dict` (the
+stage's data position, read-health counts, RNG, the metrics the tracking store may not have
+yet: trainer/stage.py names them).
 
     CHECKPOINTS/              a folder in storage (trainer/storage.py)
       latest                  the newest complete tag; written last, atomically
-      step-00000300/          DeepSpeed's files + rank-0.pt, rank-1.pt, ... (RNG, metrics)
-        reader.pt             every data stream's position and the micro-batches taken
+      step-00000300/          DeepSpeed's files (each rank its own shards)
+        parts.pt              every part's state, by name
         layout                ranks, data streams and global batch (trainer/layout.py), JSON
         model/                the model's configs, tokenizer and spec, no weights: with the
                               shards they make an export (trainer/checkpoint_export.py)
@@ -26,24 +27,23 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
-from data_shards.read.reader import merge_states
+from data_shards.errors import ValleyForgeError
 from trainer.checkpoint_universal import ensure_universal, universal_loading
 from trainer.layout import BatchLayout, describe_change
-from trainer.metric_log import MetricLog
 from trainer.ranks import barrier, from_rank0, gather, rank, world_size
 from trainer.storage import Storage
 
 LATEST = "latest"
 COMPLETE = "complete"
 MODEL_FILES = "model"
-READER = "reader.pt"
+PARTS = "parts.pt"
 LAYOUT = "layout"
-# DeepSpeed names each data-parallel rank's files zero_pp_rank_<r>_mp_rank_<m>_...; ours rank-<r>.pt
-_RANK_FILE = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)[_.]")
+# DeepSpeed names each data-parallel rank's files zero_pp_rank_<r>_mp_rank_<m>_...
+_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 def tag_name(step: int) -> str:
@@ -82,7 +82,7 @@ def find_resume_point(storage: Storage, resume_from: str | None) -> ResumePoint 
     own, tag, layout = found
     where = storage if own else _tag_at(resume_from)[0]
     if layout is None:
-        raise ValueError(f"{where.child(tag).url}: no {LAYOUT} file; a checkpoint of an older release cannot be "
+        raise ValleyForgeError(f"{where.child(tag).url}: no {LAYOUT} file; a checkpoint of an older release cannot be "
                          f"resumed: start the stage anew (valleyforge run --restart)")
     return ResumePoint(where, tag, BatchLayout.from_json(layout))
 
@@ -139,36 +139,49 @@ def written_by_rank(file_name: str, this_rank: int) -> bool:
     return int(owner.group(1)) == this_rank if owner else this_rank == 0
 
 
-class Checkpointer:
-    """Saves every `every` steps and after the last (never when `every` is 0), keeping `keep` tags
-    (and with `keep_best` the one of lowest eval/loss); rank 0 hands each save's record to
-    `on_saved`. `layout` is this run's, saved with every tag."""
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
 
-    def __init__(self, storage: Storage, every: int, engine, loader, health, layout: BatchLayout, keep: int = 2,
-                 keep_best: bool = False, on_saved: Callable[[CheckpointRecord], None] | None = None,
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Part:
+    """A resumable part of a stage. Its `state_dict()` is called on every rank at each save (it may
+    gather across ranks); rank 0's is saved and every rank loads it. `own_stage_only`: not
+    loaded from another stage's checkpoint (a stage's `resume_from`)."""
+    state: Stateful
+    own_stage_only: bool = False
+
+
+class Checkpointer:
+    """Saves the engine and `parts` every `every` steps and after the last (never when `every` is
+    0), keeping `keep` tags (and with `keep_best` the one of lowest eval/loss); rank 0 hands each
+    save's record to `on_saved`. `layout` is this run's, saved with every tag."""
+
+    def __init__(self, storage: Storage, every: int, engine, parts: dict[str, Part], layout: BatchLayout,
+                 keep: int = 2, keep_best: bool = False, on_saved: Callable[[CheckpointRecord], None] | None = None,
                  write_model_files: Callable[[Path], None] = lambda folder: None):
         self.storage, self.every, self.keep, self.keep_best = storage, every, keep, keep_best
-        self.engine, self.loader, self.health, self.layout = engine, loader, health, layout
+        self.engine, self.parts, self.layout = engine, parts, layout
         self.on_saved = on_saved or (lambda record: None)
         self.write_model_files = write_model_files  # rank 0, into each tag's `model/`
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.every) and (step % self.every == 0 or last)
 
-    def save(self, step: int, log: MetricLog, scores: dict) -> str:
+    def save(self, step: int, scores: dict) -> str:
         """Every rank's files under one tag, its `complete` mark, then the `latest` pointer;
         returns the tag."""
         tag = tag_name(step)
         if rank() == 0:  # what a crashed save of this tag left (a resumed run saves it again)
             self.storage.remove(tag)
-        reader_states = gather(self.loader.state_dict())
+        states = {name: part.state.state_dict() for name, part in self.parts.items()}  # on every rank: they gather
         with self.storage.staged(tag, written_here=lambda name: written_by_rank(name, rank())) as folder:
-            torch.save({"torch_rng": torch.get_rng_state(), "metric_log": log.state_dict() if rank() == 0 else None},
-                       folder / f"rank-{rank()}.pt")
             self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
-                                        client_state={"step": step, "read_health": self.health.state_dict()})
+                                        client_state={"step": step})
             if rank() == 0:
-                torch.save(merge_states(reader_states), folder / READER)
+                torch.save(states, folder / PARTS)
                 (folder / LAYOUT).write_text(self.layout.to_json())
                 self.write_model_files(folder / MODEL_FILES)
         barrier()  # every rank's files are in storage (flushed) before the tag is marked and the pointer moves
@@ -181,31 +194,30 @@ class Checkpointer:
         barrier()
         return tag
 
-    def restore(self, point: ResumePoint | None, log: MetricLog) -> int:
+    def restore(self, point: ResumePoint | None) -> int:
         """Load `point` on every rank; returns the step it was taken at (0: no point). A rank that
         cannot see the tag stops every rank, named: no rank ever starts from step 0 while the
         others resume."""
         if point is None:
             return 0
         storage, tag = point.storage, point.tag
-        blind = [r for r, missing in enumerate(gather(not storage.exists(f"{tag}/{READER}"))) if missing]
+        blind = [r for r, missing in enumerate(gather(not storage.exists(f"{tag}/{PARTS}"))) if missing]
         if blind:
-            raise ValueError(f"{point.url}: rank(s) {blind} cannot read the checkpoint rank 0 resumes from; every "
+            raise ValleyForgeError(f"{point.url}: rank(s) {blind} cannot read the checkpoint rank 0 resumes from; every "
                              f"rank must see the same checkpoint storage (cluster.storage)")
         if point.layout.world_size != self.layout.world_size:
             print(describe_change(point.layout, self.layout), flush=True)
         client_state = self._load_engine(storage, tag, point.layout)
-        own_file = f"rank-{rank()}.pt"
-        with storage.fetched(tag, keep=lambda name: name in (READER, own_file)) as folder:
-            self.loader.load_state_dict(torch.load(folder / READER, weights_only=True))
-            own = torch.load(folder / own_file, weights_only=True) if (folder / own_file).is_file() else None
-        if own is not None:
-            torch.set_rng_state(own["torch_rng"])
-        else:  # a rank the checkpoint did not have
-            torch.manual_seed(hash((client_state["step"], rank())) & 0xFFFFFFFF)
-        if own and own.get("metric_log") and storage == self.storage:  # another run's metrics stay its own
-            log.load_state_dict(own["metric_log"])
-        self.health.load_state_dict(client_state["read_health"])
+        with storage.fetched(tag, keep=lambda name: name == PARTS) as folder:
+            states = torch.load(folder / PARTS, weights_only=True)
+        own_stage = storage == self.storage
+        for name, part in self.parts.items():
+            if part.own_stage_only and not own_stage:  # another stage's metrics stay its own
+                continue
+            if name not in states:
+                raise ValleyForgeError(f"{point.url}: holds no state of {name!r}; a checkpoint of another release "
+                                 f"cannot be resumed: start the stage anew (valleyforge run --restart)")
+            part.state.load_state_dict(states[name])
         print(f"resumed from {point.url} at step {client_state['step']}", flush=True)
         return int(client_state["step"])
 
@@ -221,7 +233,7 @@ class Checkpointer:
             with storage.fetched(tag, keep=lambda name: belongs_to_rank(name, rank())) as folder:
                 return self._engine_state(folder, storage.child(tag).url)
         if self.engine.zero_optimization_stage() != 3:
-            raise ValueError(f"{storage.child(tag).url}: saved on {saved.world_size} rank(s), resumed on "
+            raise ValleyForgeError(f"{storage.child(tag).url}: saved on {saved.world_size} rank(s), resumed on "
                              f"{world_size()}: resuming on another number of ranks needs engine.zero_stage 3")
         name = ensure_universal(storage, tag)
         with storage.fetched(name) as folder, universal_loading(self.engine):
@@ -230,5 +242,5 @@ class Checkpointer:
     def _engine_state(self, folder: Path, url: str) -> dict:
         path, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)
         if path is None:
-            raise ValueError(f"{url}: DeepSpeed could not load this checkpoint")
+            raise ValleyForgeError(f"{url}: DeepSpeed could not load this checkpoint")
         return client_state

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from data_shards.errors import ValleyForgeError
 from trainer.job import StageJob
 
 
@@ -41,12 +42,12 @@ def plan_layout(job: StageJob, world_size: int, saved: BatchLayout | None) -> Ba
         streams = job.data.streams or world_size * max(job.data.num_workers, 1)
         per_step = job.micro_batches_per_step or job.stage.grad_accum * world_size
     elif saved.micro_batch_size != job.data.micro_batch_size:
-        raise ValueError(f"data.micro_batch_size {job.data.micro_batch_size} differs from the "
+        raise ValleyForgeError(f"data.micro_batch_size {job.data.micro_batch_size} differs from the "
                          f"{saved.micro_batch_size} of the checkpoint this stage resumes; resume with the same")
     else:
         streams, per_step = saved.streams, saved.micro_batches_per_step
     if per_step % world_size or streams % world_size:
-        raise ValueError(f"stages.{job.stage.name}: a global batch of {per_step} micro-batches from {streams} data "
+        raise ValleyForgeError(f"stages.{job.stage.name}: a global batch of {per_step} micro-batches from {streams} data "
                          f"streams cannot be split over {world_size} ranks; the number of ranks must divide both "
                          f"(they are fixed when the stage first starts: grad_accum x ranks, data.streams)")
     return BatchLayout(world_size, streams, per_step, job.data.micro_batch_size)

@@ -9,11 +9,13 @@ from typing import Callable, Iterator
 
 import torch
 
+from data_shards.errors import ValleyForgeError
 from data_shards.conversation import get_template
 from data_shards.read.health import ReadHealth
 from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, blueprint_from_export
-from trainer.checkpoint import Checkpointer, CheckpointRecord, best_tag, complete_tags, find_resume_point, tag_name
+from trainer.checkpoint import (Checkpointer, CheckpointRecord, Part, best_tag, complete_tags, find_resume_point,
+                                tag_name)
 from trainer.job import StageJob
 from trainer.contrastive import retrieval_metrics
 from trainer.engine import build_engine, uses_bf16
@@ -23,6 +25,7 @@ from trainer.layout import plan_layout
 from trainer.metric_log import MetricLog, Send, as_metric_log
 from trainer.model import model_inputs, supervised_tokens
 from trainer.ranks import from_rank0, gather, rank, sum_across_ranks, world_size
+from trainer.resumable import ReaderPosition, TorchRNG
 from trainer.storage import Storage
 from trainer.system_metrics import SystemSampler, system_metrics
 from trainer.throughput import FlopCounter, StepMeter, peak_flops
@@ -55,9 +58,11 @@ class StageRunner:
         self.eval_batches = iter(build_loader(job.eval_shards, job.data, self.tokenizer, template, visual, topology,
                                               train=False)) if job.eval_shards else None
         self.health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
-        self.checkpointer = Checkpointer(storage, job.stage.checkpoint_every, self.engine, self.train_batches,
-                                         self.health, self.layout, keep_best=job.stage.register == "best",
-                                         on_saved=on_checkpoint,
+        # what a checkpoint keeps besides the engine (train adds the metric log it is given)
+        parts = {"reader": Part(ReaderPosition(self.train_batches)), "read_health": Part(self.health),
+                 "torch_rng": Part(TorchRNG())}
+        self.checkpointer = Checkpointer(storage, job.stage.checkpoint_every, self.engine, parts, self.layout,
+                                         keep_best=job.stage.register == "best", on_saved=on_checkpoint,
                                          write_model_files=lambda folder: write_blueprint(
                                              self.model, self.tokenizer, folder, job.stage.template))
         self.system = SystemSampler()
@@ -72,7 +77,8 @@ class StageRunner:
         stage = self.job.stage
         batches = batches if batches is not None else self.train_batches
         log = as_metric_log(log)
-        start = self.checkpointer.restore(self.resume_point, log)
+        self.checkpointer.parts["metric_log"] = Part(log, own_stage_only=True)
+        start = self.checkpointer.restore(self.resume_point)
         self.engine.train()
         metrics: dict = {}
         scores: dict = {}  # what each checkpoint is recorded with: this step's train loss, the latest eval loss
@@ -100,7 +106,7 @@ class StageRunner:
             self.health.check()
             scores = {**scores, **{k: metrics[k] for k in ("train/loss", "eval/loss") if k in metrics}}
             if checkpoint:
-                self.checkpointer.save(step, log, scores)
+                self.checkpointer.save(step, scores)
         return metrics
 
     def _fetch(self, batches: Iterator[dict]) -> list[tuple[dict, float]]:
@@ -197,7 +203,7 @@ class StageRunner:
             best = best_tag(marks)
             best, mark = from_rank0((best, marks[best] if best else None))
             if best is None:
-                raise ValueError(f"stages.{self.job.stage.name}.register: best, but no checkpoint in "
+                raise ValleyForgeError(f"stages.{self.job.stage.name}.register: best, but no checkpoint in "
                                  f"{self.job.checkpoint_dir} has an eval/loss")
             self.checkpointer.load_weights(best)
             chosen = {**mark, "selected_by": "lowest eval/loss", "checkpoint": self.checkpointer.storage.child(best).url}
