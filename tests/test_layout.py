@@ -48,6 +48,18 @@ def imported_by(module: str) -> set[str]:
     return seen - {module}
 
 
+def _modules(package: str) -> list[str]:
+    return sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                  for p in ROOT.glob(f"{package}/**/*.py"))
+
+
+@pytest.mark.parametrize("module", _modules("data_shards") + _modules("trainer"))
+def test_dependencies_point_one_way(module):
+    """launch -> trainer -> data_shards: data_shards imports neither, trainer never launch."""
+    above = ("trainer", "launch") if module.startswith("data_shards") else ("launch",)
+    assert not [m for m in imported_by(module) if m.split(".")[0] in above]
+
+
 @pytest.mark.parametrize("module", sorted(f"data_shards.write.{p.stem}" for p in ROOT.glob("data_shards/write/*.py")))
 def test_write_side_never_imports_the_read_side(module):
     assert not [m for m in imported_by(module) if m.startswith("data_shards.read")]
