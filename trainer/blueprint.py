@@ -15,6 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, CLIPTextConfig, CLIPVisionConfig, LlamaConfig
 
 from data_shards.conversation import VISUAL_TOKEN
+from data_shards.errors import ValleyForgeError
 from data_shards.tokenizer import load_tokenizer, word_tokenizer_from_file
 from trainer import packed_attention
 from trainer.config import ModelConfig, TokenReductionConfig
@@ -93,12 +94,18 @@ def blueprint_from_config(cfg: ModelConfig) -> Blueprint:
     return Blueprint(tokenizer, vision_config, llm_config, arch, weights, text_config)
 
 
+def read_export_spec(folder: str | Path, what: str = "a ValleyForge export") -> dict:
+    """The spec of the export in `folder` (trainer/export.py writes it); `what` names the folder
+    in the error when it has none."""
+    spec_path = Path(folder) / EXPORT_SPEC
+    if not spec_path.is_file():
+        raise ValleyForgeError(f"{folder}: not {what} (no {EXPORT_SPEC})")
+    return json.loads(spec_path.read_text())
+
+
 def blueprint_from_export(folder: str | Path) -> Blueprint:
     folder = Path(folder)
-    spec_path = folder / EXPORT_SPEC
-    if not spec_path.is_file():
-        raise ValueError(f"{folder}: not a ValleyForge export (no {EXPORT_SPEC})")
-    spec = json.loads(spec_path.read_text())
+    spec = read_export_spec(folder)
     return Blueprint(
         tokenizer=load_tokenizer(folder / "llm"),
         vision_config=AutoConfig.from_pretrained(folder / "vision"),

@@ -1,26 +1,26 @@
 """Answer a prompt about a video or an image with an exported model."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from data_shards.conversation import IGNORE_INDEX, encode_prompt, get_template, stop_token_ids
+from data_shards.errors import ValleyForgeError
 from data_shards.frames import FrameSampling
-from data_shards.media import IMAGE_EXTS, VIDEO_EXTS, decode_media, media_kind
+from data_shards.media import IMAGE_EXTS, MEDIA_ERRORS, VIDEO_EXTS, decode_media, media_kind
 from data_shards.read.batching import collate
-from trainer.blueprint import EXPORT_SPEC, load_export
+from trainer.blueprint import load_export, read_export_spec
 
 
 def media_members(path: str | Path) -> dict[str, bytes]:
     """A media file as a sample's members ({ext: bytes}); errors name the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: file not found")
+        raise ValleyForgeError(f"{path}: file not found")
     ext = path.suffix.lower().lstrip(".")
     if media_kind(ext) is None:
-        raise ValueError(f"{path}: not a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)})")
+        raise ValleyForgeError(f"{path}: not a video ({', '.join(VIDEO_EXTS)}) or image ({', '.join(IMAGE_EXTS)})")
     return {ext: path.read_bytes()}
 
 
@@ -29,8 +29,8 @@ def media_for(model, members: dict[str, bytes] | None) -> tuple[str | None, torc
     visual = model.visual_spec()
     try:
         return decode_media(members or {}, visual, FrameSampling("uniform", visual.num_frames))
-    except Exception as err:  # noqa: BLE001 - PyAV/PIL raise many types for a broken file
-        raise ValueError(f"could not decode the media ({type(err).__name__}: {err})") from err
+    except MEDIA_ERRORS as err:
+        raise ValleyForgeError(f"could not decode the media ({type(err).__name__}: {err})") from err
 
 
 @torch.no_grad()
@@ -52,7 +52,7 @@ def answer(model, tokenizer, template_name: str, prompt: str, media: tuple[str |
 
 def generate_from_export(folder: str | Path, prompt: str, media_file: str | None, template: str | None,
                          max_new_tokens: int) -> str:
-    template = template or json.loads((Path(folder) / EXPORT_SPEC).read_text()).get("template") or "vicuna_v1"
     model, tokenizer = load_export(folder)
+    template = template or read_export_spec(folder).get("template") or "vicuna_v1"
     return answer(model, tokenizer, template, prompt,
                   media_for(model, media_members(media_file) if media_file else None), max_new_tokens)
