@@ -11,6 +11,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from data_shards.errors import ValleyForgeError
+
 IGNORE_INDEX = -100
 VISUAL_TOKEN = "<visual>"
 PLACEHOLDERS = ("<video>", "<image>")
@@ -71,7 +73,7 @@ TEMPLATE_SPECIAL_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id
 
 def get_template(name: str) -> Template:
     if name not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {name!r}; choose one of {sorted(TEMPLATES)}")
+        raise ValleyForgeError(f"unknown conversation template {name!r}; choose one of {sorted(TEMPLATES)}")
     return TEMPLATES[name]
 
 
@@ -167,7 +169,10 @@ def conversations_of(members: dict[str, bytes], media_kind: str | None) -> list[
     if not isinstance(meta, dict):
         raise SampleError("bad json", "the .json member is not an object")
     if "conversations" in meta:
-        return meta["conversations"]
+        turns = meta["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and "value" in t for t in turns):
+            raise SampleError("bad conversation", "conversations must be a list of {from, value} objects")
+        return turns
     caption = meta.get("caption")
     if caption is None and "txt" in members:
         caption = members["txt"].decode("utf-8")

@@ -18,6 +18,10 @@ class NoFrames(ValueError):
     """The container holds no video frame."""
 
 
+class DamagedVideo(Exception):
+    """A frame the container's index lists does not decode: the stream is damaged."""
+
+
 @dataclass(frozen=True)
 class FrameSampling:
     mode: str = "uniform"        # a key of SAMPLERS
@@ -42,7 +46,7 @@ class VideoIndex:
 
 def index_video(data: bytes) -> VideoIndex:
     """Demux (no decoding) and collect frame and keyframe timestamps."""
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), metadata_errors="replace") as container:  # damaged tags are no reason to fail
         if not container.streams.video:
             raise NoFrames("no video stream")
         stream = container.streams.video[0]
@@ -103,7 +107,7 @@ def decode_frames(data: bytes, sampling: FrameSampling, rng: random.Random | Non
 def decode_at(data: bytes, index: VideoIndex, wanted_pts: list[int], size: int | None = None) -> np.ndarray:
     """Decode the frames at `wanted_pts` (any order, repeats allowed), seeking forward by keyframe."""
     decoded: dict[int, np.ndarray] = {}
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), metadata_errors="replace") as container:
         stream = container.streams.video[0]
         frames, last_pts, last_frame = None, None, None
         for target in sorted(set(wanted_pts)):
@@ -111,7 +115,8 @@ def decode_at(data: bytes, index: VideoIndex, wanted_pts: list[int], size: int |
                 decoded[target] = last_frame
                 continue
             k = bisect.bisect_right(index.keyframe_pts, target) - 1
-            keyframe = index.keyframe_pts[max(k, 0)]
+            # no packet flagged a keyframe (a damaged index): decode from the first frame
+            keyframe = index.keyframe_pts[max(k, 0)] if index.keyframe_pts else index.frame_pts[0]
             if frames is None or (last_pts is not None and keyframe > last_pts):
                 container.seek(keyframe, backward=True, any_frame=False, stream=stream)
                 frames = container.decode(stream)
@@ -120,7 +125,7 @@ def decode_at(data: bytes, index: VideoIndex, wanted_pts: list[int], size: int |
                 if frame.pts is not None and frame.pts >= target:
                     break
             else:
-                raise ValueError(f"frame at pts {target} could not be decoded")
+                raise DamagedVideo(f"frame at pts {target} could not be decoded")
             decoded[target] = last_frame
         scale = {"width": size, "height": size, "interpolation": "AREA"} if size else {}
         images = {pts: frame.to_ndarray(format="rgb24", **scale) for pts, frame in decoded.items()}

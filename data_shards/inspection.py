@@ -18,10 +18,11 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from data_shards.conversation import conversations_of
+from data_shards.conversation import SampleError, conversations_of
+from data_shards.errors import ValleyForgeError
 from data_shards.frames import decode_at, index_video, uniform_indices
 from data_shards.manifest import MANIFEST_NAME, read_manifest, sha256_file
-from data_shards.media import decode_image, find_media
+from data_shards.media import MEDIA_ERRORS, decode_image, find_media
 from data_shards.read.sources import shard_urls
 from data_shards.read.tarstream import CorruptShard, RawSample, iter_samples
 
@@ -73,14 +74,18 @@ def inspect_shards(spec: str, count_tokens: Callable[[str], int], sheet_samples:
             turns = []
         text = " ".join(str(t.get("value", "")) for t in turns)
         result.token_lengths.append(count_tokens(text))
-        index = index_video(sample.members[ext]) if kind == "video" else None
-        if index:
-            result.seconds.append(index.duration_s)
-        if kind and len(result.sheet_rows) < sheet_samples:
-            frames = (decode_at(sample.members[ext], index,
-                                [index.frame_pts[i] for i in uniform_indices(len(index.frame_pts), SHEET_FRAMES)])
-                      if index else decode_image(sample.members[ext]))
-            result.sheet_rows.append((frames, f"{sample.key}: {text}"))
+        try:
+            index = index_video(sample.members[ext]) if kind == "video" else None
+            if index:
+                result.seconds.append(index.duration_s)
+            if kind and len(result.sheet_rows) < sheet_samples:
+                frames = (decode_at(sample.members[ext], index,
+                                    [index.frame_pts[i] for i in uniform_indices(len(index.frame_pts), SHEET_FRAMES)])
+                          if index else decode_image(sample.members[ext]))
+                result.sheet_rows.append((frames, f"{sample.key}: {text}"))
+        except MEDIA_ERRORS as err:
+            raise ValleyForgeError(f"{sample.url}: sample {sample.key}: undecodable {kind} ({type(err).__name__}: "
+                                   f"{err}); `valleyforge shards verify` lists every damaged sample") from err
     return result
 
 
@@ -96,7 +101,10 @@ def contact_sheet(rows: list[tuple[np.ndarray, str]], path: str | Path) -> Path:
         lines = textwrap.wrap(text, width=60)[:2]
         draw.text((4, top + THUMB + 2), "\n".join(lines), fill="black")
     path = Path(path)
-    sheet.save(path)
+    try:
+        sheet.save(path)
+    except ValueError as err:  # PIL's "unknown file extension"
+        raise ValleyForgeError(f"{path}: {err} (name the contact sheet .png or .jpg)") from err
     return path
 
 
@@ -154,6 +162,6 @@ def _check_sample(sample: RawSample) -> str | None:
             decode_at(sample.members[ext], index, index.frame_pts)
         elif kind == "image":
             decode_image(sample.members[ext])
-    except Exception as err:  # noqa: BLE001 - any failure is what verify reports
+    except (SampleError, json.JSONDecodeError, UnicodeDecodeError, *MEDIA_ERRORS) as err:  # anything else: a bug
         return f"{type(err).__name__}: {err}"
     return None

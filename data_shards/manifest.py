@@ -6,6 +6,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_shards.errors import ValleyForgeError
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -60,15 +62,15 @@ def read_manifest(split: str | Path) -> Manifest:
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise ValueError(f"{path}: no shard manifest here (expected a split directory holding "
-                         f"{MANIFEST_NAME}; `valleyforge shards synth` writes one)")
+        raise ValleyForgeError(f"{path}: no shard manifest here (expected a split directory holding "
+                               f"{MANIFEST_NAME}; `valleyforge shards synth` writes one)")
     try:
         body = json.loads(path.read_text())
         shards = tuple(ShardEntry(**s) for s in body.pop("shards"))
     except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: not a valid shard manifest ({err})") from err
+        raise ValleyForgeError(f"{path}: not a valid shard manifest ({err})") from err
     if not shards:
-        raise ValueError(f"{path}: manifest lists no shards")
+        raise ValleyForgeError(f"{path}: manifest lists no shards")
     return Manifest(directory=path.parent, shards=shards, extra=body)
 
 

@@ -12,10 +12,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data_shards.frames import FrameSampling, decode_frames
+from data_shards.frames import DamagedVideo, FrameSampling, NoFrames, decode_frames
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+# What decoding a damaged or unsupported media member raises, as truncated and garbled mp4, webm,
+# jpg, png and webp files show: PyAV's FFmpegError family (InvalidDataError, EOFError,
+# PatchWelcomeError, ...), PIL's OSError family (UnidentifiedImageError, "image file is
+# truncated", "broken data stream") and its DecompressionBombError, and ours for a container
+# without usable frames. Whatever else decoding raises is a bug.
+MEDIA_ERRORS = (av.error.FFmpegError, OSError, Image.DecompressionBombError, NoFrames, DamagedVideo)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data_shards.conversation import TEMPLATE_SPECIAL_TOKENS, VISUAL_TOKEN, template_texts
+from data_shards.errors import ValleyForgeError
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
@@ -44,7 +45,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
 def word_tokenizer_from_file(vocab_file: str | Path) -> PreTrainedTokenizerFast:
     path = Path(vocab_file)
     if not path.is_file():
-        raise ValueError(f"{path}: vocabulary file not found (one word per line)")
+        raise ValleyForgeError(f"{path}: vocabulary file not found (one word per line)")
     return build_word_tokenizer([w for w in path.read_text().split() if w])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from mlflow import MlflowClient
 
+from data_shards.errors import ValleyForgeError
 from trainer.checkpoint import CheckpointRecord, complete_tags
 from trainer.storage import Storage
 
@@ -77,12 +78,12 @@ def checkpoint_location(client: MlflowClient, uri: str) -> str:
     try:
         model = client.get_logged_model(uri.removeprefix("models:/"))
     except MlflowException as err:
-        raise ValueError(f"{uri}: no such recorded checkpoint ({err.message})") from None
+        raise ValleyForgeError(f"{uri}: no such recorded checkpoint ({err.message})") from None
     if model.model_type != MODEL_TYPE:
-        raise ValueError(f"{uri}: a logged model but not a checkpoint (`valleyforge checkpoints` lists them)")
+        raise ValleyForgeError(f"{uri}: a logged model but not a checkpoint (`valleyforge checkpoints` lists them)")
     if model.tags.get("state") != KEPT:
-        raise ValueError(f"{uri}: step {model.params['step']}'s files were removed from storage "
-                         f"({model.params['location']})")
+        raise ValleyForgeError(f"{uri}: step {model.params['step']}'s files were removed from storage "
+                               f"({model.params['location']})")
     return model.params["location"]
 
 
@@ -103,7 +104,7 @@ def checkpoint_table(client: MlflowClient, ref: str) -> list[str]:
         else:
             run = client.get_run(ref)
     except MlflowException as err:
-        raise ValueError(f"{ref}: {err.message}") from None
+        raise ValleyForgeError(f"{ref}: {err.message}") from None
     models = recorded_checkpoints(client, run.info.experiment_id, run.info.run_id)
     lines = [f"stage run {run.info.run_id} ({run.info.run_name}): {len(models)} checkpoint(s) recorded"]
     if not models:

@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from data_shards.errors import ValleyForgeError
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
 GENERATE_LOG = Path.home() / ".cache" / "valleyforge" / "generate.log"  # library warnings of `generate`
@@ -112,7 +114,8 @@ def _run(config_path: str, overrides: list[str], restart: bool = False) -> int:
     registered = Pipeline(cfg).run(restart)
     print("\nRegistered models:")
     for stage in registered:
-        print(f"  {stage.stage:<10} models:/{stage.name}/{stage.version}   (models:/{stage.name}@latest)")
+        print(f"  {stage.stage_name:<10} models:/{stage.model_name}/{stage.version}   "
+              f"(models:/{stage.model_name}@latest)")
     from launch.tracking import resolve_tracking_uri
     print(f"\nOpen them: mlflow ui --backend-store-uri {resolve_tracking_uri(cfg.tracking)}")
     return 0
@@ -128,8 +131,8 @@ def _submit(args) -> int:
     if args.kuberay:
         from launch.kuberay import rayjob_manifest
         if not args.image:
-            raise ValueError("--kuberay needs --image: an image with Ray and ValleyForge installed "
-                             "(README, Submitting to a cluster)")
+            raise ValleyForgeError("--kuberay needs --image: an image with Ray and ValleyForge installed "
+                                   "(README, Submitting to a cluster)")
         print(rayjob_manifest(cfg, tracking_uri, args.image, args.namespace, args.workers_per_pod, args.secret),
               end="")
         return 0
@@ -169,8 +172,9 @@ def _demo(overrides: list[str]) -> int:
 
     cfg = load_config(DEMO_CONFIG, overrides)
     if not isinstance(cfg.stages[0].train_data, str):
-        raise ValueError(f"{DEMO_CONFIG}: stages.0.train_data: the demo writes its synthetic data under a split "
-                         f"directory and trains on it; a mixture needs `valleyforge run` with data of its own")
+        raise ValleyForgeError(f"{DEMO_CONFIG}: stages.0.train_data: the demo writes its synthetic data under a "
+                               f"split directory and trains on it; a mixture needs `valleyforge run` with data of "
+                               f"its own")
     data_dir = Path(cfg.stages[0].train_data).parents[1]
     if not (data_dir / "instruct" / "heldout" / "manifest.json").is_file():
         write_synthetic_dataset(data_dir, train_samples=2048, heldout_samples=96,
@@ -261,12 +265,9 @@ def main(argv: list[str] | None = None) -> int:
                 "generate": lambda: _generate(args), "checkpoints": lambda: _checkpoints(args), "shards": lambda: SHARD_COMMANDS[args.shards_command](args)}
     try:
         return commands[args.command]()
-    except ValueError as err:  # config and input errors: one line, no traceback
+    except ValleyForgeError as err:  # the user's to fix: told in one line; anything else keeps its traceback
         print(f"valleyforge: error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"valleyforge: error: {err}", file=sys.stderr)
-        return 1
+        return err.exit_code
     except KeyboardInterrupt:
         print("valleyforge: interrupted" + (": a rerun resumes each stage from its newest checkpoint"
                                             if args.command in ("run", "demo") else ""), file=sys.stderr)

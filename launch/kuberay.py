@@ -10,6 +10,7 @@ import re
 import ray
 import yaml
 
+from data_shards.errors import ValleyForgeError
 from launch.config import JobConfig
 
 CONFIG_DIR = "/etc/valleyforge"
@@ -44,13 +45,14 @@ def rayjob_manifest(cfg: JobConfig, tracking_uri: str, image: str, namespace: st
     Pods share no disk and reach MLflow over the network: `cluster.storage` must be a URL and
     the tracking URI a server, else this says which field to set."""
     if cfg.cluster.storage is None or "://" not in cfg.cluster.storage:
-        raise ValueError(f"cluster.storage: {cfg.cluster.storage or 'unset (the output directory)'} is a path; "
-                         f"KubeRay pods share no disk: set it to a URL, e.g. s3://bucket/runs/{{name}}")
+        raise ValleyForgeError(f"cluster.storage: {cfg.cluster.storage or 'unset (the output directory)'} is a "
+                               f"path; KubeRay pods share no disk: set it to a URL, e.g. s3://bucket/runs/{{name}}")
     if not tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise ValueError(f"tracking.tracking_uri: {tracking_uri} is on this machine; the job's driver runs in a pod: "
-                         f"set tracking.tracking_uri or MLFLOW_TRACKING_URI to an MLflow server the pods reach")
+        raise ValleyForgeError(f"tracking.tracking_uri: {tracking_uri} is on this machine; the job's driver runs in "
+                               f"a pod: set tracking.tracking_uri or MLFLOW_TRACKING_URI to an MLflow server the "
+                               f"pods reach")
     if workers_per_pod < 1:
-        raise ValueError(f"--workers-per-pod: {workers_per_pod} (at least 1)")
+        raise ValleyForgeError(f"--workers-per-pod: {workers_per_pod} (at least 1)")
     name = resource_name(cfg.name)
     metadata = {"name": name, **({"namespace": namespace} if namespace else {}),
                 "labels": {"app.kubernetes.io/name": "valleyforge", "valleyforge/job": name}}

@@ -18,6 +18,7 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from data_shards.errors import ValleyForgeError
 from launch.config import JobConfig
 
 JOB_CONFIG = "valleyforge-job.yaml"
@@ -30,8 +31,10 @@ UPLOAD_LIMIT = 100 * 1024 ** 2  # the job server's request size limit
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 
 
-class JobServerError(RuntimeError):
+class JobServerError(ValleyForgeError):
     """The job server could not be reached, refused us, or does not know the job."""
+
+    exit_code = 1
 
 
 def job_server_address(address: str | None) -> str:
@@ -39,7 +42,8 @@ def job_server_address(address: str | None) -> str:
     for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
         if value and (value is address or value.startswith(("http://", "https://"))):
             return value if "://" in value else f"http://{value}"
-    raise ValueError("--address: the Ray job server's URL, e.g. http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)")
+    raise ValleyForgeError("--address: the Ray job server's URL, e.g. http://HEAD:8265 (or set "
+                           "RAY_API_SERVER_ADDRESS)")
 
 
 def auth_token() -> str | None:
@@ -66,10 +70,11 @@ def _job_server_errors(address: str):
     except ConnectionError:
         raise JobServerError(f"cannot reach a Ray job server at {address}: is the head running with its "
                              f"dashboard (ray[default]) and is the port right?") from None
-    except RuntimeError as err:
+    except RuntimeError as err:  # how Ray's job client tells of a request the server refused or failed
+        last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         if "status code 404" in str(err):
-            raise JobServerError(f"{address}: no such job ({str(err).strip().splitlines()[-1]})") from None
-        raise
+            raise JobServerError(f"{address}: no such job ({last})") from None
+        raise JobServerError(f"the Ray job server at {address} failed the request ({last})") from None
 
 
 class JobServer:
@@ -124,8 +129,8 @@ def pinned_requirements() -> list[str]:
     """requirements.lock without what the cluster brings itself."""
     lock = CODE / "requirements.lock"
     if not lock.is_file():
-        raise ValueError(f"{lock}: ValleyForge's pinned requirements are not beside its code; submit from a "
-                         f"ValleyForge checkout, or with --no-install to a cluster whose image has ValleyForge")
+        raise ValleyForgeError(f"{lock}: ValleyForge's pinned requirements are not beside its code; submit from a "
+                               f"ValleyForge checkout, or with --no-install to a cluster whose image has ValleyForge")
     lines = [line.split("#")[0].strip() for line in lock.read_text().splitlines()]
     return [line for line in lines if line and line.split("==")[0].lower() not in CLUSTER_OWNS]
 
@@ -143,10 +148,10 @@ def job_package(project: Path, cfg: JobConfig, folder: Path) -> Path:
     if package.stat().st_size > UPLOAD_LIMIT:
         with zipfile.ZipFile(package) as archive:
             biggest = sorted(archive.infolist(), key=lambda i: -i.compress_size)[:3]
-        raise ValueError(f"{project}: the job's working directory packs to {package.stat().st_size / 2**20:.0f} MiB, "
-                         f"over the job server's 100 MiB; largest: "
-                         + ", ".join(f"{i.filename} ({i.compress_size / 2**20:.0f} MiB)" for i in biggest)
-                         + " (add them to .gitignore or .rayignore, or run from a smaller folder)")
+        raise ValleyForgeError(f"{project}: the job's working directory packs to "
+                               f"{package.stat().st_size / 2**20:.0f} MiB, over the job server's 100 MiB; largest: "
+                               + ", ".join(f"{i.filename} ({i.compress_size / 2**20:.0f} MiB)" for i in biggest)
+                               + " (add them to .gitignore or .rayignore, or run from a smaller folder)")
     return package
 
 

@@ -10,6 +10,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+from data_shards.errors import ValleyForgeError
 from launch.config import TrackingConfig
 
 
@@ -35,8 +36,10 @@ _REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALRE
             "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "BAD_REQUEST", "INVALID_STATE"}
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(ValleyForgeError):
     """The tracking server stayed unreachable longer than `tracking.max_outage_s`."""
+
+    exit_code = 1
 
 
 def is_outage(error: BaseException) -> bool:
@@ -174,7 +177,7 @@ def fetch_model(model: str, tracking_uri: str, dst: Path | None = None) -> Path:
     if not model.startswith("models:/"):
         folder = Path(model)
         if not folder.is_dir():
-            raise ValueError(f"{model}: not an export folder or a models:/ URI")
+            raise ValleyForgeError(f"{model}: not an export folder or a models:/ URI")
         return folder
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -183,4 +186,4 @@ def fetch_model(model: str, tracking_uri: str, dst: Path | None = None) -> Path:
         mlflow.set_tracking_uri(tracking_uri)
         return Path(mlflow.artifacts.download_artifacts(pinned, dst_path=str(dst) if dst else None))
     except MlflowException as err:
-        raise ValueError(f"{model}: {err.message} (tracking URI {tracking_uri})") from err
+        raise ValleyForgeError(f"{model}: {err.message} (tracking URI {tracking_uri})") from err

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import CLIPTextModel
 
 from data_shards.conversation import IGNORE_INDEX
+from data_shards.errors import ValleyForgeError
 
 INITIAL_TEMPERATURE = 0.07  # CLIP's: logits scaled by 1 / 0.07 at the start
 MAX_LOGIT_SCALE = 100.0     # CLIP's clamp on the learned scale
@@ -91,8 +92,8 @@ def caption_tokens(input_ids_BL: torch.Tensor, labels_BL: torch.Tensor, max_leng
     supervised_BL = labels_BL != IGNORE_INDEX
     counts_B = supervised_BL.sum(1)
     if bool((counts_B == 0).any()):
-        raise ValueError("a contrastive stage pairs each clip with its sample's supervised text, and a sample in "
-                         "this batch has none (a text-only or unanswered sample in a captions split?)")
+        raise ValleyForgeError("a contrastive stage pairs each clip with its sample's supervised text, and a sample "
+                               "in this batch has none (a text-only or unanswered sample in a captions split?)")
     length = min(int(counts_B.max()), max_length)
     # stable sort puts each row's supervised positions first, in order
     order_BL = torch.sort((~supervised_BL).to(torch.int8), dim=1, stable=True).indices[:, :length]

@@ -9,6 +9,7 @@ from collections import Counter
 from itertools import islice
 from typing import Callable, Iterable, Iterator
 
+from data_shards.errors import ValleyForgeError
 from data_shards.manifest import read_manifest
 from data_shards.read.tarstream import RawSample, iter_samples
 from trainer.generate import answer, media_for
@@ -48,7 +49,7 @@ class AccuracyTally:
     def metrics(self, where: str) -> dict:
         """`eval/attribute_accuracy[/<attribute>]` and `eval/attribute_chance`."""
         if not self.asked:
-            raise ValueError(f"{where}: no samples with probes to evaluate")
+            raise ValleyForgeError(f"{where}: no samples with probes to evaluate")
         metrics = {f"eval/attribute_accuracy/{a}": self.correct[a] / self.asked[a] for a in self.asked}
         metrics["eval/attribute_accuracy"] = sum(self.correct.values()) / sum(self.asked.values())
         metrics["eval/attribute_chance"] = sum(self.chance.values()) / len(self.chance)
@@ -58,8 +59,8 @@ class AccuracyTally:
 def _clip_media(model, raw: RawSample):
     try:
         return media_for(model, raw.members)
-    except ValueError as err:
-        raise ValueError(f"{raw.url}: sample {raw.key}: {err}") from err
+    except ValleyForgeError as err:
+        raise ValleyForgeError(f"{raw.url}: sample {raw.key}: {err}") from err
 
 
 def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new_tokens: int = 8,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from data_shards.conversation import IGNORE_INDEX
+from data_shards.errors import ValleyForgeError
 from data_shards.media import VisualSpec
 from trainer.contrastive import ContrastiveOutput, TemporalEncoder, TextEncoder, caption_tokens, info_nce
 from trainer.token_reduction import TokenReduction, encode_kept_patches
@@ -151,7 +152,7 @@ class VideoLanguageModel(nn.Module):
     def contrast(self, input_ids, labels, frames, frame_mask) -> ContrastiveOutput:
         """The contrastive objective on a batch: each clip against its sample's supervised text."""
         if self.temporal is None:
-            raise ValueError("a contrastive stage needs the model's contrastive towers: set model.contrastive")
+            raise ValleyForgeError("a contrastive stage needs the model's contrastive towers: set model.contrastive")
         ids, mask = caption_tokens(input_ids, labels, self.text.config.max_position_embeddings)
         video, text, scale = self.embed_video(frames, frame_mask), self.text(ids, mask), self.temporal.logit_scale()
         return ContrastiveOutput(info_nce(video, text, scale), video, text, scale)
@@ -185,7 +186,7 @@ class VideoLanguageModel(nn.Module):
         if contrastive:
             return self.contrast(input_ids, labels, frames, frame_mask)
         if position_ids is not None and self.soft_prompt is not None:
-            raise ValueError("packed batches and a soft prompt do not mix: set data.packing false")
+            raise ValleyForgeError("packed batches and a soft prompt do not mix: set data.packing false")
         embeds, attention_mask, labels = self._llm_inputs(input_ids, attention_mask, frames, frame_mask, labels)
         if position_ids is not None:
             attention_mask = None

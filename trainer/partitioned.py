@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from data_shards.errors import ValleyForgeError
 from trainer.ranks import rank
 
 
@@ -66,7 +67,7 @@ class SafetensorsFolder:
         self.folder = Path(folder)
         files = sorted(self.folder.glob("*.safetensors"))
         if not files:
-            raise ValueError(f"{self.folder}: no *.safetensors weights found")
+            raise ValleyForgeError(f"{self.folder}: no *.safetensors weights found")
         self._where = {}
         for file in files:
             with safe_open(str(file), framework="pt") as f:
@@ -91,7 +92,7 @@ def load_weights(module: nn.Module, source: SafetensorsFolder) -> None:
     expected = {name for name, _ in module.named_parameters()}
     missing = sorted(expected - source.keys())
     if missing:
-        raise ValueError(f"{source.folder}: weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
+        raise ValleyForgeError(f"{source.folder}: weights missing for {len(missing)} parameters, e.g. {missing[:3]}")
     for prefix, params in _params_by_module(module):
         with _whole(params, modifier_rank=0):
             if rank() == 0:
@@ -110,7 +111,8 @@ def _copy_into(param: torch.Tensor, tensor: torch.Tensor, folder: Path, name: st
         elif tensor.ndim == param.ndim and tensor.shape[1:] == param.shape[1:] and tensor.shape[0] < param.shape[0]:
             param[: tensor.shape[0]].copy_(tensor)
         else:
-            raise ValueError(f"{folder}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+            raise ValleyForgeError(f"{folder}: {name} has shape {tuple(tensor.shape)}, the model expects "
+                                   f"{tuple(param.shape)}")
 
 
 def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

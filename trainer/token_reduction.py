@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from data_shards.errors import ValleyForgeError
+
 if TYPE_CHECKING:
     from trainer.config import TokenReductionConfig
 
@@ -23,8 +25,8 @@ class TokenReduction:
         self.cfg, self.patch_size = cfg, patch_size
         self.grid = image_size // patch_size
         if cfg.mode == "resize" and (cfg.image_size % patch_size or cfg.image_size >= image_size):
-            raise ValueError(f"token_reduction.image_size {cfg.image_size} must be a multiple of the patch size "
-                             f"{patch_size} and smaller than the encoder's {image_size}")
+            raise ValleyForgeError(f"token_reduction.image_size {cfg.image_size} must be a multiple of the patch "
+                                   f"size {patch_size} and smaller than the encoder's {image_size}")
         self.input_size = cfg.image_size if cfg.mode == "resize" else image_size
         self.stride = max(1, round(1 / math.sqrt(cfg.keep)))               # grid: every stride-th row and column
         self.block = max(1, round(self.grid * math.sqrt(cfg.keep)))         # block: a block x block square
@@ -68,15 +70,15 @@ def token_reduction_for(model, cfg: TokenReductionConfig) -> TokenReduction:
     vision = model.vision.config
     reduction = TokenReduction(cfg, vision.image_size, vision.patch_size)
     if model.arch.reducer == "spatial_pool2" and not reduction.square:
-        raise ValueError("token_reduction mode `random` leaves no patch grid for the spatial_pool2 reducer; "
-                         "use grid or block masking")
+        raise ValleyForgeError("token_reduction mode `random` leaves no patch grid for the spatial_pool2 reducer; "
+                               "use grid or block masking")
     return reduction
 
 
 def encode_kept_patches(vision, pixels_NCHW: torch.Tensor, kept_NK: torch.Tensor, feature_layer: int) -> torch.Tensor:
     """A CLIP vision tower's hidden states at `feature_layer` over [CLS] + the kept patches."""
     if not all(hasattr(vision, part) for part in ("embeddings", "pre_layrnorm", "encoder")):
-        raise ValueError(f"token reduction by masking needs a CLIP vision tower, not {type(vision).__name__}")
+        raise ValleyForgeError(f"token reduction by masking needs a CLIP vision tower, not {type(vision).__name__}")
     embeddings = vision.embeddings(pixels_NCHW)  # [N, 1+P, D], position embeddings added
     index = kept_NK[:, :, None].expand(-1, -1, embeddings.shape[-1])
     hidden = vision.pre_layrnorm(torch.cat([embeddings[:, :1], embeddings[:, 1:].gather(1, index)], 1))

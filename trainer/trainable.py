@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from data_shards.errors import ValleyForgeError
+
 if TYPE_CHECKING:
     from trainer.config import StageConfig
 
@@ -50,7 +52,7 @@ def set_trainable(model, stage: StageConfig) -> list[dict]:
         if name not in stage.trainable or name not in owned:
             continue
         if not owned[name]:
-            raise ValueError(f"stages.{stage.name}.trainable: the model has no {name!r} parameters")
+            raise ValleyForgeError(f"stages.{stage.name}.trainable: the model has no {name!r} parameters")
         for param in owned[name]:
             param.requires_grad_(True)
         groups.append({"name": name, "params": owned[name], "lr": stage.optimizer.module_lr.get(name, stage.optimizer.lr)})

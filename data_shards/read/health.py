@@ -5,11 +5,15 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
+from data_shards.errors import ValleyForgeError
+
 log = logging.getLogger(__name__)
 
 
-class TooManySkipped(RuntimeError):
-    """The share of skipped samples passed data.max_skip_fraction."""
+class TooManySkipped(ValleyForgeError):
+    """The share of skipped samples passed data.max_skip_fraction (the data needs mending)."""
+
+    exit_code = 1
 
 
 class ReadHealth:

@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from data_shards.read.batching import collate
 from data_shards.config import DataSource, ReaderConfig, as_sources
 from data_shards.conversation import SampleError, Template, conversations_of, encode_conversation
+from data_shards.errors import ValleyForgeError
 from data_shards.frames import FrameSampling
-from data_shards.media import VisualSpec, decode_media
+from data_shards.media import MEDIA_ERRORS, VisualSpec, decode_media
 from data_shards.read.sources import shard_urls
 from data_shards.read.health import ReadHealth
 from data_shards.read.stream import SampleStream, ShardLists, StreamSetup
@@ -42,7 +43,9 @@ class Topology:
 
 
 class SampleDecoder:
-    """Raw tar sample -> model-ready sample, or None (counted) when unusable."""
+    """Raw tar sample -> model-ready sample, or None (counted) when unusable: broken json or text,
+    damaged media, a conversation the template cannot take. Anything else raised while decoding
+    is a bug, and propagates."""
 
     def __init__(self, tokenizer, template: Template, visual: VisualSpec, sampling: FrameSampling, max_length: int,
                  seed: int, rejects: ReadHealth):
@@ -56,14 +59,15 @@ class SampleDecoder:
             self.rejects.reject(err.reason, raw.url, f"{raw.key}: {err}")
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             self.rejects.reject("broken json", raw.url, f"{raw.key}: {err}")
-        except Exception as err:  # noqa: BLE001 - any decoder failure is a bad sample, counted
-            self.rejects.reject("undecodable media", raw.url, f"{raw.key}: {type(err).__name__}: {err}")
         return None
 
     def decode(self, raw: RawSample) -> dict:
         # Random frame choices depend on the sample and epoch only: a resumed run draws the same.
         rng = random.Random(f"{self.seed}-{raw.url}-{raw.offset}-{raw.epoch}")
-        media_kind, pixels = decode_media(raw.members, self.visual, self.sampling, rng)
+        try:
+            media_kind, pixels = decode_media(raw.members, self.visual, self.sampling, rng)
+        except MEDIA_ERRORS as err:  # a damaged or unsupported media member
+            raise SampleError("undecodable media", f"{type(err).__name__}: {err}") from err
         conversations = conversations_of(raw.members, media_kind)
         input_ids, labels = encode_conversation(self.tokenizer, self.template, conversations, media_kind,
                                                 self.visual.tokens, self.max_length)
@@ -159,8 +163,8 @@ class ShardLoader:
     def __init__(self, setup: ReaderSetup):
         num_streams, world = setup.num_streams, setup.topology.world_size
         if num_streams % world:
-            raise ValueError(f"{num_streams} data streams cannot be split over {world} ranks: the number of "
-                             f"ranks must divide data.streams (fixed when the stage first starts)")
+            raise ValleyForgeError(f"{num_streams} data streams cannot be split over {world} ranks: the number of "
+                                   f"ranks must divide data.streams (fixed when the stage first starts)")
         self.setup = setup
         self.streams = list(range(setup.topology.rank, num_streams, world))
         self.workers = loader_workers(len(self.streams), setup.config.num_workers)
@@ -202,18 +206,18 @@ class ShardLoader:
         if self._batches is not None:
             raise RuntimeError("load the reader state before reading the first batch")
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"reader state version {state.get('version')!r}, expected {STATE_VERSION} (a checkpoint "
-                             f"of an older release: start the stage anew)")
+            raise ValleyForgeError(f"reader state version {state.get('version')!r}, expected {STATE_VERSION} (a "
+                                   f"checkpoint of an older release: start the stage anew)")
         for field_name, value in self._fingerprint().items():
             if state.get(field_name) != value:
                 shown = value if field_name != "sources" else f"{sum(map(len, value))} shards"
-                raise ValueError(f"cannot resume the reader: its saved {field_name} differs from this run's "
-                                 f"({shown}); resume with the same data.seed, data.micro_batch_size and data "
-                                 f"sources")
+                raise ValleyForgeError(f"cannot resume the reader: its saved {field_name} differs from this run's "
+                                       f"({shown}); resume with the same data.seed, data.micro_batch_size and "
+                                       f"data sources")
         world = self.setup.topology.world_size
         if state["consumed"] % world:
-            raise ValueError(f"cannot resume the reader on {world} ranks: {state['consumed']} micro-batches were "
-                             f"taken, not a whole number per rank")
+            raise ValleyForgeError(f"cannot resume the reader on {world} ranks: {state['consumed']} micro-batches "
+                                   f"were taken, not a whole number per rank")
         missing = [stream for stream in self.streams if str(stream) not in state["positions"]]
         if missing:
             raise ValueError(f"the reader state lacks data streams {missing}: resume from every rank's state "
@@ -242,9 +246,9 @@ def check_enough_shards(data: ShardLists, num_streams: int) -> None:
     """Every stream must get a shard of each source."""
     for name, shards in zip(data.names, data.shards):
         if len(shards) < num_streams:
-            raise ValueError(f"{name}: {len(shards)} shards cannot feed {num_streams} data streams (data.streams; "
-                             f"by default cluster.num_workers x data.num_workers); write at least {num_streams} "
-                             f"shards")
+            raise ValleyForgeError(f"{name}: {len(shards)} shards cannot feed {num_streams} data streams "
+                                   f"(data.streams; by default cluster.num_workers x data.num_workers); write at "
+                                   f"least {num_streams} shards")
 
 
 def build_loader(data: ShardLists | str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,

@@ -20,6 +20,7 @@ import fsspec
 
 if TYPE_CHECKING:
     from data_shards.config import DataSource
+from data_shards.errors import ValleyForgeError
 from data_shards.manifest import MANIFEST_NAME, manifest_hash, read_manifest
 
 _BRACE_RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
@@ -54,11 +55,14 @@ def _is_manifest_spec(spec: str) -> bool:
 
 
 def _remote(url: str, call):
-    """fsspec needs a package per store (s3fs, gcsfs, aiohttp); say which, in one line."""
+    """fsspec needs a package per store (s3fs, gcsfs, aiohttp); say which, in one line, or that
+    fsspec knows no such store."""
     try:
         return call(url)
     except ImportError as err:
-        raise ValueError(f"{url}: {err} (pip install 'valleyforge[cloud]' brings s3fs and gcsfs)") from err
+        raise ValleyForgeError(f"{url}: {err} (pip install 'valleyforge[cloud]' brings s3fs and gcsfs)") from err
+    except ValueError as err:  # fsspec's "Protocol not known"
+        raise ValleyForgeError(f"{url}: {err}") from err
 
 
 def _expand_glob(url: str) -> list[str]:
@@ -76,20 +80,20 @@ def shard_urls(spec: str) -> list[str]:
     if _is_manifest_spec(spec):
         return read_manifest(spec).urls
     if not spec.startswith("pipe:") and not is_remote(spec) and Path(spec).is_dir():
-        raise ValueError(f"{spec}: a directory without {MANIFEST_NAME}; name its shards with a glob "
-                         f"(e.g. {spec.rstrip('/')}/*.tar) or build it with `valleyforge shards build`")
+        raise ValleyForgeError(f"{spec}: a directory without {MANIFEST_NAME}; name its shards with a glob "
+                               f"(e.g. {spec.rstrip('/')}/*.tar) or build it with `valleyforge shards build`")
     urls = [u for pattern in expand_braces(spec) for u in (_expand_glob(pattern) if not pattern.startswith("pipe:")
                                                             else [pattern])]
     if not urls:
-        raise ValueError(f"{spec}: matches no shards")
+        raise ValleyForgeError(f"{spec}: matches no shards")
     for protocol in {u.split("://", 1)[0] for u in urls if is_remote(u)}:
         _remote(protocol, fsspec.get_filesystem_class)
     missing = [u for u in urls if not u.startswith("pipe:") and not is_remote(u) and not Path(u).is_file()]
     if missing == [spec]:
-        raise ValueError(f"{spec}: not found (expected a split directory holding {MANIFEST_NAME}, a shard file, "
-                         f"a glob or brace range of shards, or a URL)")
+        raise ValleyForgeError(f"{spec}: not found (expected a split directory holding {MANIFEST_NAME}, a shard "
+                               f"file, a glob or brace range of shards, or a URL)")
     if missing:
-        raise ValueError(f"{spec}: {len(missing)} shard(s) not found, first {missing[0]}")
+        raise ValleyForgeError(f"{spec}: {len(missing)} shard(s) not found, first {missing[0]}")
     return urls
 
 

@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+from data_shards.errors import ValleyForgeError
 from data_shards.read.tarstream import CorruptShard, RawSample, iter_samples, read_sample_at
 
 @dataclass(frozen=True)
@@ -122,8 +123,8 @@ class SampleStream:
             cursor.start_epoch(cursor.epoch + 1)
             sample = cursor.read()
         if sample is None:
-            raise ValueError(f"source {self.setup.data.names[cursor.index]!r} has no readable sample in data "
-                             f"stream {self.setup.stream} of {self.setup.num_streams}")
+            raise ValleyForgeError(f"source {self.setup.data.names[cursor.index]!r} has no readable sample in "
+                                   f"data stream {self.setup.stream} of {self.setup.num_streams}")
         return sample
 
     def _next_by_epoch(self) -> RawSample:
@@ -138,8 +139,8 @@ class SampleStream:
                 continue
             empty_epochs += 1
             if empty_epochs > 1:
-                raise ValueError(f"no readable sample in a whole epoch of data stream {self.setup.stream} of "
-                                 f"{self.setup.num_streams} (sources {list(self.setup.data.names)})")
+                raise ValleyForgeError(f"no readable sample in a whole epoch of data stream {self.setup.stream} of "
+                                       f"{self.setup.num_streams} (sources {list(self.setup.data.names)})")
             self.epoch += 1
             for cursor in self.cursors:
                 cursor.start_epoch(self.epoch)

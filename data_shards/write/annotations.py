@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_shards.errors import ValleyForgeError
+
 MEDIA_COLUMNS = ("video", "image", "path", "media")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 
@@ -62,7 +64,7 @@ def read_records(paths: list[str | Path], start_index: int = 0) -> list[Record]:
     records: list[Record] = []
     for path in map(Path, paths):
         if not path.is_file():
-            raise ValueError(f"{path}: annotation file not found")
+            raise ValleyForgeError(f"{path}: annotation file not found")
         suffix = path.suffix.lower()
         if suffix == ".json":
             records += _read_json_list(path, start_index + len(records))
@@ -71,7 +73,7 @@ def read_records(paths: list[str | Path], start_index: int = 0) -> list[Record]:
         elif suffix == ".csv":
             records += _read_csv(path, start_index + len(records))
         else:
-            raise ValueError(f"{path}: unknown annotation format {suffix!r}; use .json, .jsonl or .csv")
+            raise ValleyForgeError(f"{path}: unknown annotation format {suffix!r}; use .json, .jsonl or .csv")
     return records
 
 
@@ -79,10 +81,10 @@ def _read_json_list(path: Path, start: int) -> list[Record]:
     try:
         items = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); a JSON file must hold one list of samples "
-                         f"(write JSONL to keep the good lines of a damaged file)") from err
+        raise ValleyForgeError(f"{path}: not valid JSON ({err}); a JSON file must hold one list of samples "
+                               f"(write JSONL to keep the good lines of a damaged file)") from err
     if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, found {type(items).__name__}")
+        raise ValleyForgeError(f"{path}: expected a JSON list of samples, found {type(items).__name__}")
     return [_checked(start + i, f"{path}:#{i}", item) for i, item in enumerate(items)]
 
 
@@ -105,8 +107,8 @@ def _read_csv(path: Path, start: int) -> list[Record]:
     columns = reader.fieldnames or []
     media = next((c for c in MEDIA_COLUMNS if c in columns), None)
     if media is None or "caption" not in columns:
-        raise ValueError(f"{path}: a caption table needs a header with `caption` and one of {list(MEDIA_COLUMNS)}; "
-                         f"found {columns}")
+        raise ValleyForgeError(f"{path}: a caption table needs a header with `caption` and one of "
+                               f"{list(MEDIA_COLUMNS)}; found {columns}")
     records = []
     for row in reader:
         fields = {k: v for k, v in row.items() if k is not None}

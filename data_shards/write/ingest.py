@@ -21,7 +21,7 @@ from data_shards.write.annotations import Record
 from data_shards.conversation import PLACEHOLDERS, TEMPLATES, SampleError, render_segments
 from data_shards.write.transcode import TranscodeOptions, shrink_image, transcode_video
 from data_shards.frames import NoFrames, decode_at, index_video
-from data_shards.media import IMAGE_EXTS, VIDEO_EXTS, media_kind
+from data_shards.media import IMAGE_EXTS, MEDIA_ERRORS, VIDEO_EXTS, media_kind
 
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 _PLACEHOLDER_RE = re.compile("|".join(map(re.escape, PLACEHOLDERS)))
@@ -96,7 +96,7 @@ def _video(data: bytes, options: TranscodeOptions) -> tuple[bytes, dict]:
         return data, {"frames": len(index.frame_pts), "seconds": index.duration_s}
     except NoFrames as err:
         raise Rejected("zero-frame video", str(err)) from err
-    except Exception as err:  # noqa: BLE001 - PyAV raises many error types for broken files
+    except MEDIA_ERRORS as err:
         raise Rejected("undecodable video", f"{type(err).__name__}: {err}") from err
 
 
@@ -108,7 +108,7 @@ def _image(data: bytes, options: TranscodeOptions, ext: str) -> tuple[bytes, str
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 size = image.size
-    except Exception as err:  # noqa: BLE001 - PIL raises many error types for broken files
+    except MEDIA_ERRORS as err:
         raise Rejected("undecodable image", f"{type(err).__name__}: {err}") from err
     return data, ext, {"width": size[0], "height": size[1]}
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_shards.errors import ValleyForgeError
 from data_shards.write.annotations import Record, read_records
 from data_shards.write.ingest import IngestOptions, Rejected, ingest
 from data_shards.manifest import ShardEntry, sha256_file, write_manifest
@@ -109,14 +110,14 @@ def build_shards(annotations: list[str], out: str | Path, options: BuildOptions,
     out = Path(out)
     records = read_records(annotations)
     if not records:
-        raise ValueError(f"{', '.join(map(str, annotations))}: no samples in the annotation file(s)")
+        raise ValleyForgeError(f"{', '.join(map(str, annotations))}: no samples in the annotation file(s)")
     state_dir = out / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = _fingerprint(annotations, options, len(records))  # what this build is of
     fingerprint_file = state_dir / "fingerprint.json"
     if fingerprint_file.is_file() and json.loads(fingerprint_file.read_text()) != json.loads(json.dumps(fingerprint)):
-        raise ValueError(f"{out}: holds a build of other annotations or options; resume it with the same "
-                         f"command, or build into an empty --out")
+        raise ValleyForgeError(f"{out}: holds a build of other annotations or options; resume it with the same "
+                               f"command, or build into an empty --out")
     _write_json_atomic(fingerprint_file, fingerprint)
 
     size = options.samples_per_shard

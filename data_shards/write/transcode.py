@@ -40,11 +40,13 @@ def _scaled(width: int, height: int, short_side: int | None) -> tuple[int, int]:
 
 def transcode_video(data: bytes, options: TranscodeOptions) -> tuple[bytes, dict]:
     """Re-encoded mp4 bytes and what was kept: {frames, fps, width, height, seconds}."""
-    with av.open(io.BytesIO(data)) as container:
+    with av.open(io.BytesIO(data), metadata_errors="replace") as container:
+        if not container.streams.video:
+            raise NoFrames("no video stream")
         stream = container.streams.video[0]
         source_fps = float(stream.average_rate or stream.guessed_rate or 25)
         fps = min(options.video_fps or source_fps, source_fps)
-        frames, next_time, start = [], 0.0, None
+        frames, next_time, start, size = [], 0.0, None, None
         for frame in container.decode(stream):
             if frame.time is None:
                 continue
@@ -55,8 +57,8 @@ def transcode_video(data: bytes, options: TranscodeOptions) -> tuple[bytes, dict
             if t + 1e-6 < next_time:
                 continue
             next_time += 1.0 / fps
-            width, height = _scaled(frame.width, frame.height, options.video_size)
-            frames.append(frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
+            size = size or _scaled(frame.width, frame.height, options.video_size)  # the first frame's, for all
+            frames.append(frame.reformat(width=size[0], height=size[1], format="rgb24").to_ndarray())
     if not frames:
         raise NoFrames("video has no decodable frames")
     out_fps = max(1, round(fps))
