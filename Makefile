@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo test install clean
+.PHONY: demo test test-unit install clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m unit tests
 
 clean:
 	rm -rf runs mlflow.db mlruns .pytest_cache

@@ -1,4 +1,5 @@
 import os
+import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -6,6 +7,57 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 
 from data_shards.write.synth import write_synthetic_dataset  # noqa: E402
+
+# What a test starts, lightest first; every test carries exactly one of these, the heaviest that
+# applies (a cluster test may start a local Ray too). `pytest -m unit` runs the quick ones.
+KINDS = {
+    "unit": "starts nothing but the test process and short-lived subprocesses it waits for (the CLI, a "
+            "reader child): no Ray, no gloo process group, no server process",
+    "ray": "starts an embedded Ray on this machine (the ray_local fixture, a TorchTrainer, a Pipeline)",
+    "cluster": "starts separate services: the two-node Ray cluster, the S3 store (moto) or an `mlflow server`",
+}
+# A fixture that starts something, and the least kind a test using it (directly or not) must have.
+STARTS = {"ray_local": "ray", "object_store": "cluster", "mlflow_server": "cluster",
+          "two_node_cluster": "cluster", "store_data": "cluster"}
+
+
+def pytest_configure(config):
+    for name, meaning in KINDS.items():
+        config.addinivalue_line("markers", f"{name}: {meaning}")
+
+
+def pytest_collection_modifyitems(config, items):
+    order, problems = list(KINDS), []
+    for item in items:
+        kinds = [name for name in KINDS if item.get_closest_marker(name)]
+        if not kinds:
+            problems.append(f"{item.nodeid}: no marker; mark it pytest.mark.unit, .ray or .cluster by what it starts")
+            continue
+        if len(kinds) > 1:
+            problems.append(f"{item.nodeid}: marked {' and '.join(kinds)}; keep one, the heaviest it starts "
+                            f"({' < '.join(KINDS)})")
+            continue
+        needs = [(fixture, STARTS[fixture]) for fixture in item.fixturenames if fixture in STARTS]
+        too_light = [f"{fixture} ({kind})" for fixture, kind in needs if order.index(kind) > order.index(kinds[0])]
+        if too_light:
+            problems.append(f"{item.nodeid}: marked {kinds[0]} but uses {', '.join(too_light)}")
+    if problems:
+        raise pytest.UsageError("tests/conftest.py: every test says what it starts:\n  " + "\n  ".join(problems))
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_ray(request):
+    """A `unit` test that leaves an embedded Ray running (where none ran before it) fails."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if not before and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.node.nodeid} is marked unit but started Ray: mark it ray", pytrace=False)
 
 
 @pytest.fixture(scope="session")

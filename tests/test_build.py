@@ -14,6 +14,7 @@ from annotation_fixtures import EXPECTED_REJECTS, GOOD_SAMPLES, moving_square, w
 from data_shards.write.shards import BuildOptions, build_shards
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
+from data_shards.errors import ValleyForgeError
 from data_shards.frames import index_video
 from data_shards.write.ingest import IngestOptions
 from data_shards.manifest import read_manifest, sha256_file
@@ -24,6 +25,7 @@ from data_shards.tokenizer import build_word_tokenizer
 from data_shards.write.transcode import TranscodeOptions
 from data_shards.write.writer import write_tar
 
+pytestmark = pytest.mark.unit
 VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=5, tokens_per_image=2)
 
 
@@ -72,7 +74,7 @@ def test_build_is_byte_identical_and_resumes_skipping_done_chunks(inputs, tmp_pa
     summary = build(inputs, out)
     assert summary.skipped_chunks == 5 and shard_hashes(out) == shard_hashes(tmp_path / "b")
     assert not list(out.glob("*.tmp")) and (out / "manifest.json").is_file()
-    with pytest.raises(ValueError, match="other annotations or options"):
+    with pytest.raises(ValleyForgeError, match="other annotations or options"):
         build(inputs, out, video_size=16)
 
 

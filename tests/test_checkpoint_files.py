@@ -1,8 +1,12 @@
 """Which checkpoint tags are kept: the newest complete ones, never a tag a crash left incomplete."""
 import json
 
+import pytest
+
 from trainer.checkpoint import COMPLETE, prune
 from trainer.storage import Storage
+
+pytestmark = pytest.mark.unit
 
 
 def test_prune_keeps_the_newest_complete_tags_and_drops_incomplete_ones(tmp_path):

@@ -15,11 +15,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from mlflow import MlflowClient
 
 from trainer.generate import generate_from_export
 from trainer.storage import Storage
+
+pytestmark = pytest.mark.cluster
 
 DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 PROMPT = "what colour is the shape ?"

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from data_shards.conversation import IGNORE_INDEX
+from data_shards.errors import ValleyForgeError
 from pathlib import Path
 
 from launch.config import ConfigError, load_config
@@ -16,6 +17,7 @@ from trainer.export import export_model
 from trainer.model import model_inputs
 from trainer.storage import Storage
 
+pytestmark = pytest.mark.unit
 CLIPA = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "clipa.yaml"
 
 
@@ -28,7 +30,7 @@ def test_a_clip_is_paired_with_its_supervised_text_left_aligned_and_cut():
     assert text.tolist() == [[5, 6, 2, 0], [7, 8, 3, 4]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     labels[1] = IGNORE_INDEX
-    with pytest.raises(ValueError, match="has none"):
+    with pytest.raises(ValleyForgeError, match="has none"):
         caption_tokens(ids, labels, max_length=4)
 
 

@@ -2,6 +2,7 @@
 ZeRO-3 with the optimizer state offloaded to CPU trains on 2 ranks."""
 import json
 
+import pytest
 import torch
 
 from data_shards.config import ReaderConfig
@@ -13,6 +14,7 @@ from trainer.model import model_inputs
 from two_ranks import fit_on_ranks, losses_worker, tiny_job
 
 
+@pytest.mark.unit
 def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
     blueprint = blueprint_from_config(ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"),
                                         num_frames=2, vision_feature_layer=-1))
@@ -38,6 +40,7 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
             assert torch.allclose(grad, ckpt_grads[name], atol=1e-6), name
 
 
+@pytest.mark.ray
 def test_zero3_with_optimizer_offload_and_checkpointing_trains(ray_local, synth_data, tmp_path):
     job = tiny_job(synth_data, tmp_path, num_frames=2,
                    engine={"offload_optimizer": True, "gradient_checkpointing": ["llm"]},

@@ -9,6 +9,8 @@ import pytest
 from data_shards.frames import FrameSampling, decode_frames, index_video, pick_indices
 from data_shards.media import VisualSpec, decode_media, encode_jpeg, encode_mp4
 
+pytestmark = pytest.mark.unit
+
 
 def clip(num_frames=90, fps=30, keyframe_interval=10):
     """Frame t has brightness 2t: a decoded frame tells its own index."""

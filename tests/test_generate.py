@@ -19,6 +19,7 @@ from trainer.export import export_model
 from trainer.storage import Storage
 from trainer.generate import answer, media_for, media_members
 
+pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 
 

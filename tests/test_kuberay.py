@@ -10,10 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_shards.errors import ValleyForgeError
 from launch.config import load_config
 from launch.kuberay import rayjob_manifest, resource_name
 from launch.submit import cluster_job_config
 
+pytestmark = pytest.mark.unit
 ROOT = Path(__file__).resolve().parents[1]
 VALLEY = ROOT / "configs" / "valley.yaml"
 VALIDATOR = ROOT.parent / "shared" / "tools" / "validate_rayjob.py"  # not part of the project
@@ -65,7 +67,7 @@ def test_uneven_workers_fractional_cpus_and_names_kubernetes_accepts():
 ])
 def test_what_pods_cannot_reach_is_refused_naming_the_field(overrides, tracking, field):
     cfg = cluster_job_config(load_config(VALLEY, [*READY, *overrides]))
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+    with pytest.raises(ValleyForgeError, match=field.replace(".", r"\.")):
         rayjob_manifest(cfg, tracking, "image")
 
 

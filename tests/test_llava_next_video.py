@@ -17,6 +17,7 @@ from trainer.export import export_model
 from trainer.llava_next_video import FOLDER
 from trainer.storage import Storage
 
+pytestmark = pytest.mark.unit
 FRAMES = 4
 
 

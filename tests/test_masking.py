@@ -6,6 +6,7 @@ from data_shards.conversation import (IGNORE_INDEX, TEMPLATE_SPECIAL_TOKENS, TEM
 from data_shards.write.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
+pytestmark = pytest.mark.unit
 VISUAL = {"video": 5, "image": 3}
 CONVERSATION = [
     {"from": "human", "value": "<video>\nwhat colour is the shape ?"}, {"from": "gpt", "value": "it is red ."},

@@ -4,6 +4,7 @@ collective timeout turns a hang into a failure)."""
 import json
 from pathlib import Path
 
+import pytest
 
 from data_shards.write.synth import SynthSpec, make_sample
 from data_shards.write.writer import SplitWriter
@@ -12,6 +13,7 @@ from data_shards.read.reader import Topology, build_loader
 from trainer.stage import StageRunner
 from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
+pytestmark = pytest.mark.ray
 STEPS = 4
 
 

@@ -1,5 +1,6 @@
 """Sequence packing: several samples per row, positions restarting per sample, attention kept
 inside each sample; the loss and every gradient equal those of the padded batch."""
+import pytest
 import torch
 
 from data_shards.read.batching import collate, pack_rows
@@ -9,6 +10,8 @@ from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import build_model, fill_weights, blueprint_from_config
 from trainer.config import ModelConfig
 from trainer.model import model_inputs
+
+pytestmark = pytest.mark.unit
 
 
 def test_rows_as_few_as_first_fit_decreasing_and_even():

@@ -29,6 +29,7 @@ from trainer.stage import StageRunner
 from trainer.trainable import set_trainable
 from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
+pytestmark = pytest.mark.ray
 STEPS, ACCUM, MICRO = 4, 2, 4
 POOL = 256  # the synthetic instruct split
 

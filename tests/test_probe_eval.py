@@ -7,12 +7,15 @@ import dataclasses
 import json
 from pathlib import Path
 
+import pytest
+
 from data_shards.read.reader import shard_lists
 from trainer.blueprint import load_export
 from trainer.evaluation import sharded_attribute_accuracy
 from trainer.stage import StageRunner
 from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
+pytestmark = pytest.mark.ray
 CLIPS = 5
 
 

@@ -1,18 +1,22 @@
 """The reader: batches shaped for the model, ranks reading disjoint shards, bad samples counted."""
 import json
 
+import numpy as np
+import pytest
 import torch
 
+import data_shards.read.reader as reader_module
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
 from data_shards.manifest import read_manifest
-from data_shards.media import VisualSpec
+from data_shards.media import VisualSpec, encode_jpeg
 from data_shards.read.reader import Topology, build_loader
 from data_shards.write.synth import vocabulary
 from data_shards.read.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
 from data_shards.write.writer import SplitWriter
 
+pytestmark = pytest.mark.unit
 VISUAL = VisualSpec(num_frames=4, image_size=32, tokens_per_video=20, tokens_per_image=17)
 
 
@@ -72,3 +76,32 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, synth_data):
                                            (shard, "placeholder mismatch"): 1}
     assert first["seen"] + second["seen"] == 2 * len(samples) + 3
     assert "broken-json" not in second["keys"] and isinstance(second["frames"], torch.Tensor)
+
+
+def test_damaged_media_is_counted_and_a_bug_in_decoding_propagates(tmp_path, synth_data, monkeypatch):
+    """A truncated mp4 or jpg is a bad sample, skipped and counted; an error that is not the media
+    libraries' (a bug in the decoding code) stops the reader with its traceback."""
+    tok = build_word_tokenizer(vocabulary())
+    good = next(iter_samples(read_manifest(synth_data / "captions" / "heldout").urls[0]))
+    image_json = json.loads(good.members["json"])
+    image_json["conversations"][0]["value"] = "<image>"
+    still = encode_jpeg(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    writer = SplitWriter(tmp_path / "damaged", samples_per_shard=100)
+    writer.write({"__key__": "good", **good.members})
+    video = good.members["mp4"]
+    writer.write({"__key__": "cut-video", "json": good.members["json"], "mp4": video[:len(video) // 2]})
+    writer.write({"__key__": "cut-image", "json": json.dumps(image_json).encode(), "jpg": still[:len(still) // 2]})
+    writer.close()
+    cfg = ReaderConfig(micro_batch_size=1, num_workers=0, shuffle_buffer=1)
+
+    it = iter(build_loader(str(tmp_path / "damaged"), cfg, tok, get_template("plain"), VISUAL, Topology(0, 1), False))
+    first, second = next(it), next(it)  # in order: good, then both damaged ones skipped, then good again
+    assert first["keys"] == second["keys"] == ["good"]
+    assert first["rejected"] == {} and second["rejected"] == {"undecodable media": 2}
+
+    def broken_decoder(*args, **kwargs):
+        raise TypeError("a bug in the decoding code")
+    monkeypatch.setattr(reader_module, "decode_media", broken_decoder)
+    loader = build_loader(str(tmp_path / "damaged"), cfg, tok, get_template("plain"), VISUAL, Topology(0, 1), False)
+    with pytest.raises(TypeError, match="a bug in the decoding code"):
+        next(iter(loader))

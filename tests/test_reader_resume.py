@@ -12,11 +12,13 @@ import torch
 
 from data_shards.config import DataSource, ReaderConfig
 from data_shards.conversation import get_template
+from data_shards.errors import ValleyForgeError
 from data_shards.media import VisualSpec
 from data_shards.read.reader import Topology, build_loader, merge_states
 from data_shards.write.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
 
+pytestmark = pytest.mark.unit
 VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=20, tokens_per_image=17)
 
 
@@ -92,7 +94,7 @@ def test_micro_batch_sequence_and_resume_do_not_depend_on_ranks_or_workers(synth
 
 
 def test_reader_refuses_a_rank_count_that_does_not_divide_the_streams(synth_data):
-    with pytest.raises(ValueError, match="4 data streams cannot be split over 3 ranks"):
+    with pytest.raises(ValleyForgeError, match="4 data streams cannot be split over 3 ranks"):
         make_loader(str(synth_data), "epoch", rank=0, world_size=3)
 
 

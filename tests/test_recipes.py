@@ -10,6 +10,7 @@ import torch.distributed as dist
 from launch.config import load_config
 from two_ranks import fit_on_ranks, worker_topology
 
+pytestmark = pytest.mark.ray
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS = 2
 

@@ -1,12 +1,15 @@
 """Shards: what is written is what is read (keys, counts, bytes); the manifest is right."""
 
 import numpy as np
+import pytest
 import webdataset as wds
 
 from data_shards.frames import FrameSampling, decode_frames
 from data_shards.manifest import read_manifest, sha256_file
 from data_shards.read.tarstream import iter_samples
 from data_shards.write.writer import SplitWriter
+
+pytestmark = pytest.mark.unit
 
 
 def test_round_trip_keys_counts_bytes(tmp_path):

@@ -8,6 +8,8 @@ from data_shards.read.tarstream import iter_samples
 from trainer.stage import StageRunner
 from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
+pytestmark = pytest.mark.ray
+
 
 def stage_worker(config):
     runner = StageRunner(config["job"], worker_topology())

@@ -13,6 +13,7 @@ import pytest
 
 from data_shards.config import DataSource, ReaderConfig
 from data_shards.conversation import get_template
+from data_shards.errors import ValleyForgeError
 from data_shards.read.health import ReadHealth, TooManySkipped
 from data_shards.manifest import read_manifest
 from data_shards.media import VisualSpec
@@ -23,6 +24,7 @@ from data_shards.read.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
 from data_shards.write.writer import SplitWriter
 
+pytestmark = pytest.mark.unit
 VISUAL = VisualSpec(num_frames=2, image_size=16, tokens_per_video=3, tokens_per_image=2)
 TOKENIZER = build_word_tokenizer(vocabulary())
 
@@ -106,14 +108,14 @@ def test_ranks_read_the_shard_lists_the_driver_expanded(tmp_path, synth_data):
 
 
 def test_missing_sources_are_named(tmp_path):
-    with pytest.raises(ValueError, match="matches no shards"):
+    with pytest.raises(ValleyForgeError, match="matches no shards"):
         shard_urls(f"{tmp_path}/*.tar")
-    with pytest.raises(ValueError, match="2 shard\\(s\\) not found"):
+    with pytest.raises(ValleyForgeError, match="2 shard\\(s\\) not found"):
         shard_urls(f"{tmp_path}/x-{{0..1}}.tar")
 
 
 def test_unknown_store_is_named_before_reading():
-    with pytest.raises(ValueError, match="nosuchstore"):
+    with pytest.raises(ValleyForgeError, match="nosuchstore"):
         shard_urls("nosuchstore://bucket/a-{0..1}.tar")
 
 

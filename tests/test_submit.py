@@ -45,6 +45,7 @@ def submitted_ids(server: JobServer) -> set[str]:
     return {job.submission_id for job in server.call("list_jobs") if job.submission_id}
 
 
+@pytest.mark.cluster
 def test_submit_follow_runs_a_tiny_recipe_to_success_and_registers_its_stages(
         two_node_cluster, object_store, mlflow_server, synth_data, store_data):
     cluster, name = two_node_cluster, "submitted"
@@ -62,6 +63,7 @@ def test_submit_follow_runs_a_tiny_recipe_to_success_and_registers_its_stages(
         assert version.tags["stage"] == stage
 
 
+@pytest.mark.cluster
 def test_a_bad_config_submits_nothing_and_a_wrong_token_is_refused(two_node_cluster, job_server):
     cluster = two_node_cluster
     before = submitted_ids(job_server)
@@ -79,6 +81,7 @@ def test_a_bad_config_submits_nothing_and_a_wrong_token_is_refused(two_node_clus
     assert refused.returncode == 1 and f"the Ray job server at {cluster.dashboard} refused the request" in err, err
 
 
+@pytest.mark.unit
 def test_the_job_carries_the_project_the_config_and_the_pinned_requirements(tmp_path, synth_data):
     cfg = cluster_job_config(load_config(TINY, [f"model.word_vocab={synth_data}/vocab.txt",
                                                 "cluster.address=elsewhere:6379"]))
@@ -103,6 +106,7 @@ def test_the_job_carries_the_project_the_config_and_the_pinned_requirements(tmp_
     assert len(packages) == len(pinned_requirements())
 
 
+@pytest.mark.cluster
 def test_jobs_stop_stops_a_running_job_and_its_follower_exits_non_zero(
         two_node_cluster, job_server, object_store, mlflow_server, synth_data, store_data):
     cluster, name = two_node_cluster, "stopped"

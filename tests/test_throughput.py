@@ -1,5 +1,6 @@
 """The MFU numerator: the documented FLOP formula agrees with torch's FLOP counter on the
 model's own forward passes, and the step factors follow what trains."""
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -7,6 +8,8 @@ from data_shards.write.synth import vocabulary
 from trainer.blueprint import build_model, fill_weights, blueprint_from_config
 from trainer.config import ModelConfig
 from trainer.throughput import FlopCounter
+
+pytestmark = pytest.mark.unit
 
 
 def measured(fn) -> int:

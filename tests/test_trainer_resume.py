@@ -20,6 +20,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from trainer.stage import StageRunner
 from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
+pytestmark = pytest.mark.ray
 STEPS = 6
 
 

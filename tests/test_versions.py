@@ -1,10 +1,13 @@
 """A registered version's description and the promoted alias, against a real MLflow registry
 (sqlite); and the system metrics' names, one node or several."""
 import mlflow
+import pytest
 from mlflow import MlflowClient
 
 from launch.versions import StageRecord, describe, promote
 from trainer.system_metrics import system_metrics
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_promoted_alias_moves_only_to_a_better_evaluation(tmp_path):

@@ -10,6 +10,8 @@ from trainer.config import ModelConfig, TokenReductionConfig
 from trainer.token_reduction import token_reduction_for
 from trainer.visual import KeepAllPatches, SpatialPool2x2, TemporalDifference, ValleyPooling
 
+pytestmark = pytest.mark.unit
+
 
 def tiny_model(tmp_path, **model_fields):
     vocab = tmp_path / "vocab.txt"

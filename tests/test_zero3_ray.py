@@ -3,11 +3,13 @@ export loads in plain transformers with the trained module's logits."""
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer.stage import StageRunner
 from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
+pytestmark = pytest.mark.ray
 STEPS = 25
 
 
