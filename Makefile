@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 
-.PHONY: demo test test-unit install clean
+.PHONY: demo test test-unit lint install clean
 
 install: $(STAMP)
 
@@ -21,11 +21,16 @@ $(STAMP): requirements.lock setup.py
 demo: $(STAMP)
 	$(VENV)/bin/valleyforge demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q tests
 
-test-unit: $(STAMP)
+test-unit: lint
 	$(PY) -m pytest -q -m unit tests
+
+# ruff.toml holds the rules; `ruff format .` fixes what the format check finds
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf runs mlflow.db mlruns .pytest_cache

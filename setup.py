@@ -29,7 +29,7 @@ setup(
         "gpu": ["flash-attn>=2.5"],
         "cloud": ["s3fs", "gcsfs"],
         # tests read our shards with the webdataset library and run an S3-compatible store (moto)
-        "dev": ["pytest>=8", "webdataset>=0.2.100", "moto[server]>=5", "s3fs"],
+        "dev": ["pytest>=8", "ruff>=0.17", "webdataset>=0.2.100", "moto[server]>=5", "s3fs"],
     },
     entry_points={"console_scripts": ["valleyforge=launch.cli:main"]},
 )

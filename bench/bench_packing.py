@@ -10,6 +10,7 @@ the LLM runs (the vision path costs the same either way).
 
     python bench/bench_packing.py [--batches 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_shards.read.batching import collate  # noqa: E402
 from data_shards.media import VisualSpec  # noqa: E402
+from data_shards.read.batching import collate  # noqa: E402
 from trainer import packed_attention  # noqa: E402
 
 ROW = 1024
@@ -35,7 +36,7 @@ def samples(rng: np.random.Generator, count: int) -> list[dict]:
     out = []
     for i, n in enumerate(lengths):
         ids = rng.integers(4, 1000, size=n).tolist()
-        labels = [-100] * (n // 2) + ids[n // 2:]  # the second half is the answer
+        labels = [-100] * (n // 2) + ids[n // 2 :]  # the second half is the answer
         out.append({"key": str(i), "input_ids": ids, "labels": labels, "pixels": None})
     return out
 
@@ -68,9 +69,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     packed_attention.register()  # as our trainer builds the LLM where SDPA is chosen
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=ROW,
-                                         attn_implementation=packed_attention.NAME))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=1024,
+            hidden_size=256,
+            intermediate_size=688,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=ROW,
+            attn_implementation=packed_attention.NAME,
+        )
+    )
     rng = np.random.default_rng(0)
     groups = [samples(rng, args.batch_size) for _ in range(args.batches)]
     padded = [collate(g, 0, VISUAL) for g in groups]

@@ -8,6 +8,7 @@ c. time to the first batch of a resumed reader, at 10% and 90% of an epoch, and 
 
     python bench/bench_reader.py --work /tmp/vf-bench [--clips 96]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,17 +25,17 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).parent))
 from clips import write_clips  # noqa: E402
 
-from data_shards.write.shards import BuildOptions, build_shards  # noqa: E402
 from data_shards.config import ReaderConfig  # noqa: E402
 from data_shards.conversation import encode_conversation, get_template  # noqa: E402
 from data_shards.frames import FrameSampling, decode_frames, uniform_indices  # noqa: E402
-from data_shards.write.ingest import IngestOptions  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
-from data_shards.read.batching import collate  # noqa: E402
 from data_shards.media import VisualSpec  # noqa: E402
+from data_shards.read.batching import collate  # noqa: E402
 from data_shards.read.reader import Topology, build_loader  # noqa: E402
 from data_shards.read.tarstream import iter_samples  # noqa: E402
 from data_shards.tokenizer import build_word_tokenizer  # noqa: E402
+from data_shards.write.ingest import IngestOptions  # noqa: E402
+from data_shards.write.shards import BuildOptions, build_shards  # noqa: E402
 
 FRAMES, SIZE, BATCH = 8, 224, 8
 VISUAL = VisualSpec(num_frames=FRAMES, image_size=SIZE, tokens_per_video=64, tokens_per_image=8)
@@ -48,8 +49,13 @@ def prepare(work: Path, clips: int) -> tuple[Path, Path]:
     annotations = write_clips(work / "raw", clips, 224, 224, seconds=8, fps=25, keyframe_interval=50)
     shards = work / "shards"
     if not (shards / "manifest.json").is_file():
-        build_shards([str(annotations)], shards, BuildOptions(IngestOptions(str(work / "raw")), samples_per_shard=8),
-                     workers=2, show_progress=False)
+        build_shards(
+            [str(annotations)],
+            shards,
+            BuildOptions(IngestOptions(str(work / "raw")), samples_per_shard=8),
+            workers=2,
+            show_progress=False,
+        )
     return annotations, shards
 
 
@@ -115,9 +121,14 @@ class LlavaStyleDataset(Dataset):
 
 def llava_loader(annotations: Path):
     dataset = LlavaStyleDataset(annotations)
-    return DataLoader(dataset, batch_size=BATCH, num_workers=1, persistent_workers=True,
-                      collate_fn=collate_float,
-                      sampler=torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9))
+    return DataLoader(
+        dataset,
+        batch_size=BATCH,
+        num_workers=1,
+        persistent_workers=True,
+        collate_fn=collate_float,
+        sampler=torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9),
+    )
 
 
 def resume_first_batch(shards: Path, fraction: float) -> tuple[float, float]:
@@ -149,8 +160,10 @@ def main() -> None:
     floor = decode_floor(shards, args.seconds)
     ours = timed_batches(our_reader(shards), args.seconds)
     llava = timed_batches(llava_loader(annotations), args.seconds)
-    print(f"a. decode floor {floor:.1f} clips/s; ValleyForge reader {ours:.1f} clips/s per worker "
-          f"= {ours / floor:.2f} of the floor")
+    print(
+        f"a. decode floor {floor:.1f} clips/s; ValleyForge reader {ours:.1f} clips/s per worker "
+        f"= {ours / floor:.2f} of the floor"
+    )
     print(f"b. LLaVA-style loader {llava:.1f} clips/s per worker; ValleyForge / LLaVA-style = {ours / llava:.2f}x")
     fresh = time.perf_counter()
     next(our_reader(shards))
@@ -158,8 +171,10 @@ def main() -> None:
     print(f"c. first batch of a fresh reader: {fresh:.2f} s")
     for fraction in (0.1, 0.9):
         reached, resumed = resume_first_batch(shards, fraction)
-        print(f"c. resume at {fraction:.0%} of the epoch: first batch after {resumed:.2f} s "
-              f"(reading up to there took {reached:.1f} s)")
+        print(
+            f"c. resume at {fraction:.0%} of the epoch: first batch after {resumed:.2f} s "
+            f"(reading up to there took {reached:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

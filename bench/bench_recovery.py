@@ -18,6 +18,7 @@ and the work lost: the steps between that checkpoint and the kill, trained again
     python bench/bench_recovery.py --work /tmp/vf-recovery --runs 2
     python bench/bench_recovery.py --work /tmp/vf-recovery --runs 2 --elastic
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,11 +44,19 @@ RESUMED = re.compile(r"resumed from \S+/step-(\d+) at step (\d+)")
 
 
 def overrides(data: Path, out: Path, name: str, steps: int, every: int) -> list[str]:
-    return [f"name={name}", f"output_dir={out}", f"model.word_vocab={data}/vocab.txt",
-            f"tracking.registered_model_prefix={name}", "evaluation=", "cluster.max_failures=1",
-            f"stages.instruct.train_data={data}/instruct/train", "stages.instruct.eval_data=",
-            "stages.instruct.init_from=config", f"stages.instruct.steps={steps}",
-            f"stages.instruct.checkpoint_every={every}"]
+    return [
+        f"name={name}",
+        f"output_dir={out}",
+        f"model.word_vocab={data}/vocab.txt",
+        f"tracking.registered_model_prefix={name}",
+        "evaluation=",
+        "cluster.max_failures=1",
+        f"stages.instruct.train_data={data}/instruct/train",
+        "stages.instruct.eval_data=",
+        "stages.instruct.init_from=config",
+        f"stages.instruct.steps={steps}",
+        f"stages.instruct.checkpoint_every={every}",
+    ]
 
 
 def wait_for(condition, what: str, timeout_s: float = 600) -> float:
@@ -68,7 +77,11 @@ class StageWatch:
 
     def history(self) -> list:
         experiment = self.client.get_experiment_by_name("valleyforge-demo")
-        runs = self.client.search_runs([experiment.experiment_id], "attributes.run_name = 'instruct'") if experiment else []
+        runs = (
+            self.client.search_runs([experiment.experiment_id], "attributes.run_name = 'instruct'")
+            if experiment
+            else []
+        )
         return self.client.get_metric_history(runs[0].info.run_id, "train/loss") if runs else []
 
     def log(self, rank: int) -> str:
@@ -83,9 +96,14 @@ class StageWatch:
         steps_logged = self.history()
         killed_step = max(m.step for m in steps_logged if m.timestamp / 1000 < killed_at)
         first_new = min((m for m in steps_logged if m.timestamp / 1000 > restored), key=lambda m: m.timestamp)
-        return {"restarted_s": restarted - killed_at, "restored_s": restored - killed_at,
-                "new_step_s": first_new.timestamp / 1000 - killed_at, "killed_step": killed_step,
-                "checkpoint_step": checkpoint_step, "first_new_step": first_new.step}
+        return {
+            "restarted_s": restarted - killed_at,
+            "restored_s": restored - killed_at,
+            "new_step_s": first_new.timestamp / 1000 - killed_at,
+            "killed_step": killed_step,
+            "checkpoint_step": checkpoint_step,
+            "first_new_step": first_new.step,
+        }
 
 
 def worker_kill_run(data: Path, out: Path, name: str, steps: int, every: int, kill_after: int) -> dict:
@@ -110,6 +128,7 @@ def worker_kill_run(data: Path, out: Path, name: str, steps: int, every: int, ki
 def node_loss_run(data: Path, out: Path, name: str, steps: int, every: int, kill_after: int) -> dict:
     import yaml
     from cluster_parts import start_two_node_cluster
+
     uri = f"sqlite:///{out / 'mlflow.db'}"
     watch = StageWatch(out, uri)
     config = yaml.safe_load(DEMO.read_text())
@@ -118,14 +137,25 @@ def node_loss_run(data: Path, out: Path, name: str, steps: int, every: int, kill
     sets = [*overrides(data, out, name, steps, every), "cluster.num_workers=[1, 2]", f"cluster.storage={out}/storage"]
     for folder in ("unseen", "cluster-logs"):
         (out / folder).mkdir()
-    cluster = start_two_node_cluster(out / "unseen", out / "cluster-logs",
-                                     {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"})
+    cluster = start_two_node_cluster(
+        out / "unseen", out / "cluster-logs", {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    )
     try:
         sets.append(f"cluster.address={cluster.address}")
-        driver = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(out / "config.yaml"),
-                                   *[arg for s in sets for arg in ("--set", s)]], cwd=ROOT,
-                                  env={**os.environ, **cluster.env, "MLFLOW_TRACKING_URI": uri},
-                                  stdout=subprocess.DEVNULL, stderr=open(out / "driver.err", "w"))
+        driver = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "launch.cli",
+                "run",
+                str(out / "config.yaml"),
+                *[arg for s in sets for arg in ("--set", s)],
+            ],
+            cwd=ROOT,
+            env={**os.environ, **cluster.env, "MLFLOW_TRACKING_URI": uri},
+            stdout=subprocess.DEVNULL,
+            stderr=open(out / "driver.err", "w"),
+        )
         wait_for(lambda: len(watch.history()) >= kill_after, f"step {kill_after}")
         cluster.lose_second_node()
         killed_at = time.time()
@@ -156,18 +186,24 @@ def main() -> None:
         out.mkdir(parents=True)
         measure = node_loss_run if args.elastic else worker_kill_run
         r = measure(data, out, f"recovery{args.run}", args.steps, args.every, args.kill_after)
-        print(f"| {args.run} | {r['killed_step']} | {r['checkpoint_step']} | "
-              f"{r['first_new_step'] - 1 - r['checkpoint_step']} | {r['restarted_s']:.1f} s | {r['restored_s']:.1f} s | "
-              f"{r['new_step_s']:.1f} s (step {r['first_new_step']}) |", flush=True)
+        print(
+            f"| {args.run} | {r['killed_step']} | {r['checkpoint_step']} | "
+            f"{r['first_new_step'] - 1 - r['checkpoint_step']} | {r['restarted_s']:.1f} s | {r['restored_s']:.1f} s | "
+            f"{r['new_step_s']:.1f} s (step {r['first_new_step']}) |",
+            flush=True,
+        )
         return
     if not (data / "instruct" / "train" / "manifest.json").is_file():
         write_synthetic_dataset(data, train_samples=1024, heldout_samples=32, progress=lambda m: print(f"[data] {m}"))
-    print("| run | steps logged at the kill | resumed from step | steps trained again | restarted | restored | "
-          "first new step logged |")
+    print(
+        "| run | steps logged at the kill | resumed from step | steps trained again | restarted | restored | "
+        "first new step logged |"
+    )
     print("|---|---|---|---|---|---|---|", flush=True)
     for run in range(1, args.runs + 1):  # each in a fresh process: a fresh Ray
-        subprocess.run([sys.executable, __file__, *sys.argv[1:], "--run", str(run)], check=True,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [sys.executable, __file__, *sys.argv[1:], "--run", str(run)], check=True, stderr=subprocess.DEVNULL
+        )
 
 
 if __name__ == "__main__":

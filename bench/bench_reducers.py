@@ -8,6 +8,7 @@ colour, shape and direction by generation.
 
     python bench/bench_reducers.py --data runs/demo/data --steps 1200 [--reducers none valley ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,11 @@ from data_shards.conversation import get_template  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
 from data_shards.read.reader import Topology, build_loader  # noqa: E402
 from data_shards.write.synth import write_synthetic_dataset  # noqa: E402
-from trainer.blueprint import build_model, fill_weights, blueprint_from_config  # noqa: E402
+from trainer.blueprint import blueprint_from_config, build_model, fill_weights  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
 from trainer.contrastive import retrieval_metrics  # noqa: E402
-from trainer.evaluation import attribute_accuracy  # noqa: E402
 from trainer.engine import warmup_cosine  # noqa: E402
+from trainer.evaluation import attribute_accuracy  # noqa: E402
 from trainer.model import model_inputs  # noqa: E402
 
 REDUCERS = ("none", "valley", "spatial_pool2", "temporal_diff")
@@ -35,9 +36,15 @@ TOWERS = {"embed_dim": 64, "temporal_layers": 1}
 
 
 def tiny_model(data: Path, reducer: str, seed: int, feature_layer: int):
-    cfg = ModelConfig(vision={"tiny": {"image_size": 32, "patch_size": 8}}, llm={"tiny": {}},
-                      word_vocab=str(data / "vocab.txt"), num_frames=8, reducer=reducer,
-                      vision_feature_layer=feature_layer, contrastive=TOWERS)
+    cfg = ModelConfig(
+        vision={"tiny": {"image_size": 32, "patch_size": 8}},
+        llm={"tiny": {}},
+        word_vocab=str(data / "vocab.txt"),
+        num_frames=8,
+        reducer=reducer,
+        vision_feature_layer=feature_layer,
+        contrastive=TOWERS,
+    )
     blueprint = blueprint_from_config(cfg)
     model = build_model(blueprint, "sdpa")
     fill_weights(model, blueprint, cfg.init_std, seed)
@@ -48,7 +55,8 @@ def train(model, params: list, batches, steps: int, lr: float, what: str, **obje
     """AdamW with warmup and cosine decay, gradients clipped at 1, on `steps` batches."""
     optimizer = torch.optim.AdamW(params, lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: warmup_cosine(step, total_steps=steps, warmup_steps=20, min_lr_ratio=0.1))
+        optimizer, lambda step: warmup_cosine(step, total_steps=steps, warmup_steps=20, min_lr_ratio=0.1)
+    )
     started = time.perf_counter()
     for step in range(1, steps + 1):
         loss = model(**model_inputs(next(batches)), **objective).loss
@@ -58,8 +66,10 @@ def train(model, params: list, batches, steps: int, lr: float, what: str, **obje
         optimizer.step()
         schedule.step()
         if step % 200 == 0:
-            print(f"  {what} step {step}/{steps} loss {float(loss):.3f} ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            print(
+                f"  {what} step {step}/{steps} loss {float(loss):.3f} ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
 
 
 def contrastive_tower(data: Path, steps: int, batch_size: int, lr: float, seed: int) -> dict:
@@ -74,21 +84,33 @@ def contrastive_tower(data: Path, steps: int, batch_size: int, lr: float, seed: 
 
     def captions(split: str, train_mode: bool):
         reader = ReaderConfig(micro_batch_size=batch_size, num_workers=1, shuffle_buffer=256, max_length=64, seed=seed)
-        return build_loader(str(data / "captions" / split), reader, tokenizer, get_template("plain"),
-                            model.visual_spec(contrastive=True), Topology(), train=train_mode)
+        return build_loader(
+            str(data / "captions" / split),
+            reader,
+            tokenizer,
+            get_template("plain"),
+            model.visual_spec(contrastive=True),
+            Topology(),
+            train=train_mode,
+        )
+
     train(model, params, captions("train", True), steps, lr, "contrastive", contrastive=True)
     model.eval()
     heldout, count = captions("heldout", False), read_manifest(data / "captions" / "heldout").num_samples
     with torch.no_grad():  # the held-out reader repeats: its first `count` pairs, each once
         outputs = [model(**model_inputs(next(heldout)), contrastive=True) for _ in range(-(-count // batch_size))]
-    retrieval = retrieval_metrics(torch.cat([o.video_embeds for o in outputs])[:count],
-                                  torch.cat([o.text_embeds for o in outputs])[:count], float(outputs[-1].logit_scale))
+    retrieval = retrieval_metrics(
+        torch.cat([o.video_embeds for o in outputs])[:count],
+        torch.cat([o.text_embeds for o in outputs])[:count],
+        float(outputs[-1].logit_scale),
+    )
     print(f"  contrastive tower after {steps} steps: {retrieval}", flush=True)
     return {k: v.detach().clone() for k, v in model.vision.state_dict().items()}
 
 
-def run(reducer: str, data: Path, steps: int, batch_size: int, lr: float, seed: int, feature_layer: int,
-        vision: dict | None) -> dict:
+def run(
+    reducer: str, data: Path, steps: int, batch_size: int, lr: float, seed: int, feature_layer: int, vision: dict | None
+) -> dict:
     torch.manual_seed(seed)
     model, tokenizer = tiny_model(data, reducer, seed, feature_layer)
     if vision is not None:
@@ -98,14 +120,24 @@ def run(reducer: str, data: Path, steps: int, batch_size: int, lr: float, seed: 
     model.text.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     reader = ReaderConfig(micro_batch_size=batch_size, num_workers=1, shuffle_buffer=256, max_length=256, seed=seed)
-    batches = build_loader(str(data / "instruct" / "train"), reader, tokenizer, get_template("vicuna_v1"),
-                           model.visual_spec(), Topology(), train=True)
+    batches = build_loader(
+        str(data / "instruct" / "train"),
+        reader,
+        tokenizer,
+        get_template("vicuna_v1"),
+        model.visual_spec(),
+        Topology(),
+        train=True,
+    )
     started = time.perf_counter()
     train(model, params, batches, steps, lr, reducer)
     accuracy = attribute_accuracy(model.eval(), tokenizer, str(data / "instruct" / "heldout"), "vicuna_v1")
-    return {"reducer": reducer, "tokens": model.visual_spec().tokens_per_video,
-            "minutes": (time.perf_counter() - started) / 60,
-            **{k.rsplit("/", 1)[1]: v for k, v in accuracy.items() if k.startswith("eval/attribute_accuracy/")}}
+    return {
+        "reducer": reducer,
+        "tokens": model.visual_spec().tokens_per_video,
+        "minutes": (time.perf_counter() - started) / 60,
+        **{k.rsplit("/", 1)[1]: v for k, v in accuracy.items() if k.startswith("eval/attribute_accuracy/")},
+    }
 
 
 def main() -> None:
@@ -125,21 +157,31 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not (args.data / "instruct" / "heldout" / "manifest.json").is_file():
         write_synthetic_dataset(args.data, train_samples=2048, heldout_samples=96)
-    vision = contrastive_tower(args.data, args.contrastive_steps, args.contrastive_batch_size, args.contrastive_lr,
-                               args.seed) if args.contrastive_steps else None
+    vision = (
+        contrastive_tower(
+            args.data, args.contrastive_steps, args.contrastive_batch_size, args.contrastive_lr, args.seed
+        )
+        if args.contrastive_steps
+        else None
+    )
     rows = []
     for reducer in args.reducers:
-        rows.append(run(reducer, args.data, args.steps, args.batch_size, args.lr, args.seed, args.feature_layer,
-                        vision))
+        rows.append(
+            run(reducer, args.data, args.steps, args.batch_size, args.lr, args.seed, args.feature_layer, vision)
+        )
         print(rows[-1], flush=True)
     tower = f"contrastive tower ({args.contrastive_steps} steps)" if vision is not None else "random tower"
-    print(f"\n{args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, {tower}, features of layer "
-          f"{args.feature_layer}; chance: colour 0.25, shape 0.33, direction 0.25")
+    print(
+        f"\n{args.steps} steps, batch {args.batch_size}, lr {args.lr}, seed {args.seed}, {tower}, features of layer "
+        f"{args.feature_layer}; chance: colour 0.25, shape 0.33, direction 0.25"
+    )
     print("| reducer | visual tokens per clip | colour | shape | direction | minutes |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['reducer']} | {r['tokens']} | {r['colour']:.2f} | {r['shape']:.2f} | {r['direction']:.2f} "
-              f"| {r['minutes']:.1f} |")
+        print(
+            f"| {r['reducer']} | {r['tokens']} | {r['colour']:.2f} | {r['shape']:.2f} | {r['direction']:.2f} "
+            f"| {r['minutes']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ then the reader's per-clip decode (8 frames at 224x224, uniform and random-segme
 
     python bench/bench_transcode.py --work /tmp/vf-bench-transcode [--clips 24]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,12 +21,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from clips import write_clips  # noqa: E402
 
-from data_shards.write.shards import BuildOptions, build_shards  # noqa: E402
 from data_shards.frames import FrameSampling  # noqa: E402
-from data_shards.write.ingest import IngestOptions  # noqa: E402
 from data_shards.manifest import read_manifest  # noqa: E402
 from data_shards.media import VisualSpec, decode_media  # noqa: E402
 from data_shards.read.tarstream import iter_samples  # noqa: E402
+from data_shards.write.ingest import IngestOptions  # noqa: E402
+from data_shards.write.shards import BuildOptions, build_shards  # noqa: E402
 from data_shards.write.transcode import TranscodeOptions  # noqa: E402
 
 VISUAL = VisualSpec(num_frames=8, image_size=224, tokens_per_video=64, tokens_per_image=8)
@@ -36,8 +37,13 @@ def build(annotations: Path, media: Path, out: Path, transcode: TranscodeOptions
     """(build seconds, shard bytes), built from scratch."""
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    build_shards([str(annotations)], out, BuildOptions(IngestOptions(str(media), transcode), samples_per_shard=8),
-                 workers=2, show_progress=False)
+    build_shards(
+        [str(annotations)],
+        out,
+        BuildOptions(IngestOptions(str(media), transcode), samples_per_shard=8),
+        workers=2,
+        show_progress=False,
+    )
     return time.perf_counter() - started, read_manifest(out).extra["source_statistics"]["sample_bytes_out"]
 
 
@@ -63,14 +69,23 @@ def main() -> None:
     for name, options in (("as is", TranscodeOptions()), ("transcoded", TRANSCODE)):
         out = args.work / name.replace(" ", "_")
         seconds, size = build(annotations, args.work / "raw", out, options)
-        rows.append((name, seconds / args.clips, size / args.clips / 1024,
-                     decode_ms(out, "uniform", args.repeats), decode_ms(out, "random_segment", args.repeats)))
+        rows.append(
+            (
+                name,
+                seconds / args.clips,
+                size / args.clips / 1024,
+                decode_ms(out, "uniform", args.repeats),
+                decode_ms(out, "random_segment", args.repeats),
+            )
+        )
     print("| shards | build s/clip | KiB/clip | decode ms/clip, uniform | decode ms/clip, random segment |")
     print("|---|---|---|---|---|")
     for name, build_s, kib, uniform, segment in rows:
         print(f"| {name} | {build_s:.2f} | {kib:.0f} | {uniform:.1f} | {segment:.1f} |")
-    print(f"speed-up at training time: uniform {rows[0][3] / rows[1][3]:.1f}x, "
-          f"random segment {rows[0][4] / rows[1][4]:.1f}x")
+    print(
+        f"speed-up at training time: uniform {rows[0][3] / rows[1][3]:.1f}x, "
+        f"random segment {rows[0][4] / rows[1][4]:.1f}x"
+    )
 
 
 if __name__ == "__main__":

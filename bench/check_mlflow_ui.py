@@ -9,6 +9,7 @@ packages, driven by Playwright; `mlflow ui` is started here on the job's trackin
 
 Prints one line per check and exits 1 if any fails; screenshots of the pages go to OUT.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,9 +36,22 @@ def free_port() -> int:
 
 
 def start_ui(tracking_uri: str, port: int) -> subprocess.Popen:
-    ui = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-                           "--host", "127.0.0.1", "--port", str(port)],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -87,16 +101,26 @@ def main() -> None:
     experiment = client.get_experiment_by_name(args.experiment)
     if experiment is None:
         raise SystemExit(f"{args.tracking_uri}: no experiment {args.experiment!r}")
-    jobs = client.search_runs([experiment.experiment_id], f"attributes.run_name = '{args.job}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    jobs = client.search_runs(
+        [experiment.experiment_id],
+        f"attributes.run_name = '{args.job}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not jobs:
         raise SystemExit(f"{args.tracking_uri}: no run of job {args.job!r} in {args.experiment!r}")
     job = jobs[0]
-    stages = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{job.info.run_id}'",
-                                order_by=["attributes.start_time ASC"])
+    stages = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.mlflow.parentRunId = '{job.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
     # each version read whole: a search leaves out aliases
-    versions = [client.get_model_version(v.name, v.version) for run in stages
-                for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")]
+    versions = [
+        client.get_model_version(v.name, v.version)
+        for run in stages
+        for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")
+    ]
 
     port = free_port()
     ui = start_ui(args.tracking_uri, port)
@@ -114,8 +138,10 @@ def main() -> None:
                 page.get_by_placeholder("Search metric charts").fill("train/loss")
                 checks.expect(f"stage run {stage}: its loss chart", f"{stage} (train/loss)")
                 checks.visit(ui_path(experiment.experiment_id, run.info.run_id, "system-metrics"), f"{stage}-system")
-                checks.expect(f"stage run {stage}: its system metrics (CPU chart drawn)",
-                              f"{stage} (system/cpu_utilization_percentage)")
+                checks.expect(
+                    f"stage run {stage}: its system metrics (CPU chart drawn)",
+                    f"{stage} (system/cpu_utilization_percentage)",
+                )
             for version in versions:
                 name = f"{version.name} version {version.version}"
                 checks.visit(f"#/models/{version.name}/versions/{version.version}", f"{version.name}-{version.version}")
@@ -130,8 +156,11 @@ def main() -> None:
             browser.close()
     finally:
         ui.terminate()
-    print(f"{checks.failed} check(s) failed; screenshots in {args.out}" if checks.failed else
-          f"every check passed; screenshots in {args.out}")
+    print(
+        f"{checks.failed} check(s) failed; screenshots in {args.out}"
+        if checks.failed
+        else f"every check passed; screenshots in {args.out}"
+    )
     sys.exit(1 if checks.failed else 0)
 
 

@@ -1,5 +1,6 @@
 """Synthetic benchmark clips: textured moving shapes, H.264, with a chosen size, length and
 keyframe interval, written as mp4 files plus a LLaVA-style JSON list."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ def render(seed: int, width: int, height: int, num_frames: int) -> np.ndarray:
         frame = np.repeat((background + texture)[..., None], 3, axis=2)
         x = int(x0 + vx * t) % (width - size)
         y = int(y0 + vy * t) % (height - size)
-        frame[y: y + size, x: x + size] = colour
+        frame[y : y + size, x : x + size] = colour
         frames[t] = frame
     return frames
 
@@ -36,17 +37,36 @@ def _write(args) -> str:
     return path
 
 
-def write_clips(directory: Path, count: int, width: int, height: int, seconds: float, fps: int,
-                keyframe_interval: int, processes: int = 2) -> Path:
+def write_clips(
+    directory: Path,
+    count: int,
+    width: int,
+    height: int,
+    seconds: float,
+    fps: int,
+    keyframe_interval: int,
+    processes: int = 2,
+) -> Path:
     """`count` mp4 files under directory/videos and directory/annotations.json; returns the JSON."""
     (directory / "videos").mkdir(parents=True, exist_ok=True)
-    jobs = [(str(directory / "videos" / f"clip{i:04d}.mp4"), i, width, height, int(seconds * fps), fps,
-             keyframe_interval) for i in range(count) if not (directory / "videos" / f"clip{i:04d}.mp4").is_file()]
+    jobs = [
+        (str(directory / "videos" / f"clip{i:04d}.mp4"), i, width, height, int(seconds * fps), fps, keyframe_interval)
+        for i in range(count)
+        if not (directory / "videos" / f"clip{i:04d}.mp4").is_file()
+    ]
     with Pool(processes) as pool:
         pool.map(_write, jobs)
-    annotations = [{"id": f"clip{i:04d}", "video": f"videos/clip{i:04d}.mp4",
-                    "conversations": [{"from": "human", "value": "<video>\ndescribe the video ."},
-                                      {"from": "gpt", "value": "a square moving ."}]} for i in range(count)]
+    annotations = [
+        {
+            "id": f"clip{i:04d}",
+            "video": f"videos/clip{i:04d}.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\ndescribe the video ."},
+                {"from": "gpt", "value": "a square moving ."},
+            ],
+        }
+        for i in range(count)
+    ]
     path = directory / "annotations.json"
     path.write_text(json.dumps(annotations))
     return path

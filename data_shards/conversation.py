@@ -5,6 +5,7 @@ not; labels are the token ids of supervised segments (assistant answers and thei
 and IGNORE_INDEX elsewhere. Tokenizing per segment keeps the mask boundaries exact for any
 tokenizer, instead of locating answers again in a re-tokenized whole.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,11 @@ class SampleError(ValueError):
 @dataclass(frozen=True)
 class Template:
     name: str
-    system: str       # text before the first turn
-    user: str         # a human turn, `{text}` is the message (unsupervised)
-    assistant: str    # an assistant turn, `{text}` is the answer, `{eos}` the end token (supervised)
+    system: str  # text before the first turn
+    user: str  # a human turn, `{text}` is the message (unsupervised)
+    assistant: str  # an assistant turn, `{text}` is the answer, `{eos}` the end token (supervised)
     assistant_suffix: str = ""  # text after an assistant turn that is not learned (a newline)
-    stop: str | None = None     # the token that ends an answer when it is not the tokenizer's eos
+    stop: str | None = None  # the token that ends an answer when it is not the tokenizer's eos
 
 
 TEMPLATES = {
@@ -44,28 +45,38 @@ TEMPLATES = {
     "vicuna_v1": Template(
         "vicuna_v1",
         system="A chat between a curious user and an artificial intelligence assistant. "
-               "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
-        user="USER: {text} ASSISTANT:", assistant=" {text}{eos}"),
+        "The assistant gives helpful, detailed, and polite answers to the user's questions. ",
+        user="USER: {text} ASSISTANT:",
+        assistant=" {text}{eos}",
+    ),
     # mPLUG-Owl: "Human:" / "AI:" turns, one per line.
     "mplug_owl": Template(
         "mplug_owl",
         system="The following is a conversation between a curious human and AI assistant. The assistant gives "
-               "helpful, detailed, and polite answers to the user's questions.\n",
-        user="Human: {text}\nAI: ", assistant="{text}{eos}", assistant_suffix="\n"),
+        "helpful, detailed, and polite answers to the user's questions.\n",
+        user="Human: {text}\nAI: ",
+        assistant="{text}{eos}",
+        assistant_suffix="\n",
+    ),
     # Llama 3 chat: header tokens around each role, <|eot_id|> ends every turn.
     "llama3": Template(
         "llama3",
         system="<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant that understands "
-               "videos and images.<|eot_id|>",
+        "videos and images.<|eot_id|>",
         user="<|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>"
-             "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        assistant="{text}<|eot_id|>", stop="<|eot_id|>"),
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+        assistant="{text}<|eot_id|>",
+        stop="<|eot_id|>",
+    ),
     # ChatML (Qwen and others): <|im_start|>role ... <|im_end|>, a newline between turns.
     "chatml": Template(
         "chatml",
         system="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n",
         user="<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n",
-        assistant="{text}<|im_end|>", assistant_suffix="\n", stop="<|im_end|>"),
+        assistant="{text}<|im_end|>",
+        assistant_suffix="\n",
+        stop="<|im_end|>",
+    ),
 }
 
 TEMPLATE_SPECIAL_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>")
@@ -85,7 +96,9 @@ def render_segments(template: Template, conversations: list[dict], eos: str) -> 
     for i in range(0, len(conversations), 2):
         human, gpt = conversations[i], conversations[i + 1]
         if human.get("from") != "human" or gpt.get("from") != "gpt":
-            raise SampleError("bad turn order", f"turn {i} is {human.get('from')!r}, turn {i + 1} is {gpt.get('from')!r}")
+            raise SampleError(
+                "bad turn order", f"turn {i} is {human.get('from')!r}, turn {i + 1} is {gpt.get('from')!r}"
+            )
         if not str(gpt.get("value", "")).strip():
             raise SampleError("empty assistant turn", f"turn {i + 1}")
         segments.append((_human_turn(template, human["value"], first=i == 0), False))
@@ -101,8 +114,10 @@ def _human_turn(template: Template, text: str, first: bool) -> str:
 
 def template_texts() -> list[str]:
     """Every fixed string the templates add (a word-level tokenizer must cover them)."""
-    return [t.system + t.user.format(text="") + t.assistant.format(text="", eos="") + t.assistant_suffix
-            for t in TEMPLATES.values()]
+    return [
+        t.system + t.user.format(text="") + t.assistant.format(text="", eos="") + t.assistant_suffix
+        for t in TEMPLATES.values()
+    ]
 
 
 def stop_token_ids(tokenizer, template: Template) -> list[int]:
@@ -113,8 +128,14 @@ def stop_token_ids(tokenizer, template: Template) -> list[int]:
     return ids
 
 
-def encode_conversation(tokenizer, template: Template, conversations: list[dict], media_kind: str | None,
-                        visual_tokens: dict[str, int], max_length: int) -> tuple[list[int], list[int]]:
+def encode_conversation(
+    tokenizer,
+    template: Template,
+    conversations: list[dict],
+    media_kind: str | None,
+    visual_tokens: dict[str, int],
+    max_length: int,
+) -> tuple[list[int], list[int]]:
     """Token ids and labels; the media placeholder expands to the model's visual token count.
 
     `media_kind` is "video", "image" or None (text-only); the conversation must hold exactly
@@ -124,9 +145,12 @@ def encode_conversation(tokenizer, template: Template, conversations: list[dict]
     found = _PLACEHOLDER_RE.findall(text)
     expected = [f"<{media_kind}>"] if media_kind else []
     if found != expected:
-        raise SampleError("placeholder mismatch", f"media is {media_kind or 'none'}, text has {found or 'no placeholder'}")
-    input_ids, labels = _encode_segments(tokenizer, render_segments(template, conversations, tokenizer.eos_token),
-                                         visual_tokens)
+        raise SampleError(
+            "placeholder mismatch", f"media is {media_kind or 'none'}, text has {found or 'no placeholder'}"
+        )
+    input_ids, labels = _encode_segments(
+        tokenizer, render_segments(template, conversations, tokenizer.eos_token), visual_tokens
+    )
     visual_id = tokenizer.convert_tokens_to_ids(VISUAL_TOKEN)
     if len(input_ids) > max_length:
         if visual_id in input_ids[max_length:]:
@@ -154,8 +178,9 @@ def _encode_segments(tokenizer, segments: list[tuple[str, bool]], visual_tokens:
     return input_ids, labels
 
 
-def encode_prompt(tokenizer, template: Template, question: str, media_kind: str | None,
-                  visual_tokens: dict[str, int]) -> list[int]:
+def encode_prompt(
+    tokenizer, template: Template, question: str, media_kind: str | None, visual_tokens: dict[str, int]
+) -> list[int]:
     """Token ids of a first human turn, ending where the assistant's answer would begin."""
     text = f"<{media_kind}>\n{question}" if media_kind else question
     input_ids, _ = _encode_segments(tokenizer, [(_human_turn(template, text, first=True), False)], visual_tokens)

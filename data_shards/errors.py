@@ -1,5 +1,6 @@
 """The one error type for what the user can fix. It lives in the bottom layer so that every
 layer (data_shards, trainer, launch) raises the same type and the CLI catches one."""
+
 from __future__ import annotations
 
 

@@ -5,14 +5,17 @@ keyframes are; the sampler picks frame indices (uniform, one random frame per se
 fixed rate with a cap); the decoder then jumps to the keyframe before a wanted frame whenever
 that keyframe lies ahead of where decoding stands, instead of decoding the whole clip.
 """
+
 from __future__ import annotations
 
 import bisect
 import io
 import random
 from dataclasses import dataclass
+
 import av
 import numpy as np
+
 
 class NoFrames(ValueError):
     """The container holds no video frame."""
@@ -24,14 +27,15 @@ class DamagedVideo(Exception):
 
 @dataclass(frozen=True)
 class FrameSampling:
-    mode: str = "uniform"        # a key of SAMPLERS
-    num_frames: int = 8          # frames per clip (the cap, in fps mode)
-    fps: float = 1.0             # fps mode: frames per second of video
+    mode: str = "uniform"  # a key of SAMPLERS
+    num_frames: int = 8  # frames per clip (the cap, in fps mode)
+    fps: float = 1.0  # fps mode: frames per second of video
 
 
 @dataclass(frozen=True)
 class VideoIndex:
     """Presentation timestamps of every frame (sorted) and of the keyframes, in stream time base."""
+
     frame_pts: list[int]
     keyframe_pts: list[int]
     time_base: float
@@ -95,8 +99,9 @@ def pick_indices(index: VideoIndex, sampling: FrameSampling, rng: random.Random)
     return SAMPLERS[sampling.mode](index, sampling, rng)
 
 
-def decode_frames(data: bytes, sampling: FrameSampling, rng: random.Random | None = None,
-                  size: int | None = None) -> np.ndarray:
+def decode_frames(
+    data: bytes, sampling: FrameSampling, rng: random.Random | None = None, size: int | None = None
+) -> np.ndarray:
     """The sampled frames of an encoded video as uint8 RGB [T,H,W,3] (T <= num_frames in fps
     mode), scaled to size x size by the decoder's scaler when `size` is given."""
     index = index_video(data)

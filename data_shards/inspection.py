@@ -5,6 +5,7 @@ sheet of a few samples' frames with their text.
 verify: every shard's sha256 against the manifest, and every sample decoded (json, media);
 each problem is reported with its shard and key.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,11 +44,16 @@ class Inspection:
     sheet_rows: list[tuple[np.ndarray, str]] = field(default_factory=list)
 
     def report(self) -> str:
-        lines = [f"samples: {sum(self.counts.values())} (" + ", ".join(f"{k} {n}" for k, n in sorted(self.counts.items())) + ")"]
+        lines = [
+            f"samples: {sum(self.counts.values())} ("
+            + ", ".join(f"{k} {n}" for k, n in sorted(self.counts.items()))
+            + ")"
+        ]
         if self.seconds:
             s = np.array(self.seconds)
-            lines.append(f"video seconds: total {s.sum():.1f}, mean {s.mean():.2f}, min {s.min():.2f}, "
-                         f"max {s.max():.2f}")
+            lines.append(
+                f"video seconds: total {s.sum():.1f}, mean {s.mean():.2f}, min {s.min():.2f}, max {s.max():.2f}"
+            )
         lines.append("text length histogram:")
         lines += histogram_lines(self.token_lengths)
         return "\n".join(lines)
@@ -59,8 +65,10 @@ def histogram_lines(values: list[int], width: int = 40) -> list[str]:
         return ["  (no text)"]
     buckets = Counter(max(0, int(v).bit_length() - 1) for v in values)
     top = max(buckets.values())
-    return [f"  {2 ** b if b else 0:>6}-{2 ** (b + 1) - 1:<6} {n:>7} {'#' * max(1, round(width * n / top))}"
-            for b, n in sorted(buckets.items())]
+    return [
+        f"  {2**b if b else 0:>6}-{2 ** (b + 1) - 1:<6} {n:>7} {'#' * max(1, round(width * n / top))}"
+        for b, n in sorted(buckets.items())
+    ]
 
 
 def inspect_shards(spec: str, count_tokens: Callable[[str], int], sheet_samples: int = 6) -> Inspection:
@@ -79,13 +87,21 @@ def inspect_shards(spec: str, count_tokens: Callable[[str], int], sheet_samples:
             if index:
                 result.seconds.append(index.duration_s)
             if kind and len(result.sheet_rows) < sheet_samples:
-                frames = (decode_at(sample.members[ext], index,
-                                    [index.frame_pts[i] for i in uniform_indices(len(index.frame_pts), SHEET_FRAMES)])
-                          if index else decode_image(sample.members[ext]))
+                frames = (
+                    decode_at(
+                        sample.members[ext],
+                        index,
+                        [index.frame_pts[i] for i in uniform_indices(len(index.frame_pts), SHEET_FRAMES)],
+                    )
+                    if index
+                    else decode_image(sample.members[ext])
+                )
                 result.sheet_rows.append((frames, f"{sample.key}: {text}"))
         except MEDIA_ERRORS as err:
-            raise ValleyForgeError(f"{sample.url}: sample {sample.key}: undecodable {kind} ({type(err).__name__}: "
-                                   f"{err}); `valleyforge shards verify` lists every damaged sample") from err
+            raise ValleyForgeError(
+                f"{sample.url}: sample {sample.key}: undecodable {kind} ({type(err).__name__}: "
+                f"{err}); `valleyforge shards verify` lists every damaged sample"
+            ) from err
     return result
 
 

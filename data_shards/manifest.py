@@ -1,4 +1,5 @@
 """The manifest: the list of a split's shards with sample counts, bytes and sha256."""
+
 from __future__ import annotations
 
 import hashlib
@@ -62,8 +63,10 @@ def read_manifest(split: str | Path) -> Manifest:
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise ValleyForgeError(f"{path}: no shard manifest here (expected a split directory holding "
-                               f"{MANIFEST_NAME}; `valleyforge shards synth` writes one)")
+        raise ValleyForgeError(
+            f"{path}: no shard manifest here (expected a split directory holding "
+            f"{MANIFEST_NAME}; `valleyforge shards synth` writes one)"
+        )
     try:
         body = json.loads(path.read_text())
         shards = tuple(ShardEntry(**s) for s in body.pop("shards"))

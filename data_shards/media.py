@@ -1,6 +1,7 @@
 """Media as both directions see it: which members of a sample are media, what the model expects
 of them (VisualSpec), encoding (H.264 mp4 clips with PyAV, JPEG stills), and decoding a
 sample's media into uint8 frame tensors. Frame sampling lives in data_shards/frames.py."""
+
 from __future__ import annotations
 
 import io
@@ -28,6 +29,7 @@ MEDIA_ERRORS = (av.error.FFmpegError, OSError, Image.DecompressionBombError, NoF
 @dataclass(frozen=True)
 class VisualSpec:
     """What the model expects of media: decided by the model, consumed by the reader."""
+
     num_frames: int
     image_size: int
     tokens_per_video: int
@@ -39,7 +41,7 @@ class VisualSpec:
 
 
 def media_kind(ext: str) -> str | None:
-    """"video", "image" or None for a file extension (lower case, no dot)."""
+    """ "video", "image" or None for a file extension (lower case, no dot)."""
     return "video" if ext in VIDEO_EXTS else "image" if ext in IMAGE_EXTS else None
 
 
@@ -47,8 +49,6 @@ def find_media(members: dict[str, bytes]) -> tuple[str | None, str | None]:
     """(kind, extension) of a sample's media member; (None, None) for a text-only sample."""
     ext = next((e for e in VIDEO_EXTS + IMAGE_EXTS if e in members), None)
     return (media_kind(ext), ext) if ext else (None, None)
-
-
 
 
 def encode_mp4(frames_THWC: np.ndarray, fps: int, keyframe_interval: int = 8) -> bytes:
@@ -91,8 +91,9 @@ def to_frame_tensor(frames_THWC: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(frames_THWC.transpose(0, 3, 1, 2)))
 
 
-def decode_media(members: dict[str, bytes], visual: VisualSpec, sampling: FrameSampling,
-                 rng: random.Random | None = None) -> tuple[str | None, torch.Tensor | None]:
+def decode_media(
+    members: dict[str, bytes], visual: VisualSpec, sampling: FrameSampling, rng: random.Random | None = None
+) -> tuple[str | None, torch.Tensor | None]:
     """A sample's media: ("video" | "image" | None, uint8 frames [T,3,S,S] or None)."""
     kind, ext = find_media(members)
     if kind == "video":

@@ -1,5 +1,6 @@
 """Tokenizers: a real one from a local path, or a word-level one built from a vocabulary file
 (tiny test and demo models), both carrying the visual token the model splices media into."""
+
 from __future__ import annotations
 
 from functools import lru_cache

@@ -2,6 +2,7 @@
 stage run (`models:/m-...`, an external model: its files stay in `cluster.storage`), with the
 step, location, train loss and latest eval loss as parameters and a `state` tag saying whether
 its files are still in storage."""
+
 from __future__ import annotations
 
 from mlflow import MlflowClient
@@ -18,8 +19,9 @@ def recorded_checkpoints(client: MlflowClient, experiment_id: str, run_id: str) 
     """The stage run's recorded checkpoints (MLflow LoggedModel), by step."""
     models, token = [], None
     while True:
-        page = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{run_id}'",
-                                           max_results=100, page_token=token)
+        page = client.search_logged_models(
+            [experiment_id], filter_string=f"source_run_id = '{run_id}'", max_results=100, page_token=token
+        )
         models += [m for m in page if m.model_type == MODEL_TYPE]
         token = page.token
         if not token:
@@ -44,11 +46,19 @@ class CheckpointRegistry:
         if record.url in self.model_ids:
             self._set_state(record.url, KEPT)  # saved again after a restart
         else:
-            params = {"step": str(record.step), "location": record.url,
-                      **{key.replace("/", "_"): f"{value:.6g}" for key, value in record.scores.items()}}
-            model = self.client.create_logged_model(self.experiment_id, name=f"{self.stage}-step-{record.step:08d}",
-                                                    source_run_id=self.run_id, params=params,
-                                                    tags={"state": KEPT}, model_type=MODEL_TYPE)
+            params = {
+                "step": str(record.step),
+                "location": record.url,
+                **{key.replace("/", "_"): f"{value:.6g}" for key, value in record.scores.items()},
+            }
+            model = self.client.create_logged_model(
+                self.experiment_id,
+                name=f"{self.stage}-step-{record.step:08d}",
+                source_run_id=self.run_id,
+                params=params,
+                tags={"state": KEPT},
+                model_type=MODEL_TYPE,
+            )
             self.client.finalize_logged_model(model.model_id, "READY")
             self.model_ids[record.url], self.states[record.url] = model.model_id, KEPT
         for url in record.removed:
@@ -75,6 +85,7 @@ def checkpoint_location(client: MlflowClient, uri: str) -> str:
     """The storage URL of the recorded checkpoint `models:/m-...`; refuses anything else, or one
     whose files were removed."""
     from mlflow.exceptions import MlflowException
+
     try:
         model = client.get_logged_model(uri.removeprefix("models:/"))
     except MlflowException as err:
@@ -82,8 +93,9 @@ def checkpoint_location(client: MlflowClient, uri: str) -> str:
     if model.model_type != MODEL_TYPE:
         raise ValleyForgeError(f"{uri}: a logged model but not a checkpoint (`valleyforge checkpoints` lists them)")
     if model.tags.get("state") != KEPT:
-        raise ValleyForgeError(f"{uri}: step {model.params['step']}'s files were removed from storage "
-                               f"({model.params['location']})")
+        raise ValleyForgeError(
+            f"{uri}: step {model.params['step']}'s files were removed from storage ({model.params['location']})"
+        )
     return model.params["location"]
 
 
@@ -94,6 +106,7 @@ def checkpoint_table(client: MlflowClient, ref: str) -> list[str]:
     from mlflow.exceptions import MlflowException
 
     from launch.tracking import resolve_model_uri
+
     version = None
     try:
         if ref.startswith("models:/"):
@@ -113,8 +126,9 @@ def checkpoint_table(client: MlflowClient, ref: str) -> list[str]:
     for model in models:
         p = model.params
         held = version is not None and version.tags.get("checkpoint") == f"models:/{model.model_id}"
-        lines.append(f"{p['step']:>8}  {p.get('train_loss', '-'):>10}  {p.get('eval_loss', '-'):>9}  "
-                     f"{model.tags.get('state', '?'):<10}  {'models:/' + model.model_id:<42}  {p['location']}"
-                     + (f"   <- {version.name} version {version.version} ({version.tags.get('selected_by')})"
-                        if held else ""))
+        lines.append(
+            f"{p['step']:>8}  {p.get('train_loss', '-'):>10}  {p.get('eval_loss', '-'):>9}  "
+            f"{model.tags.get('state', '?'):<10}  {'models:/' + model.model_id:<42}  {p['location']}"
+            + (f"   <- {version.name} version {version.version} ({version.tags.get('selected_by')})" if held else "")
+        )
     return lines

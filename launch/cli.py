@@ -1,5 +1,6 @@
 """`valleyforge`: run a config's stages here or submit them to a Ray cluster, run the demo, answer
 with a model, build, inspect and verify shards."""
+
 from __future__ import annotations
 
 import argparse
@@ -21,26 +22,46 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the stages a config lists; run again, it continues where it stopped")
     run.add_argument("config")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    run.add_argument("--restart", action="store_true",
-                     help="start over: new MLflow runs, every stage trained again, checkpoints ignored")
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over: new MLflow runs, every stage trained again, checkpoints ignored",
+    )
 
-    submit = sub.add_parser("submit", help="run a config as a job on a Ray cluster (Ray Jobs), or write a "
-                                           "KubeRay RayJob for it (--kuberay)")
+    submit = sub.add_parser(
+        "submit", help="run a config as a job on a Ray cluster (Ray Jobs), or write a KubeRay RayJob for it (--kuberay)"
+    )
     submit.add_argument("config")
     submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
-    submit.add_argument("--address", help="the job server, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
-                                          "or RAY_ADDRESS when it is an http URL)")
-    submit.add_argument("--follow", action="store_true",
-                        help="stream the job's log; exit 0 when it succeeds, 1 when it fails, 3 when stopped")
-    submit.add_argument("--no-install", action="store_true",
-                        help="install nothing: the cluster's image already has ValleyForge's requirements")
+    submit.add_argument(
+        "--address",
+        help="the job server, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+        "or RAY_ADDRESS when it is an http URL)",
+    )
+    submit.add_argument(
+        "--follow",
+        action="store_true",
+        help="stream the job's log; exit 0 when it succeeds, 1 when it fails, 3 when stopped",
+    )
+    submit.add_argument(
+        "--no-install",
+        action="store_true",
+        help="install nothing: the cluster's image already has ValleyForge's requirements",
+    )
     submit.add_argument("--kuberay", action="store_true", help="print a KubeRay RayJob manifest instead of submitting")
     submit.add_argument("--image", help="--kuberay: an image with Ray and ValleyForge installed")
     submit.add_argument("--namespace", help="--kuberay: the Kubernetes namespace")
-    submit.add_argument("--workers-per-pod", type=int, default=1,
-                        help="--kuberay: training workers (GPUs with cluster.use_gpu) per worker pod")
-    submit.add_argument("--secret", help="--kuberay: a Secret whose keys become the pods' environment "
-                                         "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)")
+    submit.add_argument(
+        "--workers-per-pod",
+        type=int,
+        default=1,
+        help="--kuberay: training workers (GPUs with cluster.use_gpu) per worker pod",
+    )
+    submit.add_argument(
+        "--secret",
+        help="--kuberay: a Secret whose keys become the pods' environment "
+        "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, ...)",
+    )
 
     jobs = sub.add_parser("jobs", help="the jobs submitted to a Ray cluster")
     jobs.add_argument("--address", help="the job server, as for submit")
@@ -55,8 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="synthetic shards -> stage 1 -> stage 2 -> evaluation, on this machine")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
-    generate = sub.add_parser("generate", help="answer a prompt about a video or image with an exported model "
-                                               f"(library warnings go to {GENERATE_LOG})")
+    generate = sub.add_parser(
+        "generate",
+        help=f"answer a prompt about a video or image with an exported model (library warnings go to {GENERATE_LOG})",
+    )
     generate.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION or an export folder")
     media = generate.add_mutually_exclusive_group()
     media.add_argument("--video")
@@ -65,8 +88,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--template", help="conversation template (default: the one the model was trained with)")
     generate.add_argument("--max-new-tokens", type=int, default=64)
 
-    checkpoints = sub.add_parser("checkpoints", help="the checkpoints recorded in MLflow for a stage run "
-                                                     "(MLFLOW_TRACKING_URI, else ./mlflow.db)")
+    checkpoints = sub.add_parser(
+        "checkpoints", help="the checkpoints recorded in MLflow for a stage run (MLFLOW_TRACKING_URI, else ./mlflow.db)"
+    )
     checkpoints.add_argument("ref", help="a stage run id, models:/NAME/VERSION or models:/NAME@ALIAS")
 
     shards = sub.add_parser("shards", help="write and read webdataset shards")
@@ -110,13 +134,16 @@ def _run(config_path: str, overrides: list[str], restart: bool = False) -> int:
 
     cfg = load_config(config_path, overrides)
     from launch.pipeline import Pipeline  # imported first: the libraries install their log handlers on import
+
     quiet_libraries(cfg.resolved_output_dir() / "logs" / "driver.log")
     registered = Pipeline(cfg).run(restart)
     print("\nRegistered models:")
     for stage in registered:
-        print(f"  {stage.stage_name:<10} models:/{stage.model_name}/{stage.version}   "
-              f"(models:/{stage.model_name}@latest)")
+        print(
+            f"  {stage.stage_name:<10} models:/{stage.model_name}/{stage.version}   (models:/{stage.model_name}@latest)"
+        )
     from launch.tracking import resolve_tracking_uri
+
     print(f"\nOpen them: mlflow ui --backend-store-uri {resolve_tracking_uri(cfg.tracking)}")
     return 0
 
@@ -130,20 +157,25 @@ def _submit(args) -> int:
     tracking_uri = resolve_tracking_uri(cfg.tracking)
     if args.kuberay:
         from launch.kuberay import rayjob_manifest
+
         if not args.image:
-            raise ValleyForgeError("--kuberay needs --image: an image with Ray and ValleyForge installed "
-                                   "(README, Submitting to a cluster)")
-        print(rayjob_manifest(cfg, tracking_uri, args.image, args.namespace, args.workers_per_pod, args.secret),
-              end="")
+            raise ValleyForgeError(
+                "--kuberay needs --image: an image with Ray and ValleyForge installed (README, Submitting to a cluster)"
+            )
+        print(rayjob_manifest(cfg, tracking_uri, args.image, args.namespace, args.workers_per_pod, args.secret), end="")
         return 0
     server = JobServer(args.address)
     job_id = submit(server, cfg, tracking_uri, install=not args.no_install, project=Path.cwd())
-    print(f"submitted {job_id} to {server.address}\n"
-          f"  watch: {server.address}/#/jobs/{job_id}  or  valleyforge jobs --address {server.address} logs "
-          f"--follow {job_id}\n  tracking: {tracking_uri}")
+    print(
+        f"submitted {job_id} to {server.address}\n"
+        f"  watch: {server.address}/#/jobs/{job_id}  or  valleyforge jobs --address {server.address} logs "
+        f"--follow {job_id}\n  tracking: {tracking_uri}"
+    )
     if not tracking_uri.startswith(("http://", "https://", "databricks")):
-        print(f"  note: {tracking_uri} is a file on this machine: the job tracks there only if its head node "
-              f"sees this path (set MLFLOW_TRACKING_URI to a server otherwise)")
+        print(
+            f"  note: {tracking_uri} is a file on this machine: the job tracks there only if its head node "
+            f"sees this path (set MLFLOW_TRACKING_URI to a server otherwise)"
+        )
     return server.follow(job_id) if args.follow else 0
 
 
@@ -167,18 +199,21 @@ def _jobs(args) -> int:
 
 
 def _demo(overrides: list[str]) -> int:
-    from launch.config import load_config
     from data_shards.write.synth import write_synthetic_dataset
+    from launch.config import load_config
 
     cfg = load_config(DEMO_CONFIG, overrides)
     if not isinstance(cfg.stages[0].train_data, str):
-        raise ValleyForgeError(f"{DEMO_CONFIG}: stages.0.train_data: the demo writes its synthetic data under a "
-                               f"split directory and trains on it; a mixture needs `valleyforge run` with data of "
-                               f"its own")
+        raise ValleyForgeError(
+            f"{DEMO_CONFIG}: stages.0.train_data: the demo writes its synthetic data under a "
+            f"split directory and trains on it; a mixture needs `valleyforge run` with data of "
+            f"its own"
+        )
     data_dir = Path(cfg.stages[0].train_data).parents[1]
     if not (data_dir / "instruct" / "heldout" / "manifest.json").is_file():
-        write_synthetic_dataset(data_dir, train_samples=2048, heldout_samples=96,
-                                progress=lambda msg: print(f"[data] {msg}"))
+        write_synthetic_dataset(
+            data_dir, train_samples=2048, heldout_samples=96, progress=lambda msg: print(f"[data] {msg}")
+        )
     return _run(str(DEMO_CONFIG), overrides)
 
 
@@ -207,26 +242,43 @@ def _checkpoints(args) -> int:
 
 def _shards_synth(args) -> int:
     from data_shards.write.synth import write_synthetic_dataset
-    write_synthetic_dataset(Path(args.out), args.train_samples, args.heldout_samples, seed=args.seed,
-                            samples_per_shard=args.samples_per_shard, progress=print)
+
+    write_synthetic_dataset(
+        Path(args.out),
+        args.train_samples,
+        args.heldout_samples,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        progress=print,
+    )
     return 0
 
 
 def _shards_build(args) -> int:
-    from data_shards.write.shards import BuildOptions, build_shards
     from data_shards.write.ingest import IngestOptions
+    from data_shards.write.shards import BuildOptions, build_shards
     from data_shards.write.transcode import TranscodeOptions
 
-    transcode = TranscodeOptions(video_size=args.video_size, video_fps=args.video_fps,
-                                 keyframe_interval=args.keyframe_interval, max_seconds=args.max_seconds,
-                                 image_max_side=args.image_max_side)
-    options = BuildOptions(IngestOptions(str(Path(args.media_root).absolute()), transcode, args.max_tokens),
-                           args.samples_per_shard, args.max_shard_bytes, args.tokenizer)
+    transcode = TranscodeOptions(
+        video_size=args.video_size,
+        video_fps=args.video_fps,
+        keyframe_interval=args.keyframe_interval,
+        max_seconds=args.max_seconds,
+        image_max_side=args.image_max_side,
+    )
+    options = BuildOptions(
+        IngestOptions(str(Path(args.media_root).absolute()), transcode, args.max_tokens),
+        args.samples_per_shard,
+        args.max_shard_bytes,
+        args.tokenizer,
+    )
     summary = build_shards(args.annotations, args.out, options, workers=args.workers)
     rejected = sum(summary.rejects.values())
-    print(f"{summary.num_input} input samples = {summary.num_written} written + {rejected} rejected; "
-          f"{summary.shards} shards in {summary.out}" +
-          (f" ({summary.skipped_chunks} chunks already built, skipped)" if summary.skipped_chunks else ""))
+    print(
+        f"{summary.num_input} input samples = {summary.num_written} written + {rejected} rejected; "
+        f"{summary.shards} shards in {summary.out}"
+        + (f" ({summary.skipped_chunks} chunks already built, skipped)" if summary.skipped_chunks else "")
+    )
     for reason, count in summary.rejects.items():
         print(f"  rejected, {reason}: {count}")
     if rejected:
@@ -254,23 +306,31 @@ def _shards_verify(args) -> int:
     return 1 if problems else 0
 
 
-SHARD_COMMANDS = {"synth": _shards_synth, "build": _shards_build, "inspect": _shards_inspect,
-                  "verify": _shards_verify}
+SHARD_COMMANDS = {"synth": _shards_synth, "build": _shards_build, "inspect": _shards_inspect, "verify": _shards_verify}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"run": lambda: _run(args.config, args.overrides, args.restart), "demo": lambda: _demo(args.overrides),
-                "submit": lambda: _submit(args), "jobs": lambda: _jobs(args),
-                "generate": lambda: _generate(args), "checkpoints": lambda: _checkpoints(args), "shards": lambda: SHARD_COMMANDS[args.shards_command](args)}
+    commands = {
+        "run": lambda: _run(args.config, args.overrides, args.restart),
+        "demo": lambda: _demo(args.overrides),
+        "submit": lambda: _submit(args),
+        "jobs": lambda: _jobs(args),
+        "generate": lambda: _generate(args),
+        "checkpoints": lambda: _checkpoints(args),
+        "shards": lambda: SHARD_COMMANDS[args.shards_command](args),
+    }
     try:
         return commands[args.command]()
     except ValleyForgeError as err:  # the user's to fix: told in one line; anything else keeps its traceback
         print(f"valleyforge: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
-        print("valleyforge: interrupted" + (": a rerun resumes each stage from its newest checkpoint"
-                                            if args.command in ("run", "demo") else ""), file=sys.stderr)
+        print(
+            "valleyforge: interrupted"
+            + (": a rerun resumes each stage from its newest checkpoint" if args.command in ("run", "demo") else ""),
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -1,5 +1,6 @@
 """The job config: the components' own sections composed into one document, read from YAML,
 then `--set a.b=c` overrides, validated before anything starts."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,8 +12,8 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from data_shards.errors import ValleyForgeError
 from data_shards.config import ReaderConfig, Strict, TemplateName
+from data_shards.errors import ValleyForgeError
 from trainer.config import EngineConfig, ModelConfig, StageConfig
 
 
@@ -23,29 +24,43 @@ class ConfigError(ValleyForgeError):
 class ClusterConfig(Strict):
     address: str | None = Field(None, description="Ray cluster address; unset: RAY_ADDRESS, else an embedded Ray")
     storage: str | None = Field(
-        None, description="checkpoints, exports, Ray's own files: a URL (s3://, gs://, ...) or a path every node "
-                          "sees; {name} is the job name; unset: output_dir")
+        None,
+        description="checkpoints, exports, Ray's own files: a URL (s3://, gs://, ...) or a path every node "
+        "sees; {name} is the job name; unset: output_dir",
+    )
     num_workers: int | tuple[int, int] = Field(
-        2, description="training workers (ranks, one per GPU); [min, max]: elastic, each stage runs on as many as "
-                       "the cluster has room for, and after a lost node goes on with fewer (at least min)")
-    max_failures: int = Field(0, ge=-1, description="times a stage's worker group is restarted after a failed or "
-                                                    "lost worker, resuming from its newest checkpoint; -1: always")
+        2,
+        description="training workers (ranks, one per GPU); [min, max]: elastic, each stage runs on as many as "
+        "the cluster has room for, and after a lost node goes on with fewer (at least min)",
+    )
+    max_failures: int = Field(
+        0,
+        ge=-1,
+        description="times a stage's worker group is restarted after a failed or "
+        "lost worker, resuming from its newest checkpoint; -1: always",
+    )
     worker_start_timeout_s: float = Field(
-        30, gt=0, description="how long Ray Train waits for a new worker group to start before it decides again; "
-                              "after a lost node its first try may still count the node's workers (its view of the "
-                              "cluster is up to 20 s old), so this bounds how long an elastic stage waits for them")
+        30,
+        gt=0,
+        description="how long Ray Train waits for a new worker group to start before it decides again; "
+        "after a lost node its first try may still count the node's workers (its view of the "
+        "cluster is up to 20 s old), so this bounds how long an elastic stage waits for them",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     num_cpus: int | None = Field(None, ge=1, description="CPUs an embedded Ray may use (default: all)")
     torch_threads: int = Field(1, ge=1, description="intra-op threads per worker process")
     peak_flops_per_device: float | None = Field(
-        None, gt=0, description="peak FLOP/s of one device for MFU; unset: known GPUs from a table")
+        None, gt=0, description="peak FLOP/s of one device for MFU; unset: known GPUs from a table"
+    )
 
     @model_validator(mode="after")
     def _worker_range(self):
         low, high = self.worker_range
         if not 1 <= low <= high:
-            raise ValueError(f"num_workers: {list(self.worker_range)}: a count >= 1, or [min, max] with 1 <= min <= max")
+            raise ValueError(
+                f"num_workers: {list(self.worker_range)}: a count >= 1, or [min, max] with 1 <= min <= max"
+            )
         return self
 
     @property
@@ -67,12 +82,18 @@ class TrackingConfig(Strict):
     tracking_uri: str | None = Field(None, description="unset: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
     experiment: str = "valleyforge"
     registered_model_prefix: str = Field("valleyforge", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    max_outage_s: float = Field(3600, gt=0, description="how long the driver waits out an unreachable tracking "
-                                                        "server (training goes on meanwhile) before it stops the job")
+    max_outage_s: float = Field(
+        3600,
+        gt=0,
+        description="how long the driver waits out an unreachable tracking "
+        "server (training goes on meanwhile) before it stops the job",
+    )
     promote_alias: str | None = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$",
         description="an alias (e.g. champion) moved to each stage's new version when its evaluation beats the "
-                    "version holding it (launch/versions.py)")
+        "version holding it (launch/versions.py)",
+    )
 
     @model_validator(mode="after")
     def _alias_not_reserved(self):
@@ -89,8 +110,10 @@ class EvaluationConfig(Strict):
 
 class JobConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    output_dir: str = Field("runs/{name}", description="the driver's files: resolved config, logs; "
-                                                       "a submitted job's relative one is under ~/valleyforge/")
+    output_dir: str = Field(
+        "runs/{name}",
+        description="the driver's files: resolved config, logs; a submitted job's relative one is under ~/valleyforge/",
+    )
     seed: int = 0
     data: ReaderConfig = ReaderConfig()
     model: ModelConfig
@@ -113,11 +136,15 @@ class JobConfig(Strict):
             if stage.objective != "contrastive":
                 continue
             if self.model.contrastive is None:
-                raise ValueError(f"stages.{stage.name}: objective contrastive needs model.contrastive (the temporal "
-                                 f"module and the text tower)")
+                raise ValueError(
+                    f"stages.{stage.name}: objective contrastive needs model.contrastive (the temporal "
+                    f"module and the text tower)"
+                )
             if self.data.packing:
-                raise ValueError(f"stages.{stage.name}: objective contrastive pairs each clip with its own sample's "
-                                 f"text; data.packing puts several samples in a row: set it false")
+                raise ValueError(
+                    f"stages.{stage.name}: objective contrastive pairs each clip with its own sample's "
+                    f"text; data.packing puts several samples in a row: set it false"
+                )
         return self
 
     @model_validator(mode="after")
@@ -125,15 +152,18 @@ class JobConfig(Strict):
         """Every rank count a stage may run on must divide its data streams and its global batch."""
         lcm, counts = self.cluster.worker_counts_lcm, list(self.cluster.worker_range)
         if self.data_streams() % lcm:
-            raise ValueError(f"data.streams {self.data.streams} must be a multiple of {lcm} to split over every rank "
-                             f"count cluster.num_workers {counts} allows")
+            raise ValueError(
+                f"data.streams {self.data.streams} must be a multiple of {lcm} to split over every rank "
+                f"count cluster.num_workers {counts} allows"
+            )
         for stage in self.stages:
             if self.micro_batches_per_step(stage) % lcm:
                 raise ValueError(
                     f"stages.{stage.name}.grad_accum: a global batch of {self.micro_batches_per_step(stage)} "
                     f"micro-batches (grad_accum {stage.grad_accum} x {self.cluster.max_workers} ranks) does not split "
                     f"over every rank count cluster.num_workers {counts} allows; make grad_accum x "
-                    f"{self.cluster.max_workers} a multiple of {lcm}")
+                    f"{self.cluster.max_workers} a multiple of {lcm}"
+                )
         return self
 
     def data_streams(self) -> int:
@@ -160,6 +190,7 @@ class JobConfig(Strict):
         """The same job with its local input paths made absolute: workers and submitted jobs run
         in other directories. URLs, `pipe:` sources, `models:/` URIs and the output directory
         (the driver's own) stay as they are."""
+
         def absolute(p: str | None) -> str | None:
             return p if p is None or "://" in p or p.startswith("pipe:") else str(Path(p).absolute())
 
@@ -170,15 +201,30 @@ class JobConfig(Strict):
 
         def absolute_init(source: str) -> str:
             return source if source in ("auto", "config") or source.startswith("models:/") else absolute(source)
-        model = self.model.model_copy(update={
-            "tokenizer": absolute(self.model.tokenizer), "word_vocab": absolute(self.model.word_vocab),
-            "vision": self.model.vision.model_copy(update={"path": absolute(self.model.vision.path)}),
-            "llm": self.model.llm.model_copy(update={"path": absolute(self.model.llm.path)})})
+
+        model = self.model.model_copy(
+            update={
+                "tokenizer": absolute(self.model.tokenizer),
+                "word_vocab": absolute(self.model.word_vocab),
+                "vision": self.model.vision.model_copy(update={"path": absolute(self.model.vision.path)}),
+                "llm": self.model.llm.model_copy(update={"path": absolute(self.model.llm.path)}),
+            }
+        )
+
         def absolute_probes(probe):
             return probe and probe.model_copy(update={"data": absolute(probe.data)})
-        stages = [s.model_copy(update={"train_data": absolute_sources(s.train_data), "eval_data": absolute(s.eval_data),
-                                       "init_from": absolute_init(s.init_from),
-                                       "probe_eval": absolute_probes(s.probe_eval)}) for s in self.stages]
+
+        stages = [
+            s.model_copy(
+                update={
+                    "train_data": absolute_sources(s.train_data),
+                    "eval_data": absolute(s.eval_data),
+                    "init_from": absolute_init(s.init_from),
+                    "probe_eval": absolute_probes(s.probe_eval),
+                }
+            )
+            for s in self.stages
+        ]
         evaluation = self.evaluation and self.evaluation.model_copy(update={"data": absolute(self.evaluation.data)})
         return self.model_copy(update={"model": model, "stages": stages, "evaluation": evaluation})
 
@@ -201,7 +247,9 @@ def _set_path(doc: dict, dotted: str, value, source: str) -> None:
             if index is None:
                 if not key.isdigit() or int(key) >= len(node):
                     where = ".".join(keys[:depth]) or "<root>"
-                    raise ConfigError(f"{source}: {dotted}: {where} has no item {key!r} (use an index < {len(node)} or a stage name)")
+                    raise ConfigError(
+                        f"{source}: {dotted}: {where} has no item {key!r} (use an index < {len(node)} or a stage name)"
+                    )
                 index = int(key)
             key = index
         elif not isinstance(node, dict):

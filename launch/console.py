@@ -1,4 +1,5 @@
 """Keep the console for our own lines: library logging and warnings go to a log file."""
+
 from __future__ import annotations
 
 import logging
@@ -9,9 +10,13 @@ from pathlib import Path
 
 def quiet_libraries(log_file: Path) -> None:
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    for var, value in {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-                       "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false",
-                       "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}.items():
+    for var, value in {
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }.items():
         os.environ.setdefault(var, value)
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

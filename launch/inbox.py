@@ -1,6 +1,7 @@
 """What the workers of a running stage send the driver, through one Ray actor: metrics, notes,
 log text, where each rank runs and where the export went. The driver takes it all each second
 and is the one that prints, writes logs and talks to MLflow."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ if TYPE_CHECKING:  # the actor's process need not import torch
 @dataclass
 class Mail:
     """Everything posted since the last `take`, and what stays true for the whole stage."""
+
     metrics: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics) from rank 0, in order
     notes: list[tuple[str, str | None]] = field(default_factory=list)  # (text, artifact file or None)
     logs: list[tuple[int, str]] = field(default_factory=list)  # (rank, text)

@@ -2,6 +2,7 @@
 once for every worker), where a stage starts (the model config, a registered version, a recorded
 checkpoint or an export folder, put into storage for the workers), and the StageJob that carries
 it all to them."""
+
 from __future__ import annotations
 
 import tempfile
@@ -26,6 +27,7 @@ from trainer.storage import Storage
 @dataclass
 class StageShards:
     """A stage's data, expanded once on the driver: every rank splits these lists."""
+
     train: ShardLists
     eval: ShardLists | None
     probes: ShardLists | None
@@ -38,8 +40,11 @@ def resolve_inputs(cfg: JobConfig) -> dict[str, StageShards]:
     for stage in cfg.stages:
         try:
             train, evaluation, probes = stage.train_data, stage.eval_data, stage.probe_eval
-            lists[stage.name] = StageShards(shard_lists(train), shard_lists(evaluation) if evaluation else None,
-                                            shard_lists(probes.data) if probes else None)
+            lists[stage.name] = StageShards(
+                shard_lists(train),
+                shard_lists(evaluation) if evaluation else None,
+                shard_lists(probes.data) if probes else None,
+            )
             check_enough_shards(lists[stage.name].train, cfg.data_streams())
             if evaluation:  # read by each rank's DataLoader workers, on as many ranks as there may be
                 check_enough_shards(lists[stage.name].eval, cfg.cluster.max_workers * max(cfg.data.num_workers, 1))
@@ -47,8 +52,9 @@ def resolve_inputs(cfg: JobConfig) -> dict[str, StageShards]:
             raise ValleyForgeError(f"stages.{stage.name}: {err}") from None
         source = stage.init_from
         if source not in ("auto", "config") and not source.startswith("models:/") and not Path(source).is_dir():
-            raise ValleyForgeError(f"stages.{stage.name}.init_from: {source!r} is not auto, config, "
-                             f"a models:/ URI or an export folder")
+            raise ValleyForgeError(
+                f"stages.{stage.name}.init_from: {source!r} is not auto, config, a models:/ URI or an export folder"
+            )
     if cfg.evaluation:
         read_manifest(cfg.evaluation.data)
     return lists
@@ -58,6 +64,7 @@ def resolve_inputs(cfg: JobConfig) -> dict[str, StageShards]:
 class StageStart:
     """Where a stage starts, resolved: `source` a models:/ URI pinned to a version, a recorded
     checkpoint (models:/m-...) or an export folder; None: built from the model config."""
+
     source: str | None
     description: str
 
@@ -77,8 +84,9 @@ def stage_start(client: MlflowClient, stage: StageConfig, previous_model: str | 
     return StageStart(str(Path(source).absolute()), source)
 
 
-def put_start_in_storage(client: MlflowClient, tracking_uri: str, storage: Storage, stage_name: str,
-                         source: str) -> Storage:
+def put_start_in_storage(
+    client: MlflowClient, tracking_uri: str, storage: Storage, stage_name: str, source: str
+) -> Storage:
     """The stage's starting export, put into storage once for every worker: from the registry
     (downloaded here, the only MLflow client), a recorded checkpoint (made into an export here)
     or a folder on this machine."""
@@ -92,14 +100,29 @@ def put_start_in_storage(client: MlflowClient, tracking_uri: str, storage: Stora
     return target
 
 
-def stage_job(cfg: JobConfig, index: int, stage: StageConfig, shards: StageShards, storage: Storage,
-              init: Storage | None, resume_checkpoint_url: str | None) -> StageJob:
+def stage_job(
+    cfg: JobConfig,
+    index: int,
+    stage: StageConfig,
+    shards: StageShards,
+    storage: Storage,
+    init: Storage | None,
+    resume_checkpoint_url: str | None,
+) -> StageJob:
     """The job the workers of `stage`, the config's stage number `index`, get."""
-    return StageJob(model=cfg.model, engine=cfg.engine,
-                    data=cfg.data.model_copy(update={"streams": cfg.data_streams()}), stage=stage,
-                    train_shards=shards.train, eval_shards=shards.eval, probe_shards=shards.probes,
-                    init_export_url=init.url if init else None,
-                    export_dir=storage.child("exports", stage.name).url,
-                    checkpoint_dir=storage.child("checkpoints", stage.name).url,
-                    seed=cfg.seed + index, peak_flops_per_device=cfg.cluster.peak_flops_per_device,
-                    resume_checkpoint_url=resume_checkpoint_url, micro_batches_per_step=cfg.micro_batches_per_step(stage))
+    return StageJob(
+        model=cfg.model,
+        engine=cfg.engine,
+        data=cfg.data.model_copy(update={"streams": cfg.data_streams()}),
+        stage=stage,
+        train_shards=shards.train,
+        eval_shards=shards.eval,
+        probe_shards=shards.probes,
+        init_export_url=init.url if init else None,
+        export_dir=storage.child("exports", stage.name).url,
+        checkpoint_dir=storage.child("checkpoints", stage.name).url,
+        seed=cfg.seed + index,
+        peak_flops_per_device=cfg.cluster.peak_flops_per_device,
+        resume_checkpoint_url=resume_checkpoint_url,
+        micro_batches_per_step=cfg.micro_batches_per_step(stage),
+    )

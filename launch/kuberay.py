@@ -2,6 +2,7 @@
 cluster KubeRay creates for it and shuts down after. Two documents: a ConfigMap holding the
 resolved config, mounted into the head pod, and the RayJob (head group, one worker group sized
 from `cluster`, token authentication, tracking as environment, credentials from a Secret)."""
+
 from __future__ import annotations
 
 import math
@@ -27,10 +28,15 @@ def _quantity(cpus: float) -> str:
     return str(int(cpus)) if float(cpus).is_integer() else f"{round(cpus * 1000)}m"
 
 
-def _container(name: str, image: str, resources: dict, env: list[dict], secret: str | None,
-               mounts_config: bool) -> dict:
-    container = {"name": name, "image": image, "resources": {"requests": dict(resources), "limits": dict(resources)},
-                 "env": [dict(e) for e in env]}
+def _container(
+    name: str, image: str, resources: dict, env: list[dict], secret: str | None, mounts_config: bool
+) -> dict:
+    container = {
+        "name": name,
+        "image": image,
+        "resources": {"requests": dict(resources), "limits": dict(resources)},
+        "env": [dict(e) for e in env],
+    }
     if secret:
         container["envFrom"] = [{"secretRef": {"name": secret}}]
     if mounts_config:
@@ -38,27 +44,43 @@ def _container(name: str, image: str, resources: dict, env: list[dict], secret: 
     return container
 
 
-def rayjob_manifest(cfg: JobConfig, tracking_uri: str, image: str, namespace: str | None = None,
-                    workers_per_pod: int = 1, secret: str | None = None) -> str:
+def rayjob_manifest(
+    cfg: JobConfig,
+    tracking_uri: str,
+    image: str,
+    namespace: str | None = None,
+    workers_per_pod: int = 1,
+    secret: str | None = None,
+) -> str:
     """The ConfigMap and RayJob for `cfg` (resolved as it will run), as one YAML stream.
 
     Pods share no disk and reach MLflow over the network: `cluster.storage` must be a URL and
     the tracking URI a server, else this says which field to set."""
     if cfg.cluster.storage is None or "://" not in cfg.cluster.storage:
-        raise ValleyForgeError(f"cluster.storage: {cfg.cluster.storage or 'unset (the output directory)'} is a "
-                               f"path; KubeRay pods share no disk: set it to a URL, e.g. s3://bucket/runs/{{name}}")
+        raise ValleyForgeError(
+            f"cluster.storage: {cfg.cluster.storage or 'unset (the output directory)'} is a "
+            f"path; KubeRay pods share no disk: set it to a URL, e.g. s3://bucket/runs/{{name}}"
+        )
     if not tracking_uri.startswith(("http://", "https://", "databricks")):
-        raise ValleyForgeError(f"tracking.tracking_uri: {tracking_uri} is on this machine; the job's driver runs in "
-                               f"a pod: set tracking.tracking_uri or MLFLOW_TRACKING_URI to an MLflow server the "
-                               f"pods reach")
+        raise ValleyForgeError(
+            f"tracking.tracking_uri: {tracking_uri} is on this machine; the job's driver runs in "
+            f"a pod: set tracking.tracking_uri or MLFLOW_TRACKING_URI to an MLflow server the "
+            f"pods reach"
+        )
     if workers_per_pod < 1:
         raise ValleyForgeError(f"--workers-per-pod: {workers_per_pod} (at least 1)")
     name = resource_name(cfg.name)
-    metadata = {"name": name, **({"namespace": namespace} if namespace else {}),
-                "labels": {"app.kubernetes.io/name": "valleyforge", "valleyforge/job": name}}
-    config_map = {"apiVersion": "v1", "kind": "ConfigMap",
-                  "metadata": {**metadata, "name": f"{name}-config"},
-                  "data": {"config.yaml": cfg.to_yaml()}}
+    metadata = {
+        "name": name,
+        **({"namespace": namespace} if namespace else {}),
+        "labels": {"app.kubernetes.io/name": "valleyforge", "valleyforge/job": name},
+    }
+    config_map = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {**metadata, "name": f"{name}-config"},
+        "data": {"config.yaml": cfg.to_yaml()},
+    }
 
     cluster = cfg.cluster
     low, high = cluster.worker_range
@@ -69,21 +91,36 @@ def rayjob_manifest(cfg: JobConfig, tracking_uri: str, image: str, namespace: st
     env = [{"name": "MLFLOW_TRACKING_URI", "value": tracking_uri}]
     head = {
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},  # no training worker on the head
-        "template": {"spec": {
-            "containers": [_container("ray-head", image, {"cpu": "2", "memory": "8Gi"}, env, secret, True)],
-            "volumes": [{"name": "valleyforge-config", "configMap": {"name": f"{name}-config"}}]}}}
+        "template": {
+            "spec": {
+                "containers": [_container("ray-head", image, {"cpu": "2", "memory": "8Gi"}, env, secret, True)],
+                "volumes": [{"name": "valleyforge-config", "configMap": {"name": f"{name}-config"}}],
+            }
+        },
+    }
     replicas = math.ceil(high / per_pod)  # an elastic job may go on with fewer (as few as min's pods)
-    workers = {"groupName": "workers", "replicas": replicas, "minReplicas": math.ceil(low / per_pod),
-               "maxReplicas": replicas,
-               "rayStartParams": {},
-               "template": {"spec": {"containers": [_container("ray-worker", image, worker_resources, env, secret,
-                                                               False)]}}}
+    workers = {
+        "groupName": "workers",
+        "replicas": replicas,
+        "minReplicas": math.ceil(low / per_pod),
+        "maxReplicas": replicas,
+        "rayStartParams": {},
+        "template": {"spec": {"containers": [_container("ray-worker", image, worker_resources, env, secret, False)]}},
+    }
     rayjob = {
-        "apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": metadata,
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": metadata,
         "spec": {
             "entrypoint": f"valleyforge run {CONFIG_DIR}/config.yaml",
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 300,  # the cluster stays 5 minutes for a look at its logs
-            "rayClusterSpec": {"rayVersion": ray.__version__, "authOptions": {"mode": "token"},
-                               "headGroupSpec": head, "workerGroupSpecs": [workers]}}}
+            "rayClusterSpec": {
+                "rayVersion": ray.__version__,
+                "authOptions": {"mode": "token"},
+                "headGroupSpec": head,
+                "workerGroupSpecs": [workers],
+            },
+        },
+    }
     return yaml.safe_dump_all([config_map, rayjob], sort_keys=False)

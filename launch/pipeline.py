@@ -2,6 +2,7 @@
 its inputs (launch/inputs.py), its training on Ray (launch/stage_on_ray.py) and its registered
 version (launch/stage_registry.py), each stage starting from the one before through the
 registry; then the held-out evaluation."""
+
 from __future__ import annotations
 
 import tempfile
@@ -59,21 +60,23 @@ class Pipeline:
         start_ray(self.cfg)
         registered: list[RegisteredStage] = []
         tags = {"config_hash": self.cfg.digest(), "git_commit": git_commit()}
-        continued = None if restart else unfinished_run(self.client, self.experiment_id, self.cfg.name,
-                                                        tags["config_hash"])
+        continued = (
+            None if restart else unfinished_run(self.client, self.experiment_id, self.cfg.name, tags["config_hash"])
+        )
         with mlflow.start_run(run_id=continued, run_name=self.cfg.name, tags=tags) as parent:
             mlflow.log_artifact(str(cfg_path))
             if not continued:
                 mlflow.log_params(_flatten(self.cfg.model_dump(mode="json", exclude={"stages"})))
-            self.console(f"MLflow run {parent.info.run_id}{' (continued)' if continued else ''} "
-                         f"({self.tracking_uri}); storage {self.storage.url}; logs in {self.out / 'logs'}")
+            self.console(
+                f"MLflow run {parent.info.run_id}{' (continued)' if continued else ''} "
+                f"({self.tracking_uri}); storage {self.storage.url}; logs in {self.out / 'logs'}"
+            )
             self.console(f"UI: {ui_link(self.tracking_uri, self.experiment_id, parent.info.run_id)}")
             for index, stage in enumerate(self.cfg.stages):
                 if restart:
                     stage = stage.model_copy(update={"resume": False})
                 previous = registered[-1].model_name if registered else None
-                registered.append(self.run_stage(index, stage, previous, tags, parent.info.run_id,
-                                                 reuse=not restart))
+                registered.append(self.run_stage(index, stage, previous, tags, parent.info.run_id, reuse=not restart))
                 last = index == len(self.cfg.stages) - 1
                 if registered[-1].record and not (last and self.cfg.evaluation):  # else once evaluated
                     self.registry.settle(registered[-1])
@@ -83,36 +86,47 @@ class Pipeline:
                     self.registry.settle(registered[-1])
         return registered
 
-    def run_stage(self, index: int, stage: StageConfig, previous_model: str | None, tags: dict, parent_run_id: str,
-                  reuse: bool) -> RegisteredStage:
+    def run_stage(
+        self, index: int, stage: StageConfig, previous_model: str | None, tags: dict, parent_run_id: str, reuse: bool
+    ) -> RegisteredStage:
         """The stage's registered version: reused when one was registered for the same config, data
         and start, else trained under the stage's (continued) child run and registered."""
         start = stage_start(self.client, stage, previous_model)
         data_hash = data_digest(as_sources(stage.train_data))
-        stage_tags = {**tags, "stage": stage.name, "data_manifest_hash": data_hash,
-                      "init_from": start.source or "config"}
+        stage_tags = {
+            **tags,
+            "stage": stage.name,
+            "data_manifest_hash": data_hash,
+            "init_from": start.source or "config",
+        }
         done = self.registry.reusable(stage, stage_tags, start, data_hash) if reuse else None
         if done:
             return done
-        continued = unfinished_run(self.client, self.experiment_id, stage.name, tags["config_hash"],
-                                   parent_run_id) if reuse else None
+        continued = (
+            unfinished_run(self.client, self.experiment_id, stage.name, tags["config_hash"], parent_run_id)
+            if reuse
+            else None
+        )
         with mlflow.start_run(run_id=continued, run_name=stage.name, nested=True, tags=stage_tags) as run:
             if continued:
                 self.console(f"[{stage.name}] continuing stage run {continued}")
             else:
                 mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": start.description})
-            init = put_start_in_storage(self.client, self.tracking_uri, self.storage, stage.name,
-                                        start.source) if start.source else None
+            init = (
+                put_start_in_storage(self.client, self.tracking_uri, self.storage, stage.name, start.source)
+                if start.source
+                else None
+            )
             resume_url = checkpoint_location(self.client, stage.resume_from) if stage.resume_from else None
             job = stage_job(self.cfg, index, stage, self.shards[stage.name], self.storage, init, resume_url)
             export_url, chosen = self.train(job, run.info.run_id)
             with Storage(export_url).fetched() as folder:
-                self.registry.retry(lambda: mlflow.log_artifacts(str(folder), EXPORT_ARTIFACT),
-                                    f"storing {stage.name}'s export")
+                self.registry.retry(
+                    lambda: mlflow.log_artifacts(str(folder), EXPORT_ARTIFACT), f"storing {stage.name}'s export"
+                )
             if init:
                 init.remove()
-            return self.registry.register(stage, run.info.run_id, EXPORT_ARTIFACT, stage_tags, chosen, start,
-                                          data_hash)
+            return self.registry.register(stage, run.info.run_id, EXPORT_ARTIFACT, stage_tags, chosen, start, data_hash)
 
     def train(self, job: StageJob, run_id: str) -> tuple[str, dict]:
         """Trains the stage on Ray; where rank 0 wrote the export, and the registration tags that
@@ -121,9 +135,17 @@ class Pipeline:
         logged = self.registry.retry(lambda: writer.last_step("train/loss"), "reading the stage run's logged steps")
         checkpoints = CheckpointRegistry(self.client, self.experiment_id, run_id, job.stage.name)
         self.registry.retry(checkpoints.load, "reading the stage run's recorded checkpoints")
-        relay = StageRelay(job.stage.name, job.stage.steps, run_id, writer, StageLogs(self.out / "logs", job.stage.name),
-                           self.cfg.cluster.max_workers, TrackingQueue(self.cfg.tracking.max_outage_s, logged),
-                           checkpoints, Storage(job.checkpoint_dir))
+        relay = StageRelay(
+            job.stage.name,
+            job.stage.steps,
+            run_id,
+            writer,
+            StageLogs(self.out / "logs", job.stage.name),
+            self.cfg.cluster.max_workers,
+            TrackingQueue(self.cfg.tracking.max_outage_s, logged),
+            checkpoints,
+            Storage(job.checkpoint_dir),
+        )
         mail = train_on_ray(self.cfg, job, run_id, self.storage, relay)
         return mail.export, registration_tags(mail.chosen, checkpoints)
 
@@ -137,21 +159,31 @@ class Pipeline:
             model, tokenizer = load_export(fetch_model(uri, self.tracking_uri, Path(tmp) / "export"))
         ev = self.cfg.evaluation
         line = ProgressLine("evaluate", 1)
-        metrics = attribute_accuracy(model, tokenizer, ev.data, ev.template, ev.max_new_tokens,
-                                     progress=lambda done, total: line.status(f"[evaluate] {done}/{total} clips"))
+        metrics = attribute_accuracy(
+            model,
+            tokenizer,
+            ev.data,
+            ev.template,
+            ev.max_new_tokens,
+            progress=lambda done, total: line.status(f"[evaluate] {done}/{total} clips"),
+        )
         for run_id in (stage.run_id, parent_run_id):
-            self.client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0)
-                                                   for k, v in metrics.items()])
-        per_attribute = ", ".join(f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in metrics.items()
-                                  if k.startswith("eval/attribute_accuracy/"))
-        line.finish(f"{uri}: attribute accuracy {metrics['eval/attribute_accuracy']:.2f} "
-                    f"({per_attribute}; chance {metrics['eval/attribute_chance']:.2f})")
+            self.client.log_batch(
+                run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in metrics.items()]
+            )
+        per_attribute = ", ".join(
+            f"{k.rsplit('/', 1)[1]} {v:.2f}" for k, v in metrics.items() if k.startswith("eval/attribute_accuracy/")
+        )
+        line.finish(
+            f"{uri}: attribute accuracy {metrics['eval/attribute_accuracy']:.2f} "
+            f"({per_attribute}; chance {metrics['eval/attribute_chance']:.2f})"
+        )
         return metrics
 
 
 def _flatten(doc, prefix: str = "") -> dict:
     flat = {}
-    for key, value in (doc.items() if isinstance(doc, dict) else enumerate(doc)):
+    for key, value in doc.items() if isinstance(doc, dict) else enumerate(doc):
         name = f"{prefix}.{key}" if prefix else str(key)
         if isinstance(value, (dict, list)) and value:
             flat.update(_flatten(value, name))

@@ -1,4 +1,5 @@
 """One progress line per stage on the driver console, fed with rank 0's metrics."""
+
 from __future__ import annotations
 
 import sys
@@ -35,8 +36,10 @@ class ProgressLine:
             first_step, first_time = self.first_seen
             rate = (step - first_step) / (now - first_time) if step > first_step else 0.0
             eta = (self.total - step) / rate if rate else float("nan")
-            text = (f"[{self.stage}] step {step}/{self.total}  loss {latest['train/loss']:.3f}  "
-                    f"{latest['train/tokens_per_s']:,.0f} tok/s  ETA {_duration(eta)}")
+            text = (
+                f"[{self.stage}] step {step}/{self.total}  loss {latest['train/loss']:.3f}  "
+                f"{latest['train/tokens_per_s']:,.0f} tok/s  ETA {_duration(eta)}"
+            )
             if "eval/loss" in latest:
                 text += f"  eval {latest['eval/loss']:.3f}"
         self.status(text + suffix)

@@ -1,6 +1,7 @@
 """One stage on Ray: starting or joining Ray, the TorchTrainer (scaling, failure and storage
 config) over the stage's workers, the inbox they post to, and the loop that hands their mail to
 the stage's relay until the stage ends."""
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,11 @@ def ray_address(cfg: JobConfig) -> str | None:
 
 
 def start_ray(cfg: JobConfig) -> None:
-    env = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(cfg.cluster.torch_threads),
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.cluster.worker_start_timeout_s)}
+    env = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": str(cfg.cluster.torch_threads),
+        "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": str(cfg.cluster.worker_start_timeout_s),
+    }
     env["DS_ACCELERATOR"] = "cuda" if cfg.cluster.use_gpu else "cpu"
     address = ray_address(cfg)
     if ray.is_initialized():
@@ -38,9 +42,14 @@ def start_ray(cfg: JobConfig) -> None:
     else:
         needed = int(cfg.cluster.max_workers * cfg.cluster.cpus_per_worker + 0.999)
         # "local": a new embedded Ray, even where a `ray start` cluster runs on this machine
-        ray.init(address="local", num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed),
-                 include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=False, configure_logging=False)
+        ray.init(
+            address="local",
+            num_cpus=cfg.cluster.num_cpus or max(os.cpu_count() or 1, needed),
+            include_dashboard=False,
+            runtime_env={"env_vars": env},
+            log_to_driver=False,
+            configure_logging=False,
+        )
 
 
 def train_on_ray(cfg: JobConfig, job: StageJob, run_id: str, storage: Storage, relay: StageRelay) -> Mail:
@@ -48,8 +57,9 @@ def train_on_ray(cfg: JobConfig, job: StageJob, run_id: str, storage: Storage, r
     says where rank 0 wrote the export and which weights it holds."""
     cluster = cfg.cluster
     # On the driver's node: the inbox must outlive any lost worker node (as Ray Train's controller does).
-    inbox = DriverInbox.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    inbox = DriverInbox.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    ).remote()
     marker = None
     if storage.is_local:  # every worker must see it; a node that does not stops the run
         marker = StorageMarker(storage.url, f".node-check-{run_id}")
@@ -58,14 +68,19 @@ def train_on_ray(cfg: JobConfig, job: StageJob, run_id: str, storage: Storage, r
     trainer = TorchTrainer(
         StageWorker(job, run_id, inbox, marker, cluster.torch_threads),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                     resources_per_worker={"CPU": cluster.cpus_per_worker}),
-        run_config=RunConfig(name=f"{cfg.name}-{job.stage.name}-{int(time.time())}",
-                             storage_path=ray_storage.root,
-                             storage_filesystem=None if ray_storage.is_local else ray_storage.pyarrow_fs(),
-                             failure_config=FailureConfig(max_failures=cluster.max_failures),
-                             # a worker's print goes to its log file once, not through Train's logger too
-                             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}}),
+        scaling_config=ScalingConfig(
+            num_workers=cluster.num_workers,
+            use_gpu=cluster.use_gpu,
+            resources_per_worker={"CPU": cluster.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=f"{cfg.name}-{job.stage.name}-{int(time.time())}",
+            storage_path=ray_storage.root,
+            storage_filesystem=None if ray_storage.is_local else ray_storage.pyarrow_fs(),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            # a worker's print goes to its log file once, not through Train's logger too
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
     )
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=_capture(trainer.fit)), daemon=True)

@@ -1,6 +1,7 @@
 """The driver's side of one running stage: what its workers send (metrics, notes, log text,
 checkpoints, placement) goes to the console's progress line, the stage's MLflow run and the
 log folder."""
+
 from __future__ import annotations
 
 import time
@@ -19,8 +20,18 @@ class StageRelay:
     """Relays one stage's mail; the tracking writes go through `tracking`, a queue that waits out
     an unreachable tracking server while training goes on."""
 
-    def __init__(self, name: str, steps: int, run_id: str, run: RunWriter, logs: StageLogs, ranks: int,
-                 tracking: TrackingQueue, registry: CheckpointRegistry, checkpoints: Storage):
+    def __init__(
+        self,
+        name: str,
+        steps: int,
+        run_id: str,
+        run: RunWriter,
+        logs: StageLogs,
+        ranks: int,
+        tracking: TrackingQueue,
+        registry: CheckpointRegistry,
+        checkpoints: Storage,
+    ):
         self.name, self.run, self.logs, self.tracking = name, run, logs, tracking
         self.registry, self.checkpoints = registry, checkpoints
         self.line = ProgressLine(name, steps)
@@ -48,8 +59,9 @@ class StageRelay:
             self.latest = {"step": step, **metrics}
             if step <= self.queued_through:  # sent again after a restart: logged once
                 continue
-            self.tracking.put(f"logging step {step}",
-                              partial(self.run.metrics, metrics, step, int(time.time() * 1000)), step)
+            self.tracking.put(
+                f"logging step {step}", partial(self.run.metrics, metrics, step, int(time.time() * 1000)), step
+            )
             self.queued_through = step
         for record in mail.checkpoints:
             self.line.print_above(f"[{self.name}] checkpoint at step {record.step}: {record.url}")
@@ -62,9 +74,11 @@ class StageRelay:
 
     def where(self, ranks=None) -> str:
         """`rank 0: node 1a2b3c (host, pid 123), ...`: where the ranks ran, as far as they said."""
-        return ", ".join(f"rank {r}: node {node[:8]} ({host}, pid {pid})"
-                         for r, (node, host, pid) in sorted(self.placement.items())
-                         if ranks is None or r in ranks)
+        return ", ".join(
+            f"rank {r}: node {node[:8]} ({host}, pid {pid})"
+            for r, (node, host, pid) in sorted(self.placement.items())
+            if ranks is None or r in ranks
+        )
 
     def store_logs(self) -> None:
         """Queues the logs after everything else, then waits until the tracking store has it all."""
@@ -74,5 +88,6 @@ class StageRelay:
         self.tracking.close()
 
     def finish(self) -> None:
-        self.line.finish(f"{self.latest.get('step', 0)} steps, final loss "
-                         f"{self.latest.get('train/loss', float('nan')):.3f}")
+        self.line.finish(
+            f"{self.latest.get('step', 0)} steps, final loss {self.latest.get('train/loss', float('nan')):.3f}"
+        )

@@ -6,6 +6,7 @@ What travels: one zip, the job's working directory: the project this command run
 config as `valleyforge-job.yaml`; the tracking URI; and, unless `--no-install`, ValleyForge's
 pinned requirements (without torch and Ray: the cluster's own CUDA torch and Ray stay).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -22,12 +23,22 @@ from data_shards.errors import ValleyForgeError
 from launch.config import JobConfig
 
 JOB_CONFIG = "valleyforge-job.yaml"
-LEFT_OUT = ["/runs/", "/mlruns/", "/data/", "/mlflow.db", ".venv/", "venv/", ".git/", "__pycache__/", "*.egg-info/",
-            ".pytest_cache/"]
+LEFT_OUT = [
+    "/runs/",
+    "/mlruns/",
+    "/data/",
+    "/mlflow.db",
+    ".venv/",
+    "venv/",
+    ".git/",
+    "__pycache__/",
+    "*.egg-info/",
+    ".pytest_cache/",
+]
 CODE = Path(__file__).resolve().parents[1]  # ValleyForge's source tree: its packages and requirements.lock
 PACKAGES = ("data_shards", "trainer", "launch")
 CLUSTER_OWNS = {"torch", "ray"}  # never installed over the cluster's own (a CUDA torch, the Ray it runs)
-UPLOAD_LIMIT = 100 * 1024 ** 2  # the job server's request size limit
+UPLOAD_LIMIT = 100 * 1024**2  # the job server's request size limit
 EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
 
 
@@ -42,8 +53,7 @@ def job_server_address(address: str | None) -> str:
     for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"), os.environ.get("RAY_ADDRESS")):
         if value and (value is address or value.startswith(("http://", "https://"))):
             return value if "://" in value else f"http://{value}"
-    raise ValleyForgeError("--address: the Ray job server's URL, e.g. http://HEAD:8265 (or set "
-                           "RAY_API_SERVER_ADDRESS)")
+    raise ValleyForgeError("--address: the Ray job server's URL, e.g. http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)")
 
 
 def auth_token() -> str | None:
@@ -61,15 +71,20 @@ def auth_token() -> str | None:
 def _job_server_errors(address: str):
     """Ray's connection and token errors, told in one line naming the server."""
     from ray.exceptions import AuthenticationError
+
     try:
         yield
     except AuthenticationError as err:
         first = str(err).strip().splitlines()[0]
-        raise JobServerError(f"the Ray job server at {address} refused the request ({first}): set RAY_AUTH_TOKEN "
-                             f"or ~/.ray/auth_token to the cluster's token") from None
+        raise JobServerError(
+            f"the Ray job server at {address} refused the request ({first}): set RAY_AUTH_TOKEN "
+            f"or ~/.ray/auth_token to the cluster's token"
+        ) from None
     except ConnectionError:
-        raise JobServerError(f"cannot reach a Ray job server at {address}: is the head running with its "
-                             f"dashboard (ray[default]) and is the port right?") from None
+        raise JobServerError(
+            f"cannot reach a Ray job server at {address}: is the head running with its "
+            f"dashboard (ray[default]) and is the port right?"
+        ) from None
     except RuntimeError as err:  # how Ray's job client tells of a request the server refused or failed
         last = (str(err).strip().splitlines() or [type(err).__name__])[-1]
         if "status code 404" in str(err):
@@ -112,16 +127,20 @@ class JobServer:
     def follow(self, job_id: str, out=sys.stdout) -> int:
         """Streams the job's log until it ends; the exit code of its outcome (0 succeeded, 1 failed,
         3 stopped)."""
+
         async def tail():
             async for chunk in self.client.tail_job_logs(job_id):
                 out.write(chunk)
                 out.flush()
+
         with _job_server_errors(self.address):
             asyncio.run(tail())
         status = self.wait(job_id)
         info = self.call("get_job_info", job_id)
-        print(f"job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""),
-              file=sys.stderr if status != "SUCCEEDED" else out)
+        print(
+            f"job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""),
+            file=sys.stderr if status != "SUCCEEDED" else out,
+        )
         return EXIT_CODES[status]
 
 
@@ -129,8 +148,10 @@ def pinned_requirements() -> list[str]:
     """requirements.lock without what the cluster brings itself."""
     lock = CODE / "requirements.lock"
     if not lock.is_file():
-        raise ValleyForgeError(f"{lock}: ValleyForge's pinned requirements are not beside its code; submit from a "
-                               f"ValleyForge checkout, or with --no-install to a cluster whose image has ValleyForge")
+        raise ValleyForgeError(
+            f"{lock}: ValleyForge's pinned requirements are not beside its code; submit from a "
+            f"ValleyForge checkout, or with --no-install to a cluster whose image has ValleyForge"
+        )
     lines = [line.split("#")[0].strip() for line in lock.read_text().splitlines()]
     return [line for line in lines if line and line.split("==")[0].lower() not in CLUSTER_OWNS]
 
@@ -141,17 +162,20 @@ def job_package(project: Path, cfg: JobConfig, folder: Path) -> Path:
     from ray._private.runtime_env.packaging import create_package
 
     package = folder / "valleyforge-job.zip"
-    create_package(str(project), package, include_gitignore=True, excludes=LEFT_OUT,
-                   logger=logging.getLogger(__name__))  # no INFO line on the console
+    create_package(
+        str(project), package, include_gitignore=True, excludes=LEFT_OUT, logger=logging.getLogger(__name__)
+    )  # no INFO line on the console
     with zipfile.ZipFile(package, "a") as archive:
         archive.writestr(JOB_CONFIG, cfg.to_yaml())
     if package.stat().st_size > UPLOAD_LIMIT:
         with zipfile.ZipFile(package) as archive:
             biggest = sorted(archive.infolist(), key=lambda i: -i.compress_size)[:3]
-        raise ValleyForgeError(f"{project}: the job's working directory packs to "
-                               f"{package.stat().st_size / 2**20:.0f} MiB, over the job server's 100 MiB; largest: "
-                               + ", ".join(f"{i.filename} ({i.compress_size / 2**20:.0f} MiB)" for i in biggest)
-                               + " (add them to .gitignore or .rayignore, or run from a smaller folder)")
+        raise ValleyForgeError(
+            f"{project}: the job's working directory packs to "
+            f"{package.stat().st_size / 2**20:.0f} MiB, over the job server's 100 MiB; largest: "
+            + ", ".join(f"{i.filename} ({i.compress_size / 2**20:.0f} MiB)" for i in biggest)
+            + " (add them to .gitignore or .rayignore, or run from a smaller folder)"
+        )
     return package
 
 
@@ -170,9 +194,12 @@ def cluster_job_config(cfg: JobConfig) -> JobConfig:
     relative output directory under ~/valleyforge on the head node, not in the job's working
     directory, which Ray manages and may unpack again."""
     cfg = cfg.with_absolute_paths()
-    output_dir = cfg.output_dir if Path(cfg.output_dir).expanduser().is_absolute() else f"~/valleyforge/{cfg.output_dir}"
-    return cfg.model_copy(update={"output_dir": output_dir,
-                                  "cluster": cfg.cluster.model_copy(update={"address": None})})
+    output_dir = (
+        cfg.output_dir if Path(cfg.output_dir).expanduser().is_absolute() else f"~/valleyforge/{cfg.output_dir}"
+    )
+    return cfg.model_copy(
+        update={"output_dir": output_dir, "cluster": cfg.cluster.model_copy(update={"address": None})}
+    )
 
 
 def submit(server: JobServer, cfg: JobConfig, tracking_uri: str, install: bool, project: Path) -> str:
@@ -181,10 +208,12 @@ def submit(server: JobServer, cfg: JobConfig, tracking_uri: str, install: bool, 
     with tempfile.TemporaryDirectory(prefix="valleyforge-submit-") as tmp:
         package = job_package(project, cfg, Path(tmp))
         return server.call(
-            "submit_job", entrypoint=f"python -m launch.cli run {JOB_CONFIG}",
+            "submit_job",
+            entrypoint=f"python -m launch.cli run {JOB_CONFIG}",
             submission_id=f"valleyforge-{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             runtime_env=runtime_env(package, project, tracking_uri, install),
-            metadata={"valleyforge_config": cfg.name, "config_hash": cfg.digest()})
+            metadata={"valleyforge_config": cfg.name, "config_hash": cfg.digest()},
+        )
 
 
 def job_table(server: JobServer) -> list[str]:

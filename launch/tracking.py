@@ -1,4 +1,5 @@
 """MLflow: where runs go, the driver's metric logging, and the model registry."""
+
 from __future__ import annotations
 
 import os
@@ -24,16 +25,25 @@ def resolve_tracking_uri(cfg: TrackingConfig) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
 # error codes of a request the server understood and refused: retrying cannot help
-_REFUSED = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED",
-            "UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED", "BAD_REQUEST", "INVALID_STATE"}
+_REFUSED = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "CUSTOMER_UNAUTHORIZED",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+}
 
 
 class TrackingUnavailable(ValleyForgeError):
@@ -63,11 +73,15 @@ def retried(call, what: str, patience_s: float, say=print, pause_s: float = 5.0)
             now = time.monotonic()
             if gave_up_at is None:
                 gave_up_at = now + patience_s
-                say(f"tracking server unreachable while {what}: {_first_line(err)}; "
-                    f"retrying for up to {patience_s:.0f} s (tracking.max_outage_s)")
+                say(
+                    f"tracking server unreachable while {what}: {_first_line(err)}; "
+                    f"retrying for up to {patience_s:.0f} s (tracking.max_outage_s)"
+                )
             if now >= gave_up_at:
-                raise TrackingUnavailable(f"tracking server unreachable for {patience_s:.0f} s (tracking.max_outage_s) "
-                                          f"while {what}: {_first_line(err)}") from err
+                raise TrackingUnavailable(
+                    f"tracking server unreachable for {patience_s:.0f} s (tracking.max_outage_s) "
+                    f"while {what}: {_first_line(err)}"
+                ) from err
             time.sleep(pause_s)
             continue
         if gave_up_at is not None:
@@ -89,8 +103,9 @@ class RunWriter:
     def metrics(self, metrics: dict, step: int, timestamp_ms: int) -> None:
         """One step's metrics. A fixed timestamp makes a retry of a write that did arrive a
         duplicate the store drops, not a second point."""
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), timestamp_ms, step)
-                                                    for k, v in metrics.items()])
+        self.client.log_batch(
+            self.run_id, metrics=[Metric(k, float(v), timestamp_ms, step) for k, v in metrics.items()]
+        )
 
     def last_step(self, key: str) -> int:
         """The newest step logged for `key`; -1 when none is."""
@@ -146,12 +161,14 @@ def reusable_version(client: MlflowClient, name: str, tags: dict):
     return max(matching, key=lambda v: int(v.version), default=None)
 
 
-def unfinished_run(client: MlflowClient, experiment_id: str, run_name: str, config_hash: str,
-                   parent_run_id: str | None = None) -> str | None:
+def unfinished_run(
+    client: MlflowClient, experiment_id: str, run_name: str, config_hash: str, parent_run_id: str | None = None
+) -> str | None:
     """The newest run named `run_name` for the config `config_hash` that did not finish: a child of
     `parent_run_id`, or a top-level run when that is None. None when there is none."""
-    query = (f"attributes.run_name = '{run_name}' and tags.config_hash = '{config_hash}' "
-             f"and attributes.status != 'FINISHED'")
+    query = (
+        f"attributes.run_name = '{run_name}' and tags.config_hash = '{config_hash}' and attributes.status != 'FINISHED'"
+    )
     if parent_run_id:
         query += f" and tags.mlflow.parentRunId = '{parent_run_id}'"
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"])
@@ -181,6 +198,7 @@ def fetch_model(model: str, tracking_uri: str, dst: Path | None = None) -> Path:
         return folder
     import mlflow
     from mlflow.exceptions import MlflowException
+
     try:
         pinned, _ = resolve_model_uri(MlflowClient(tracking_uri), model)
         mlflow.set_tracking_uri(tracking_uri)

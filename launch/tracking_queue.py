@@ -1,6 +1,7 @@
 """The driver's MLflow writes for a running stage, made in order by one thread: an outage of the
 tracking server holds them (each write retried, see tracking.retried) while the stage trains on,
 and the driver keeps taking what the workers send."""
+
 from __future__ import annotations
 
 import threading

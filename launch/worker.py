@@ -1,5 +1,6 @@
 """What every Ray Train worker runs for one stage, with everything the driver hands it. A worker
 never talks to MLflow: it sends metrics, notes, its log and its export's location to the driver."""
+
 from __future__ import annotations
 
 import os
@@ -35,6 +36,7 @@ def _redirect_output(log_file: Path) -> None:
 class StorageMarker:
     """A file the driver wrote into a local-path `cluster.storage`: a worker that does not see it
     is on a node that does not share that path."""
+
     storage: str
     name: str
 
@@ -43,13 +45,15 @@ class StorageMarker:
             raise ValleyForgeError(
                 f"cluster.storage {self.storage} is a local path that node {socket.gethostname()} "
                 f"({ray.util.get_node_ip_address()}) does not see: with workers on more than one node, "
-                f"set cluster.storage to a URL (s3://, gs://) or a mount every node shares")
+                f"set cluster.storage to a URL (s3://, gs://) or a mount every node shares"
+            )
 
 
 @dataclass
 class StageWorker:
     """Called once in each worker process: trains the job's stage on this rank; rank 0 posts
     the metrics, the trainable-parameter table, each checkpoint and the export's location."""
+
     job: StageJob
     run_id: str
     inbox: object  # the driver's DriverInbox actor
@@ -74,8 +78,12 @@ class StageWorker:
                 self.marker.check()
             torch.set_num_threads(self.torch_threads)
             with self._init_folder() as init_folder:
-                runner = StageRunner(self.job, Topology(rank, context.get_world_size()), init_folder,
-                                     on_checkpoint=lambda record: self.inbox.checkpointed.remote(record))
+                runner = StageRunner(
+                    self.job,
+                    Topology(rank, context.get_world_size()),
+                    init_folder,
+                    on_checkpoint=lambda record: self.inbox.checkpointed.remote(record),
+                )
             if rank == 0:
                 print(runner.trainable_table, flush=True)
                 self.inbox.note.remote(runner.trainable_table, "trainable_parameters.txt")
@@ -92,8 +100,11 @@ class StageWorker:
 
     def _metric_log(self):
         from trainer.metric_log import MetricLog
-        return MetricLog(lambda metrics, step: self.inbox.post.remote(step, metrics),
-                         lambda: ray.get(self.inbox.stored_through.remote()))
+
+        return MetricLog(
+            lambda metrics, step: self.inbox.post.remote(step, metrics),
+            lambda: ray.get(self.inbox.stored_through.remote()),
+        )
 
     @contextmanager
     def _init_folder(self) -> Iterator[Path | None]:

@@ -1,6 +1,7 @@
 """Worker logs, wherever the worker runs, end up in the driver's log folder: each worker writes
 its output to a file on its own node and a thread ships what is new to the driver's inbox every
 second; the driver appends it to `LOGS/<stage>-rank<r>.log`."""
+
 from __future__ import annotations
 
 import threading
@@ -38,6 +39,7 @@ class LogShipper:
     def stop(self) -> None:
         """The last text, delivered before returning (the worker may be about to fail)."""
         import ray
+
         self.stopping.set()
         self.thread.join()
         sent = self._ship()

@@ -2,6 +2,7 @@
 object store (moto's server mode), an `mlflow server` with its artifacts in that store, and a
 Ray cluster of two nodes whose second node does not see the run directory: it runs in its own
 mount namespace with an empty tmpfs over it, as a node without a shared disk would."""
+
 from __future__ import annotations
 
 import os
@@ -55,42 +56,68 @@ def stop_group(process: subprocess.Popen) -> None:
 @dataclass
 class ObjectStore:
     """moto's S3 server; `env` holds what a client needs to reach it."""
+
     process: subprocess.Popen
     endpoint: str
     bucket: str
 
     @property
     def env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def filesystem(self):
         import s3fs
+
         return s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=self.endpoint)
 
 
 def start_object_store(folder: Path) -> ObjectStore:
     port, log = free_port(), folder / "moto.log"
-    process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     store = ObjectStore(process, f"http://127.0.0.1:{port}", "valleyforge-test")
     wait_for_http(store.endpoint + "/moto-api/", process, log)
     store.filesystem().mkdir(store.bucket)
     return store
 
 
-def start_mlflow_server(folder: Path, store: ObjectStore | None, port: int | None = None
-                        ) -> tuple[subprocess.Popen, str]:
+def start_mlflow_server(
+    folder: Path, store: ObjectStore | None, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
     """An `mlflow server` over HTTP: runs in a sqlite database in `folder`, artifacts in the object
     store (or in `folder` without one). Started again on the same folder and port, it is the same
     server after an outage."""
     port, log = port or free_port(), folder / "mlflow-server.log"
     artifacts = f"s3://{store.bucket}/mlflow-artifacts" if store else str(folder / "artifacts")
     process = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", artifacts],
-        env={**os.environ, **(store.env if store else {})}, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-        start_new_session=True)
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{folder / 'mlflow.db'}",
+            "--artifacts-destination",
+            artifacts,
+        ],
+        env={**os.environ, **(store.env if store else {})},
+        stdout=open(log, "a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     uri = f"http://127.0.0.1:{port}"
     wait_for_http(uri + "/health", process, log)
     return process, uri
@@ -108,11 +135,19 @@ class TwoNodeCluster:
 
     def start_second_node(self) -> None:
         """The second node, in a mount namespace with an empty tmpfs over `run_dir`."""
-        second = (f"mount -t tmpfs tmpfs {self.run_dir} && exec {BIN / 'ray'} start --address={self.address} "
-                  f"--dashboard-agent-listen-port={free_port()} " + " ".join(NODE_ARGS))
-        self.nodes.append(subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "bash", "-c", second], env=self.node_env,
-            stdout=open(self.logs / "ray-second-node.log", "a"), stderr=subprocess.STDOUT, start_new_session=True))
+        second = (
+            f"mount -t tmpfs tmpfs {self.run_dir} && exec {BIN / 'ray'} start --address={self.address} "
+            f"--dashboard-agent-listen-port={free_port()} " + " ".join(NODE_ARGS)
+        )
+        self.nodes.append(
+            subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "bash", "-c", second],
+                env=self.node_env,
+                stdout=open(self.logs / "ray-second-node.log", "a"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         _wait_for_nodes(self.address, self.node_env, 2, self.nodes[-1])
 
     def lose_second_node(self) -> None:
@@ -143,15 +178,32 @@ def start_two_node_cluster(run_dir: Path, logs: Path, node_env: dict[str, str]) 
     on a node whose environment is activated."""
     port, dashboard_port = free_port(), free_port()
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    full_env = {**os.environ, **node_env, **env, **FAST_HEALTH_CHECKS,
-                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    full_env = {
+        **os.environ,
+        **node_env,
+        **env,
+        **FAST_HEALTH_CHECKS,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     # Each node's dashboard agent gets a free port: the default one may be held by a Ray started
     # earlier on this machine, and a head whose agent cannot listen accepts no job.
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", f"--port={port}", "--include-dashboard=true",
-                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                             f"--dashboard-agent-listen-port={free_port()}", *NODE_ARGS],
-                            env=full_env, stdout=open(logs / "ray-head.log", "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    head = subprocess.Popen(
+        [
+            str(BIN / "ray"),
+            "start",
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            *NODE_ARGS,
+        ],
+        env=full_env,
+        stdout=open(logs / "ray-head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"127.0.0.1:{port}"
     cluster = TwoNodeCluster(address, f"http://127.0.0.1:{dashboard_port}", env, run_dir, [head], full_env, logs)
     try:
@@ -165,8 +217,10 @@ def start_two_node_cluster(run_dir: Path, logs: Path, node_env: dict[str, str]) 
 
 
 def _wait_for_nodes(address: str, env: dict, count: int, process: subprocess.Popen, timeout_s: float = 120) -> None:
-    probe = (f"import ray; ray.init(address='{address}', log_to_driver=False, configure_logging=False); "
-             f"print(sum(n['Alive'] for n in ray.nodes()))")
+    probe = (
+        f"import ray; ray.init(address='{address}', log_to_driver=False, configure_logging=False); "
+        f"print(sum(n['Alive'] for n in ray.nodes()))"
+    )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

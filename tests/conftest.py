@@ -12,13 +12,18 @@ from data_shards.write.synth import write_synthetic_dataset  # noqa: E402
 # applies (a cluster test may start a local Ray too). `pytest -m unit` runs the quick ones.
 KINDS = {
     "unit": "starts nothing but the test process and short-lived subprocesses it waits for (the CLI, a "
-            "reader child): no Ray, no gloo process group, no server process",
+    "reader child): no Ray, no gloo process group, no server process",
     "ray": "starts an embedded Ray on this machine (the ray_local fixture, a TorchTrainer, a Pipeline)",
     "cluster": "starts separate services: the two-node Ray cluster, the S3 store (moto) or an `mlflow server`",
 }
 # A fixture that starts something, and the least kind a test using it (directly or not) must have.
-STARTS = {"ray_local": "ray", "object_store": "cluster", "mlflow_server": "cluster",
-          "two_node_cluster": "cluster", "store_data": "cluster"}
+STARTS = {
+    "ray_local": "ray",
+    "object_store": "cluster",
+    "mlflow_server": "cluster",
+    "two_node_cluster": "cluster",
+    "store_data": "cluster",
+}
 
 
 def pytest_configure(config):
@@ -34,8 +39,9 @@ def pytest_collection_modifyitems(config, items):
             problems.append(f"{item.nodeid}: no marker; mark it pytest.mark.unit, .ray or .cluster by what it starts")
             continue
         if len(kinds) > 1:
-            problems.append(f"{item.nodeid}: marked {' and '.join(kinds)}; keep one, the heaviest it starts "
-                            f"({' < '.join(KINDS)})")
+            problems.append(
+                f"{item.nodeid}: marked {' and '.join(kinds)}; keep one, the heaviest it starts ({' < '.join(KINDS)})"
+            )
             continue
         needs = [(fixture, STARTS[fixture]) for fixture in item.fixturenames if fixture in STARTS]
         too_light = [f"{fixture} ({kind})" for fixture, kind in needs if order.index(kind) > order.index(kinds[0])]
@@ -72,12 +78,19 @@ def synth_data(tmp_path_factory):
 def ray_local():
     """An embedded Ray with room for two 1-CPU training workers."""
     import ray
+
     # Workers import the test modules' worker functions by name.
     tests_dir = os.path.dirname(os.path.abspath(__file__))
     python_path = os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
-                                       "PYTHONPATH": python_path}})
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={
+            "env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": python_path}
+        },
+    )
     yield ray
     ray.shutdown()
 
@@ -86,6 +99,7 @@ def ray_local():
 def object_store(tmp_path_factory):
     """An S3-compatible store (moto's server mode) with one bucket."""
     from cluster_parts import start_object_store, stop_group
+
     store = start_object_store(tmp_path_factory.mktemp("object-store"))
     yield store
     stop_group(store.process)
@@ -95,6 +109,7 @@ def object_store(tmp_path_factory):
 def mlflow_server(tmp_path_factory, object_store):
     """An `mlflow server` on 127.0.0.1, its artifacts in the object store; yields its URI."""
     from cluster_parts import start_mlflow_server, stop_group
+
     process, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"), object_store)
     yield uri
     stop_group(process)
@@ -108,9 +123,13 @@ def two_node_cluster(tmp_path_factory, object_store):
     if os.geteuid() != 0:
         pytest.skip(reason="the second node's mount namespace (unshare + tmpfs) needs root")
     from cluster_parts import start_two_node_cluster
+
     run_dir = tmp_path_factory.mktemp("cluster-run")
-    cluster = start_two_node_cluster(run_dir, tmp_path_factory.mktemp("cluster-logs"),
-                                     {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **object_store.env})
+    cluster = start_two_node_cluster(
+        run_dir,
+        tmp_path_factory.mktemp("cluster-logs"),
+        {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **object_store.env},
+    )
     yield cluster
     cluster.stop()
 

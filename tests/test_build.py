@@ -1,4 +1,5 @@
 """`valleyforge shards build` from real annotation formats, `inspect` and `verify`."""
+
 import io
 import json
 import subprocess
@@ -8,20 +9,20 @@ from pathlib import Path
 
 import av
 import pytest
+from annotation_fixtures import EXPECTED_REJECTS, GOOD_SAMPLES, moving_square, write_annotation_set
 from PIL import Image
 
-from annotation_fixtures import EXPECTED_REJECTS, GOOD_SAMPLES, moving_square, write_annotation_set
-from data_shards.write.shards import BuildOptions, build_shards
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
 from data_shards.errors import ValleyForgeError
 from data_shards.frames import index_video
-from data_shards.write.ingest import IngestOptions
 from data_shards.manifest import read_manifest, sha256_file
 from data_shards.media import VisualSpec
 from data_shards.read.reader import Topology, build_loader
 from data_shards.read.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
+from data_shards.write.ingest import IngestOptions
+from data_shards.write.shards import BuildOptions, build_shards
 from data_shards.write.transcode import TranscodeOptions
 from data_shards.write.writer import write_tar
 
@@ -35,10 +36,10 @@ def inputs(tmp_path_factory):
 
 
 def build(inputs, out, workers=2, **transcode):
-    options = BuildOptions(IngestOptions(str(inputs["media"]), TranscodeOptions(**transcode), max_tokens=100),
-                           samples_per_shard=4)
-    return build_shards([str(p) for p in inputs["annotations"]], out, options, workers=workers,
-                        show_progress=False)
+    options = BuildOptions(
+        IngestOptions(str(inputs["media"]), TranscodeOptions(**transcode), max_tokens=100), samples_per_shard=4
+    )
+    return build_shards([str(p) for p in inputs["annotations"]], out, options, workers=workers, show_progress=False)
 
 
 def shard_hashes(out: Path) -> dict:
@@ -79,8 +80,9 @@ def test_build_is_byte_identical_and_resumes_skipping_done_chunks(inputs, tmp_pa
 
 
 def test_byte_limit_splits_shards(inputs, tmp_path):
-    options = BuildOptions(IngestOptions(str(inputs["media"]), max_tokens=100), samples_per_shard=8,
-                           max_shard_bytes=20480)
+    options = BuildOptions(
+        IngestOptions(str(inputs["media"]), max_tokens=100), samples_per_shard=8, max_shard_bytes=20480
+    )
     summary = build_shards([str(inputs["annotations"][0])], tmp_path / "out", options, show_progress=False)
     manifest = read_manifest(tmp_path / "out")
     assert summary.num_written == 10 and len(manifest.shards) > 2
@@ -102,8 +104,7 @@ def test_built_shards_train_and_captions_become_conversations(inputs, tmp_path):
 
 
 def test_transcode_sets_size_rate_keyframes_and_duration(inputs, tmp_path):
-    build(inputs, tmp_path / "out", video_size=32, video_fps=6, keyframe_interval=3, max_seconds=1.0,
-          image_max_side=20)
+    build(inputs, tmp_path / "out", video_size=32, video_fps=6, keyframe_interval=3, max_seconds=1.0, image_max_side=20)
     samples = [s for url in read_manifest(tmp_path / "out").urls for s in iter_samples(url)]
     video = next(s for s in samples if "mp4" in s.members)
     index = index_video(video.members["mp4"])
@@ -116,14 +117,28 @@ def test_transcode_sets_size_rate_keyframes_and_duration(inputs, tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True,
-                          cwd=Path(__file__).parents[1])
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
 
 
 def test_cli_build_inspect_verify(inputs, tmp_path):
     out = tmp_path / "out"
-    built = run_cli("shards", "build", *map(str, inputs["annotations"]), "--media-root", str(inputs["media"]),
-                    "--out", str(out), "--samples-per-shard", "4", "--workers", "2", "--max-tokens", "100")
+    built = run_cli(
+        "shards",
+        "build",
+        *map(str, inputs["annotations"]),
+        "--media-root",
+        str(inputs["media"]),
+        "--out",
+        str(out),
+        "--samples-per-shard",
+        "4",
+        "--workers",
+        "2",
+        "--max-tokens",
+        "100",
+    )
     assert built.returncode == 0, built.stderr
     assert f"{inputs['num_input']} input samples = {GOOD_SAMPLES} written + 10 rejected" in built.stdout
     inspected = run_cli("shards", "inspect", str(out), "--sheet", str(tmp_path / "sheet.png"))
@@ -138,7 +153,7 @@ def test_cli_build_inspect_verify(inputs, tmp_path):
     with tarfile.open(shard) as tar:
         member = next(m for m in tar.getmembers() if m.name.endswith(".mp4"))
     data = bytearray(shard.read_bytes())
-    data[member.offset_data: member.offset_data + member.size] = b"\x00" * member.size
+    data[member.offset_data : member.offset_data + member.size] = b"\x00" * member.size
     shard.write_bytes(bytes(data))
     verified = run_cli("shards", "verify", str(out))
     assert verified.returncode == 1
@@ -149,15 +164,21 @@ def test_cli_build_inspect_verify(inputs, tmp_path):
 def test_video2dataset_shards_are_read_as_they_are(tmp_path):
     """video2dataset writes {key}.mp4 + {key}.txt + {key}.json (metadata) per sample, no manifest."""
     for shard in range(2):
-        samples = [{"__key__": f"{shard:05d}{i:04d}", "mp4": moving_square(16, 32, 8, seed=i),
-                    "txt": f"a square moving right {i}".encode(),
-                    "json": json.dumps({"url": f"https://example.com/{i}.mp4", "status": "success"}).encode()}
-                   for i in range(3)]
+        samples = [
+            {
+                "__key__": f"{shard:05d}{i:04d}",
+                "mp4": moving_square(16, 32, 8, seed=i),
+                "txt": f"a square moving right {i}".encode(),
+                "json": json.dumps({"url": f"https://example.com/{i}.mp4", "status": "success"}).encode(),
+            }
+            for i in range(3)
+        ]
         write_tar(tmp_path / f"{shard:05d}.tar", samples)
     tok = build_word_tokenizer("a square moving right 0 1 2".split())
     cfg = ReaderConfig(micro_batch_size=6, num_workers=0, shuffle_buffer=1)
-    batch = next(build_loader(str(tmp_path / "{00000..00001}.tar"), cfg, tok, get_template("plain"), VISUAL,
-                              Topology(), False))
+    batch = next(
+        build_loader(str(tmp_path / "{00000..00001}.tar"), cfg, tok, get_template("plain"), VISUAL, Topology(), False)
+    )
     assert batch["rejected"] == {} and batch["frame_mask"].all()
     supervised = [tok.decode(ids[labels != -100]) for ids, labels in zip(batch["input_ids"], batch["labels"])]
     assert supervised[0] == "a square moving right 0 </s>"

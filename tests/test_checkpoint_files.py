@@ -1,4 +1,5 @@
 """Which checkpoint tags are kept: the newest complete ones, never a tag a crash left incomplete."""
+
 import json
 
 import pytest

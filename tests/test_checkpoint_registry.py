@@ -2,6 +2,7 @@
 run, `valleyforge checkpoints` lists them, `register: best` registers the one with the lowest
 eval loss (kept in storage for that), `resume_from` continues another run from any kept one, and
 `init_from` starts a stage from one's weights."""
+
 import os
 import subprocess
 import sys
@@ -11,26 +12,37 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from mlflow import MlflowClient
 from safetensors.torch import load_file
+from test_worker_loss import one_stage
 
 from launch.checkpoint_registry import KEPT, REMOVED, recorded_checkpoints
 from launch.pipeline import Pipeline
-from test_worker_loss import one_stage
 
 pytestmark = pytest.mark.ray
 STEPS = 5
 
 
 def best_stage(synth_data, out, name, *overrides):
-    return one_stage(synth_data, out, name, STEPS, (
-        f"stages.pretrain.eval_data={synth_data}/captions/heldout", "stages.pretrain.eval_batches=1",
-        "stages.pretrain.checkpoint_every=1", "stages.pretrain.register=best", *overrides))
+    return one_stage(
+        synth_data,
+        out,
+        name,
+        STEPS,
+        (
+            f"stages.pretrain.eval_data={synth_data}/captions/heldout",
+            "stages.pretrain.eval_batches=1",
+            "stages.pretrain.checkpoint_every=1",
+            "stages.pretrain.register=best",
+            *overrides,
+        ),
+    )
 
 
-def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(ray_local, synth_data, tmp_path,
-                                                                                 monkeypatch):
+def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(
+    ray_local, synth_data, tmp_path, monkeypatch
+):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    first, = Pipeline(best_stage(synth_data, tmp_path / "a", "best"), console=lambda _: None).run()
+    (first,) = Pipeline(best_stage(synth_data, tmp_path / "a", "best"), console=lambda _: None).run()
     client = MlflowClient(uri)
     run = client.get_run(first.run_id)
     eval_losses = {m.step: m.value for m in client.get_metric_history(first.run_id, "eval/loss")}
@@ -51,14 +63,19 @@ def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(r
     assert version.tags["checkpoint"] == f"models:/{held.model_id}"
 
     # The export holds the best checkpoint's weights.
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "a" / "checkpoints" / "pretrain"),
-                                                       tag=f"step-{best:08d}")
+    weights = get_fp32_state_dict_from_zero_checkpoint(
+        str(tmp_path / "a" / "checkpoints" / "pretrain"), tag=f"step-{best:08d}"
+    )
     exported = load_file(tmp_path / "a" / "exports" / "pretrain" / "projector" / "model.safetensors")
     for key, value in exported.items():
         torch.testing.assert_close(value, weights[f"projector.{key}"])
 
-    listing = subprocess.run([sys.executable, "-m", "launch.cli", "checkpoints", f"models:/{first.model_name}@latest"],
-                             capture_output=True, text=True, env={**os.environ, "MLFLOW_TRACKING_URI": uri})
+    listing = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "checkpoints", f"models:/{first.model_name}@latest"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
     assert listing.returncode == 0, listing.stderr
     lines = listing.stdout.splitlines()
     assert lines[0] == f"stage run {first.run_id} (pretrain): {STEPS} checkpoint(s) recorded"
@@ -68,19 +85,29 @@ def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(r
 
     # Another run continues from a recorded checkpoint: step STEPS as the first run trained it.
     source = next(m for m in records if int(m.params["step"]) == STEPS - 1)
-    second, = Pipeline(best_stage(synth_data, tmp_path / "b", "resumed",
-                                  f"stages.pretrain.resume_from=models:/{source.model_id}"),
-                       console=lambda _: None).run()
+    (second,) = Pipeline(
+        best_stage(synth_data, tmp_path / "b", "resumed", f"stages.pretrain.resume_from=models:/{source.model_id}"),
+        console=lambda _: None,
+    ).run()
     first_losses = {m.step: m.value for m in client.get_metric_history(first.run_id, "train/loss")}
     second_losses = {m.step: m.value for m in client.get_metric_history(second.run_id, "train/loss")}
     assert list(second_losses) == [STEPS]
     assert second_losses[STEPS] == pytest.approx(first_losses[STEPS], rel=1e-5)
 
     # A stage that starts from a recorded checkpoint: its frozen projector is that checkpoint's.
-    third, = Pipeline(best_stage(synth_data, tmp_path / "c", "started", "stages.pretrain.register=last",
-                                 "stages.pretrain.checkpoint_every=0", "stages.pretrain.trainable=[llm]",
-                                 "stages.pretrain.steps=1", f"stages.pretrain.init_from=models:/{held.model_id}"),
-                      console=lambda _: None).run()
+    (third,) = Pipeline(
+        best_stage(
+            synth_data,
+            tmp_path / "c",
+            "started",
+            "stages.pretrain.register=last",
+            "stages.pretrain.checkpoint_every=0",
+            "stages.pretrain.trainable=[llm]",
+            "stages.pretrain.steps=1",
+            f"stages.pretrain.init_from=models:/{held.model_id}",
+        ),
+        console=lambda _: None,
+    ).run()
     assert client.get_run(third.run_id).data.params["init_from"] == f"checkpoint models:/{held.model_id}"
     started = load_file(tmp_path / "c" / "exports" / "pretrain" / "projector" / "model.safetensors")
     for key, value in started.items():

@@ -4,6 +4,7 @@ node. The job is stopped after a checkpoint and rerun: both ranks resume from th
 under the same MLflow runs, every step's metrics logged once; the stages register; `valleyforge
 generate` answers from the registered model. An elastic job that loses a node goes on with the
 worker left."""
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,24 @@ PROMPT = "what colour is the shape ?"
 
 
 def cluster_overrides(cluster, synth_data, store_data, name: str) -> list[str]:
-    return [f"name={name}", f"output_dir={cluster.run_dir}/{{name}}", f"cluster.address={cluster.address}",
-            f"model.word_vocab={synth_data}/vocab.txt", "model.num_frames=4", "data.micro_batch_size=4",
-            f"tracking.registered_model_prefix={name}", "evaluation=",
-            f"stages.pretrain.train_data={store_data['captions']}", "stages.pretrain.eval_data=",
-            "stages.pretrain.steps=30", "stages.pretrain.checkpoint_every=3",
-            f"stages.instruct.train_data={store_data['instruct']}", "stages.instruct.eval_data=",
-            "stages.instruct.steps=3", "stages.instruct.checkpoint_every=2"]
+    return [
+        f"name={name}",
+        f"output_dir={cluster.run_dir}/{{name}}",
+        f"cluster.address={cluster.address}",
+        f"model.word_vocab={synth_data}/vocab.txt",
+        "model.num_frames=4",
+        "data.micro_batch_size=4",
+        f"tracking.registered_model_prefix={name}",
+        "evaluation=",
+        f"stages.pretrain.train_data={store_data['captions']}",
+        "stages.pretrain.eval_data=",
+        "stages.pretrain.steps=30",
+        "stages.pretrain.checkpoint_every=3",
+        f"stages.instruct.train_data={store_data['instruct']}",
+        "stages.instruct.eval_data=",
+        "stages.instruct.steps=3",
+        "stages.instruct.checkpoint_every=2",
+    ]
 
 
 def demo_stages(folder: Path, *names: str) -> Path:
@@ -51,13 +63,20 @@ def demo_stages(folder: Path, *names: str) -> Path:
 # A foreground command, which Ctrl-C (SIGINT) interrupts, also when these tests run as a background
 # job of a non-interactive shell: its children inherit SIGINT ignored, and Python then installs no
 # KeyboardInterrupt handler.
-FOREGROUND = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-              "sys.argv[0] = 'valleyforge'; runpy.run_module('launch.cli', run_name='__main__')")
+FOREGROUND = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'valleyforge'; runpy.run_module('launch.cli', run_name='__main__')"
+)
 
 
 def valleyforge(*args: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", FOREGROUND, *args], env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", FOREGROUND, *args],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_a_checkpoint(job: subprocess.Popen, timeout_s: float = 300) -> str:
@@ -78,8 +97,9 @@ def last_section(log: Path) -> str:
     return log.read_text().rsplit("=====\n", 1)[-1]
 
 
-def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster, object_store, mlflow_server,
-                                                                 synth_data, store_data, monkeypatch, tmp_path):
+def test_two_nodes_resume_from_the_store_register_and_generate(
+    two_node_cluster, object_store, mlflow_server, synth_data, store_data, monkeypatch, tmp_path
+):
     for key, value in object_store.env.items():  # this process reads the store too
         monkeypatch.setenv(key, value)
     cluster, name = two_node_cluster, "cluster"
@@ -87,14 +107,18 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
     overrides = cluster_overrides(cluster, synth_data, store_data, name)
     overrides.append(f"cluster.storage=s3://{object_store.bucket}/runs/{{name}}")
     env = {**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": mlflow_server}
-    command = ["run", str(demo_stages(tmp_path, "pretrain", "instruct")), *[arg for o in overrides
-                                                                           for arg in ("--set", o)]]
+    command = [
+        "run",
+        str(demo_stages(tmp_path, "pretrain", "instruct")),
+        *[arg for o in overrides for arg in ("--set", o)],
+    ]
 
     # First run: stopped once stage 1 has a checkpoint in the store.
     first = valleyforge(*command, env=env)
     printed = wait_for_a_checkpoint(first)
-    assert f"[pretrain] checkpoint at step 3: {storage.child('checkpoints', 'pretrain', 'step-00000003').url}" \
-        in printed, printed
+    assert (
+        f"[pretrain] checkpoint at step 3: {storage.child('checkpoints', 'pretrain', 'step-00000003').url}" in printed
+    ), printed
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=120)
     assert first.returncode == 130, err
@@ -105,10 +129,12 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
     assert "(continued)" in out and "[pretrain] continuing stage run" in out, out
 
     logs = cluster.run_dir / name / "logs"
-    resumed = {rank: re.findall(r"resumed from (\S+) at step (\d+)", last_section(logs / f"pretrain-rank{rank}.log"))
-               for rank in (0, 1)}
+    resumed = {
+        rank: re.findall(r"resumed from (\S+) at step (\d+)", last_section(logs / f"pretrain-rank{rank}.log"))
+        for rank in (0, 1)
+    }
     assert resumed[0] and resumed[0] == resumed[1], resumed
-    (tag_url, step), = resumed[0]
+    ((tag_url, step),) = resumed[0]
     assert tag_url.startswith(storage.url) and 3 <= int(step) < 30
 
     client = MlflowClient(mlflow_server)
@@ -121,8 +147,10 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
     for stage, run in stage_runs.items():
         nodes = re.findall(r"rank (\d): node (\w+)", run.data.tags["placement"])
         assert [rank for rank, _ in nodes] == ["0", "1"] and nodes[0][1] != nodes[1][1], run.data.tags["placement"]
-        assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "logs")) == \
-            [f"logs/{stage}-rank0.log", f"logs/{stage}-rank1.log"]
+        assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "logs")) == [
+            f"logs/{stage}-rank0.log",
+            f"logs/{stage}-rank1.log",
+        ]
         # both nodes run on this one machine (one host name): its load under MLflow's names, once
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
     history = client.get_metric_history(stage_runs["pretrain"].info.run_id, "train/loss")
@@ -136,32 +164,47 @@ def test_two_nodes_resume_from_the_store_register_and_generate(two_node_cluster,
     assert object_store.filesystem().glob(f"{object_store.bucket}/mlflow-artifacts/**/valleyforge_model.json")
     with storage.child("exports", "instruct").fetched() as export:
         expected = generate_from_export(export, PROMPT, None, None, 4)
-    answer = valleyforge("generate", "--model", f"models:/{name}-instruct@latest", "--prompt", PROMPT,
-                         "--max-new-tokens", "4", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    answer = valleyforge(
+        "generate",
+        "--model",
+        f"models:/{name}-instruct@latest",
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "4",
+        env={"MLFLOW_TRACKING_URI": mlflow_server},
+    )
     out, err = answer.communicate(timeout=300)
     assert answer.returncode == 0, err
     assert out.strip() == expected and version.version == "1"
 
 
-def test_a_local_storage_path_that_a_node_cannot_see_stops_the_run(two_node_cluster, object_store, synth_data,
-                                                                    store_data, tmp_path):
+def test_a_local_storage_path_that_a_node_cannot_see_stops_the_run(
+    two_node_cluster, object_store, synth_data, store_data, tmp_path
+):
     cluster, name = two_node_cluster, "cluster-local"
     overrides = cluster_overrides(cluster, synth_data, store_data, name)  # storage: the output dir
-    run = valleyforge("run", str(demo_stages(tmp_path, "pretrain", "instruct")),
-                      *[arg for o in overrides for arg in ("--set", o)],
-                      env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"})
+    run = valleyforge(
+        "run",
+        str(demo_stages(tmp_path, "pretrain", "instruct")),
+        *[arg for o in overrides for arg in ("--set", o)],
+        env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/m.db"},
+    )
     out, err = run.communicate(timeout=600)
     assert run.returncode == 1, out + err
     # Ray Train may give either rank to the second node: exactly that one rank is named
     first = err.splitlines()[0]
-    assert re.fullmatch(rf"valleyforge: error: stage 'pretrain' failed on rank [01]: node \w{{8}} \([^)]*\): "
-                        rf"cluster\.storage {re.escape(str(cluster.run_dir / name))} is a local path that node .*",
-                        first), err
+    assert re.fullmatch(
+        rf"valleyforge: error: stage 'pretrain' failed on rank [01]: node \w{{8}} \([^)]*\): "
+        rf"cluster\.storage {re.escape(str(cluster.run_dir / name))} is a local path that node .*",
+        first,
+    ), err
     assert "last lines of" in err  # the failing rank's log, quoted from the driver's copy
 
 
 def test_an_elastic_stage_goes_on_with_the_worker_left_when_a_node_is_lost(
-        two_node_cluster, object_store, mlflow_server, synth_data, store_data, monkeypatch, tmp_path):
+    two_node_cluster, object_store, mlflow_server, synth_data, store_data, monkeypatch, tmp_path
+):
     """cluster.num_workers [1, 2]: the second node is lost after the first checkpoint; Ray Train
     restarts the stage on the one worker the cluster has room for, which resumes that checkpoint
     on 1 rank (grad_accum doubled), and the stage completes, every step logged once."""
@@ -171,10 +214,18 @@ def test_an_elastic_stage_goes_on_with_the_worker_left_when_a_node_is_lost(
     config = demo_stages(tmp_path, "pretrain")
     storage = Storage(f"s3://{object_store.bucket}/runs/{name}")
     overrides = [o for o in cluster_overrides(cluster, synth_data, store_data, name) if not o.startswith("stages.inst")]
-    overrides += [f"cluster.storage={storage.url}", "cluster.num_workers=[1, 2]", "cluster.max_failures=1",
-                  "stages.pretrain.steps=12"]
-    job = valleyforge("run", str(config), *[arg for o in overrides for arg in ("--set", o)],
-                      env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": mlflow_server})
+    overrides += [
+        f"cluster.storage={storage.url}",
+        "cluster.num_workers=[1, 2]",
+        "cluster.max_failures=1",
+        "stages.pretrain.steps=12",
+    ]
+    job = valleyforge(
+        "run",
+        str(config),
+        *[arg for o in overrides for arg in ("--set", o)],
+        env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": mlflow_server},
+    )
     checkpoints = storage.child("checkpoints", "pretrain")
     try:
         wait_for_a_checkpoint(job)
@@ -187,11 +238,11 @@ def test_an_elastic_stage_goes_on_with_the_worker_left_when_a_node_is_lost(
     assert job.returncode == 0, out + err
     rank0 = last_section(cluster.run_dir / name / "logs" / "pretrain-rank0.log")
     assert "resuming a checkpoint of 2 rank(s) on 1: grad_accum 1 -> 2" in rank0, rank0[-3000:]
-    (tag_url, step), = re.findall(r"resumed from (\S+) at step (\d+)", rank0)
+    ((tag_url, step),) = re.findall(r"resumed from (\S+) at step (\d+)", rank0)
     assert tag_url.startswith(checkpoints.url) and 3 <= int(step) < 12
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("valleyforge-demo").experiment_id
-    parent, = client.search_runs([experiment], f"attributes.run_name = '{name}'")
-    run, = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    (parent,) = client.search_runs([experiment], f"attributes.run_name = '{name}'")
+    (run,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert [m.step for m in history] == list(range(1, 13))

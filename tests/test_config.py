@@ -1,4 +1,5 @@
 """Config errors end before anything starts, in one line that names the key."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -17,21 +18,40 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("stages.pretrain.steps=0", "stages.1.steps: Input should be greater than 0"),
-    ("stages.instruct.optimizer.learning_rate=1", "stages.2.optimizer.learning_rate: unknown key (allowed here: lr, "),
-    ("model.reducer=avgpool", "model.reducer: Input should be 'none', 'valley', 'spatial_pool2' or 'temporal_diff' (got 'avgpool')"),
-    ("stages.pretrain.trainable=[brain]", "stages.1.trainable.0: Input should be 'vision', 'projector', 'llm', 'embeddings', 'soft_prompt', 'lora', 'temporal' or 'text' (got 'brain')"),
-    ("stages.nosuch.steps=3", "stages has no item 'nosuch'"),
-    ("stages.pretrain.template=alpaca", "unknown template 'alpaca'"),
-    ("model.vision.path=/some/clip", "model.vision: set exactly one of `path`"),
-    ("clusterr.num_workers=4", "clusterr: unknown key (allowed here: name, output_dir"),
-    ("cluster.num_workers=[3, 1]", "cluster: num_workers: [3, 1]: a count >= 1, or [min, max] with 1 <= min <= max"),
-    ("cluster.num_workers=[2, 4]", "stages.contrastive.grad_accum: a global batch of 4 micro-batches (grad_accum 1 x 4 "
-                                   "ranks) does not split over every rank count cluster.num_workers [2, 4] allows; "
-                                   "make grad_accum x 4 a multiple of 12"),
-    ("data.streams=3", "data.streams 3 must be a multiple of 2 to split over every rank count"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("stages.pretrain.steps=0", "stages.1.steps: Input should be greater than 0"),
+        (
+            "stages.instruct.optimizer.learning_rate=1",
+            "stages.2.optimizer.learning_rate: unknown key (allowed here: lr, ",
+        ),
+        (
+            "model.reducer=avgpool",
+            "model.reducer: Input should be 'none', 'valley', 'spatial_pool2' or 'temporal_diff' (got 'avgpool')",
+        ),
+        (
+            "stages.pretrain.trainable=[brain]",
+            "stages.1.trainable.0: Input should be 'vision', 'projector', 'llm', 'embeddings', 'soft_prompt', "
+            "'lora', 'temporal' or 'text' (got 'brain')",
+        ),
+        ("stages.nosuch.steps=3", "stages has no item 'nosuch'"),
+        ("stages.pretrain.template=alpaca", "unknown template 'alpaca'"),
+        ("model.vision.path=/some/clip", "model.vision: set exactly one of `path`"),
+        ("clusterr.num_workers=4", "clusterr: unknown key (allowed here: name, output_dir"),
+        (
+            "cluster.num_workers=[3, 1]",
+            "cluster: num_workers: [3, 1]: a count >= 1, or [min, max] with 1 <= min <= max",
+        ),
+        (
+            "cluster.num_workers=[2, 4]",
+            "stages.contrastive.grad_accum: a global batch of 4 micro-batches (grad_accum 1 x 4 "
+            "ranks) does not split over every rank count cluster.num_workers [2, 4] allows; "
+            "make grad_accum x 4 a multiple of 12",
+        ),
+        ("data.streams=3", "data.streams 3 must be a multiple of 2 to split over every rank count"),
+    ],
+)
 def test_bad_override_is_one_line_naming_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
         load_config(DEMO, [override])
@@ -60,30 +80,49 @@ def test_cli_reports_invalid_yaml_and_missing_file(tmp_path):
 
 
 def test_missing_data_split_fails_before_workers_start(tmp_path):
-    result = run_cli("run", str(DEMO), "--set", f"stages.contrastive.train_data={tmp_path}/nothing",
-                     "--set", f"output_dir={tmp_path}/run")
+    result = run_cli(
+        "run",
+        str(DEMO),
+        "--set",
+        f"stages.contrastive.train_data={tmp_path}/nothing",
+        "--set",
+        f"output_dir={tmp_path}/run",
+    )
     assert result.returncode == 2
     assert f"{tmp_path}/nothing: not found (expected a split directory" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_overrides_parse_yaml_values_and_stage_names():
-    cfg = load_config(DEMO, ["stages.instruct.optimizer.lr=5e-4", "stages.2.steps=7", "cluster.num_workers=1",
-                             "stages.pretrain.trainable=[projector, llm]"])
+    cfg = load_config(
+        DEMO,
+        [
+            "stages.instruct.optimizer.lr=5e-4",
+            "stages.2.steps=7",
+            "cluster.num_workers=1",
+            "stages.pretrain.trainable=[projector, llm]",
+        ],
+    )
     assert cfg.stages[2].optimizer.lr == 5e-4 and cfg.stages[2].steps == 7
     assert cfg.cluster.num_workers == 1 and cfg.stages[1].trainable == ["projector", "llm"]
 
 
 def test_elastic_worker_range_sets_streams_and_global_batch():
-    cfg = load_config(DEMO, ["cluster.num_workers=[2, 3]", *(f"stages.{name}.grad_accum=2"
-                                                            for name in ("contrastive", "pretrain", "instruct"))])
+    cfg = load_config(
+        DEMO,
+        [
+            "cluster.num_workers=[2, 3]",
+            *(f"stages.{name}.grad_accum=2" for name in ("contrastive", "pretrain", "instruct")),
+        ],
+    )
     assert cfg.cluster.worker_range == (2, 3)
     assert cfg.data_streams() == 6 * cfg.data.num_workers  # every count of 2..3 divides it
     assert [cfg.micro_batches_per_step(stage) for stage in cfg.stages] == [6, 6, 6]  # grad_accum x the most ranks
 
 
-@pytest.mark.parametrize("path", sorted(p.relative_to(DEMO.parent) for p in DEMO.parent.rglob("*.yaml")
-                                        if p.name != "common.yaml"), ids=str)
+@pytest.mark.parametrize(
+    "path", sorted(p.relative_to(DEMO.parent) for p in DEMO.parent.rglob("*.yaml") if p.name != "common.yaml"), ids=str
+)
 def test_every_shipped_config_validates(path):
     cfg = load_config(DEMO.parent / path)
     if cfg.evaluation:  # generation asks in the template the model was last trained with
@@ -138,10 +177,13 @@ def test_loading_a_config_imports_neither_torch_nor_pyav():
     """Config modules are leaves: reading and validating every shipped config loads neither torch
     nor PyAV (nor the other heavy libraries)."""
     configs = sorted(str(p) for p in DEMO.parent.rglob("*.yaml") if p.parent.name != "tiny" or p.name != "common.yaml")
-    script = ("import sys\nfrom launch.config import load_config\n"
-              f"for path in {configs!r}:\n    load_config(path)\n"
-              "print(sorted(m for m in ('torch', 'av', 'transformers', 'deepspeed', 'ray', 'mlflow') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         cwd=DEMO.parents[1])
+    script = (
+        "import sys\nfrom launch.config import load_config\n"
+        f"for path in {configs!r}:\n    load_config(path)\n"
+        "print(sorted(m for m in ('torch', 'av', 'transformers', 'deepspeed', 'ray', 'mlflow') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=DEMO.parents[1]
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

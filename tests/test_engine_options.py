@@ -1,9 +1,11 @@
 """Engine options change how, not what: gradient checkpointing gives the same loss and gradients;
 ZeRO-3 with the optimizer state offloaded to CPU trains on 2 ranks."""
+
 import json
 
 import pytest
 import torch
+from two_ranks import fit_on_ranks, losses_worker, tiny_job
 
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
@@ -11,13 +13,19 @@ from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import ModelConfig
 from trainer.model import model_inputs
-from two_ranks import fit_on_ranks, losses_worker, tiny_job
 
 
 @pytest.mark.unit
 def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
-    blueprint = blueprint_from_config(ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"),
-                                        num_frames=2, vision_feature_layer=-1))
+    blueprint = blueprint_from_config(
+        ModelConfig(
+            vision={"tiny": {}},
+            llm={"tiny": {}},
+            word_vocab=str(synth_data / "vocab.txt"),
+            num_frames=2,
+            vision_feature_layer=-1,
+        )
+    )
     cfg = ReaderConfig(micro_batch_size=6, num_workers=0, shuffle_buffer=1, max_length=256)
     results = []
     for checkpointing in (False, True):
@@ -27,8 +35,17 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
         if checkpointing:
             for part in (model.llm, model.vision):
                 part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        batch = next(build_loader(str(synth_data / "instruct" / "train"), cfg, blueprint.tokenizer,
-                                  get_template("vicuna_v1"), model.visual_spec(), Topology(), train=False))
+        batch = next(
+            build_loader(
+                str(synth_data / "instruct" / "train"),
+                cfg,
+                blueprint.tokenizer,
+                get_template("vicuna_v1"),
+                model.visual_spec(),
+                Topology(),
+                train=False,
+            )
+        )
         loss = model(**model_inputs(batch)).loss
         loss.backward()
         results.append((float(loss), {n: p.grad for n, p in model.named_parameters()}))
@@ -42,10 +59,14 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(synth_data):
 
 @pytest.mark.ray
 def test_zero3_with_optimizer_offload_and_checkpointing_trains(ray_local, synth_data, tmp_path):
-    job = tiny_job(synth_data, tmp_path, num_frames=2,
-                   engine={"offload_optimizer": True, "gradient_checkpointing": ["llm"]},
-                   stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": 6, "optimizer": {"lr": 3e-3}},
-                   data={"micro_batch_size": 4, "num_workers": 0, "max_length": 256, "shuffle_buffer": 1})
+    job = tiny_job(
+        synth_data,
+        tmp_path,
+        num_frames=2,
+        engine={"offload_optimizer": True, "gradient_checkpointing": ["llm"]},
+        stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": 6, "optimizer": {"lr": 3e-3}},
+        data={"micro_batch_size": 4, "num_workers": 0, "max_length": 256, "shuffle_buffer": 1},
+    )
     fit_on_ranks(losses_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     losses = json.loads((tmp_path / "rank0.json").read_text())
     assert len(losses) == 6 and losses[-1] < losses[0], losses

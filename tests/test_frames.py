@@ -1,4 +1,5 @@
 """Frame sampling: which frames each mode picks, and that seeking decodes exactly those frames."""
+
 import io
 import random
 

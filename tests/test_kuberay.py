@@ -1,6 +1,7 @@
 """`valleyforge submit --kuberay`: the RayJob and its ConfigMap, sized from `cluster`, carrying
 the resolved config; a config pods could not run is refused naming the field. Where the
 development setup has KubeRay v1.7.0's CRD beside the project, the manifest is checked against it."""
+
 from __future__ import annotations
 
 import subprocess
@@ -43,28 +44,33 @@ def test_the_rayjob_is_sized_from_the_cluster_section_and_carries_the_config(tmp
     assert head["rayStartParams"]["num-cpus"] == "0"
     assert head["template"]["spec"]["volumes"][0]["configMap"]["name"] == config_map["metadata"]["name"]
     assert head["template"]["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/etc/valleyforge"
-    workers, = spec["rayClusterSpec"]["workerGroupSpecs"]
+    (workers,) = spec["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2  # 8 workers, 4 per pod
-    container, = workers["template"]["spec"]["containers"]
+    (container,) = workers["template"]["spec"]["containers"]
     assert container["resources"]["limits"] == {"cpu": "32", "nvidia.com/gpu": 4}  # 4 x 8 CPUs, 4 GPUs
     assert {"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow:5000"} in container["env"]
     assert container["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
 
 
 def test_uneven_workers_fractional_cpus_and_names_kubernetes_accepts():
-    _, _, rayjob = manifest(["name=My_Valley.v2", "cluster.num_workers=3", "cluster.use_gpu=false",
-                             "cluster.cpus_per_worker=1.5"], workers_per_pod=2)
+    _, _, rayjob = manifest(
+        ["name=My_Valley.v2", "cluster.num_workers=3", "cluster.use_gpu=false", "cluster.cpus_per_worker=1.5"],
+        workers_per_pod=2,
+    )
     assert rayjob["metadata"]["name"] == "my-valley-v2"
-    workers, = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    (workers,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert workers["replicas"] == 2
     assert workers["template"]["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "3"}
     assert resource_name("x" * 60 + "-") == "x" * 47 and resource_name("___") == "valleyforge"
 
 
-@pytest.mark.parametrize("overrides,tracking,field", [
-    (["cluster.storage=/mnt/runs"], "http://mlflow:5000", "cluster.storage: /mnt/runs is a path"),
-    ([], "sqlite:///mlflow.db", "tracking.tracking_uri: sqlite:///mlflow.db is on this machine"),
-])
+@pytest.mark.parametrize(
+    "overrides,tracking,field",
+    [
+        (["cluster.storage=/mnt/runs"], "http://mlflow:5000", "cluster.storage: /mnt/runs is a path"),
+        ([], "sqlite:///mlflow.db", "tracking.tracking_uri: sqlite:///mlflow.db is on this machine"),
+    ],
+)
 def test_what_pods_cannot_reach_is_refused_naming_the_field(overrides, tracking, field):
     cfg = cluster_job_config(load_config(VALLEY, [*READY, *overrides]))
     with pytest.raises(ValleyForgeError, match=field.replace(".", r"\.")):
@@ -75,6 +81,7 @@ def test_what_pods_cannot_reach_is_refused_naming_the_field(overrides, tracking,
 def test_the_manifest_fits_kuberay_v1_7_crd(tmp_path):
     text, _, _ = manifest(workers_per_pod=4, secret="s3-credentials", namespace="ml")
     (tmp_path / "rayjob.yaml").write_text(text)
-    out = subprocess.run([sys.executable, str(VALIDATOR), str(tmp_path / "rayjob.yaml")], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(VALIDATOR), str(tmp_path / "rayjob.yaml")], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and out.stdout.startswith("valid:"), out.stdout + out.stderr

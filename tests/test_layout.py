@@ -2,6 +2,7 @@
 do not run and do not count) and followed through our own modules: the write side never imports
 the read side, the model imports neither the reader nor DeepSpeed, Ray or MLflow; and setup.py
 installs exactly what the code imports."""
+
 import ast
 import importlib.metadata
 import re
@@ -30,8 +31,9 @@ def direct_imports(module: str) -> set[str]:
             if isinstance(node, ast.Import):
                 names |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0:  # `from a import b` may import module a.b
-                names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names
-                                          if source_of(f"{node.module}.{a.name}")}
+                names |= {node.module} | {
+                    f"{node.module}.{a.name}" for a in node.names if source_of(f"{node.module}.{a.name}")
+                }
     return names
 
 
@@ -49,8 +51,10 @@ def imported_by(module: str) -> set[str]:
 
 
 def _modules(package: str) -> list[str]:
-    return sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-                  for p in ROOT.glob(f"{package}/**/*.py"))
+    return sorted(
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        for p in ROOT.glob(f"{package}/**/*.py")
+    )
 
 
 @pytest.mark.parametrize("module", _modules("data_shards") + _modules("trainer"))

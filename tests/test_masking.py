@@ -1,16 +1,27 @@
 """Labels sit on assistant tokens only, for every template, with the placeholder expanded."""
+
 import pytest
 
-from data_shards.conversation import (IGNORE_INDEX, TEMPLATE_SPECIAL_TOKENS, TEMPLATES, VISUAL_TOKEN, SampleError,
-                                      encode_conversation, get_template, template_texts)
-from data_shards.write.synth import vocabulary
+from data_shards.conversation import (
+    IGNORE_INDEX,
+    TEMPLATE_SPECIAL_TOKENS,
+    TEMPLATES,
+    VISUAL_TOKEN,
+    SampleError,
+    encode_conversation,
+    get_template,
+    template_texts,
+)
 from data_shards.tokenizer import build_word_tokenizer
+from data_shards.write.synth import vocabulary
 
 pytestmark = pytest.mark.unit
 VISUAL = {"video": 5, "image": 3}
 CONVERSATION = [
-    {"from": "human", "value": "<video>\nwhat colour is the shape ?"}, {"from": "gpt", "value": "it is red ."},
-    {"from": "human", "value": "which way does it move ?"}, {"from": "gpt", "value": "it moves left ."},
+    {"from": "human", "value": "<video>\nwhat colour is the shape ?"},
+    {"from": "gpt", "value": "it is red ."},
+    {"from": "human", "value": "which way does it move ?"},
+    {"from": "gpt", "value": "it moves left ."},
 ]
 
 
@@ -25,10 +36,19 @@ def byte_bpe_tokenizer():
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     corpus = template_texts() + [turn["value"] for turn in CONVERSATION] + [" ".join(vocabulary())] * 3
-    core.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=[VISUAL_TOKEN, *TEMPLATE_SPECIAL_TOKENS])
+    core.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=[VISUAL_TOKEN, *TEMPLATE_SPECIAL_TOKENS],
+    )
 
 
 @pytest.fixture(scope="module", params=["word", "byte-bpe"])
@@ -55,8 +75,11 @@ def labelled_spans(input_ids, labels):
 
 @pytest.mark.parametrize("template_name", sorted(TEMPLATES))
 def test_only_assistant_turns_are_labelled(tokenizer, template_name):
-    conversation = CONVERSATION if template_name != "plain" else [
-        {"from": "human", "value": "<video>"}, {"from": "gpt", "value": "a red circle moving left ."}]
+    conversation = (
+        CONVERSATION
+        if template_name != "plain"
+        else [{"from": "human", "value": "<video>"}, {"from": "gpt", "value": "a red circle moving left ."}]
+    )
     ids, labels = encode_conversation(tokenizer, get_template(template_name), conversation, "video", VISUAL, 512)
     template = get_template(template_name)
     end = template.stop or tokenizer.eos_token
@@ -65,7 +88,9 @@ def test_only_assistant_turns_are_labelled(tokenizer, template_name):
     squeeze = lambda text: "".join(text.split())  # noqa: E731 - tokenizers differ in spacing only
     assert [squeeze(d) for d in decoded] == [squeeze(answer + end) for answer in answers]
     # everything unlabelled decodes to the prompt side: system, user turns, role headers
-    unlabelled = tokenizer.decode([t for t, label in zip(ids, labels) if label == IGNORE_INDEX and t != visual_id(tokenizer)])
+    unlabelled = tokenizer.decode(
+        [t for t, label in zip(ids, labels) if label == IGNORE_INDEX and t != visual_id(tokenizer)]
+    )
     assert "what colour is the shape" in unlabelled or template_name == "plain"
     assert all(squeeze(answer) not in squeeze(unlabelled) for answer in answers)
     assert ids.count(visual_id(tokenizer)) == VISUAL["video"]
@@ -75,21 +100,30 @@ def test_only_assistant_turns_are_labelled(tokenizer, template_name):
 
 def test_text_only_and_image_samples(tokenizer):
     template = get_template("vicuna_v1")
-    ids, _ = encode_conversation(tokenizer, template, [{"from": "human", "value": "does a circle have corners ?"},
-                                                       {"from": "gpt", "value": "no ."}], None, VISUAL, 512)
+    ids, _ = encode_conversation(
+        tokenizer,
+        template,
+        [{"from": "human", "value": "does a circle have corners ?"}, {"from": "gpt", "value": "no ."}],
+        None,
+        VISUAL,
+        512,
+    )
     assert tokenizer.convert_tokens_to_ids(VISUAL_TOKEN) not in ids
     image = [{"from": "human", "value": "<image>\nwhat shape is it ?"}, {"from": "gpt", "value": "it is a square ."}]
     ids, _ = encode_conversation(tokenizer, template, image, "image", VISUAL, 512)
     assert ids.count(tokenizer.convert_tokens_to_ids(VISUAL_TOKEN)) == VISUAL["image"]
 
 
-@pytest.mark.parametrize("conversation, media, reason", [
-    (CONVERSATION, "image", "placeholder mismatch"),
-    (CONVERSATION, None, "placeholder mismatch"),
-    (CONVERSATION[:1], "video", "bad turn order"),
-    ([CONVERSATION[1], CONVERSATION[0]], "video", "bad turn order"),
-    ([CONVERSATION[0], {"from": "gpt", "value": "  "}], "video", "empty assistant turn"),
-])
+@pytest.mark.parametrize(
+    "conversation, media, reason",
+    [
+        (CONVERSATION, "image", "placeholder mismatch"),
+        (CONVERSATION, None, "placeholder mismatch"),
+        (CONVERSATION[:1], "video", "bad turn order"),
+        ([CONVERSATION[1], CONVERSATION[0]], "video", "bad turn order"),
+        ([CONVERSATION[0], {"from": "gpt", "value": "  "}], "video", "empty assistant turn"),
+    ],
+)
 def test_unusable_conversations_are_rejected_with_a_reason(tokenizer, conversation, media, reason):
     with pytest.raises(SampleError) as err:
         encode_conversation(tokenizer, get_template("vicuna_v1"), conversation, media, VISUAL, 512)
@@ -110,6 +144,7 @@ def test_truncation_never_leaves_an_unsupervised_sample(tokenizer):
 
 def test_answers_are_scored_by_their_first_choice_word():
     from trainer.evaluation import first_choice
+
     choices = ["left", "right", "up", "down"]
     assert first_choice("it moves left .", choices) == "left"
     assert first_choice("Up, then down.", choices) == "up"

@@ -1,13 +1,14 @@
 """Sequence packing: several samples per row, positions restarting per sample, attention kept
 inside each sample; the loss and every gradient equal those of the padded batch."""
+
 import pytest
 import torch
 
-from data_shards.read.batching import collate, pack_rows
 from data_shards.config import ReaderConfig
 from data_shards.conversation import get_template
+from data_shards.read.batching import collate, pack_rows
 from data_shards.read.reader import Topology, build_loader
-from trainer.blueprint import build_model, fill_weights, blueprint_from_config
+from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import ModelConfig
 from trainer.model import model_inputs
 
@@ -21,20 +22,32 @@ def test_rows_as_few_as_first_fit_decreasing_and_even():
 
 
 def test_packed_loss_and_gradients_equal_padded(synth_data):
-    blueprint = blueprint_from_config(ModelConfig(vision={"tiny": {}}, llm={"tiny": {}},
-                                        word_vocab=str(synth_data / "vocab.txt"), num_frames=4))
+    blueprint = blueprint_from_config(
+        ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"), num_frames=4)
+    )
     model = build_model(blueprint, "sdpa")
     fill_weights(model, blueprint, 0.02, seed=0)
     model.vision.requires_grad_(False)
     results = []
     for packing in (False, True):
         cfg = ReaderConfig(micro_batch_size=12, num_workers=0, shuffle_buffer=32, max_length=256, packing=packing)
-        batch = next(build_loader(str(synth_data / "instruct" / "train"), cfg, blueprint.tokenizer,
-                                  get_template("vicuna_v1"), model.visual_spec(), Topology(), train=True))
+        batch = next(
+            build_loader(
+                str(synth_data / "instruct" / "train"),
+                cfg,
+                blueprint.tokenizer,
+                get_template("vicuna_v1"),
+                model.visual_spec(),
+                Topology(),
+                train=True,
+            )
+        )
         model.zero_grad()
         loss = model(**model_inputs(batch)).loss
         loss.backward()
-        results.append((batch, float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (batch, float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
     (padded, padded_loss, padded_grads), (packed, packed_loss, packed_grads) = results
     assert sorted(padded["keys"]) == sorted(packed["keys"])
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # fewer rows: samples share them
@@ -48,12 +61,15 @@ def test_packed_loss_and_gradients_equal_padded(synth_data):
 def test_each_sample_of_a_packed_row_is_attended_alone(synth_data):
     """The LLM's SDPA runs over each sample's span of a packed row, not over the whole row under
     a block-diagonal mask; a padded batch keeps transformers' masked SDPA."""
-    blueprint = blueprint_from_config(ModelConfig(vision={"tiny": {}}, llm={"tiny": {}},
-                                                  word_vocab=str(synth_data / "vocab.txt"), num_frames=4))
+    blueprint = blueprint_from_config(
+        ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(synth_data / "vocab.txt"), num_frames=4)
+    )
     model = build_model(blueprint, "sdpa")
     fill_weights(model, blueprint, 0.02, seed=0)
-    samples = [{"key": str(n), "input_ids": list(range(4, 4 + n)), "labels": list(range(4, 4 + n)), "pixels": None}
-               for n in (5, 9, 3)]
+    samples = [
+        {"key": str(n), "input_ids": list(range(4, 4 + n)), "labels": list(range(4, 4 + n)), "pixels": None}
+        for n in (5, 9, 3)
+    ]
     layers = model.llm.config.num_hidden_layers
 
     def attended_lengths(batch: dict) -> list[int]:
@@ -62,8 +78,9 @@ def test_each_sample_of_a_packed_row_is_attended_alone(synth_data):
             inputs["attention_mask"] = batch["attention_mask"]
         with torch.profiler.profile(record_shapes=True) as profile, torch.no_grad():
             model.llm(**inputs)
-        return sorted(event.input_shapes[0][2] for event in profile.events()
-                      if event.name == "aten::scaled_dot_product_attention")
+        return sorted(
+            event.input_shapes[0][2] for event in profile.events() if event.name == "aten::scaled_dot_product_attention"
+        )
 
     packed = collate(samples, blueprint.tokenizer.pad_token_id, model.visual_spec(), pack_length=20)
     assert packed["input_ids"].shape == (1, 17)  # one row holds all three

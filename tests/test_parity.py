@@ -10,6 +10,7 @@ A contrastive stage likewise: its loss is the InfoNCE of each accumulation round
 every rank concatenated (the ranks' embeddings gathered with their gradients), averaged over the
 rounds; without the gradients through the gather the first step's loss would still agree and
 every later one would not."""
+
 import json
 from functools import partial
 from pathlib import Path
@@ -18,16 +19,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
+from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 from data_shards.conversation import IGNORE_INDEX, get_template
 from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, build_model, fill_weights
-from trainer.job import StageJob
 from trainer.engine import warmup_cosine
+from trainer.job import StageJob
 from trainer.model import model_inputs, supervised_tokens
 from trainer.stage import StageRunner
 from trainer.trainable import set_trainable
-from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 pytestmark = pytest.mark.ray
 STEPS, ACCUM, MICRO = 4, 2, 4
@@ -40,22 +41,39 @@ def concatenated(batches: list[dict], pad_id: int) -> dict:
 
     def rows(name: str, fill: int) -> torch.Tensor:
         return torch.cat([F.pad(batch[name], (0, length - batch[name].shape[1]), value=fill) for batch in batches])
-    return {"input_ids": rows("input_ids", pad_id), "labels": rows("labels", IGNORE_INDEX),
-            "attention_mask": rows("attention_mask", 0), "frames": torch.cat([b["frames"] for b in batches]),
-            "frame_mask": torch.cat([b["frame_mask"] for b in batches]),
-            "lengths": torch.cat([b["lengths"] for b in batches]), "keys": [k for b in batches for k in b["keys"]],
-            "seen": sum(b["seen"] for b in batches), "rejected": {}, "rejected_by_shard": {}}
+
+    return {
+        "input_ids": rows("input_ids", pad_id),
+        "labels": rows("labels", IGNORE_INDEX),
+        "attention_mask": rows("attention_mask", 0),
+        "frames": torch.cat([b["frames"] for b in batches]),
+        "frame_mask": torch.cat([b["frame_mask"] for b in batches]),
+        "lengths": torch.cat([b["lengths"] for b in batches]),
+        "keys": [k for b in batches for k in b["keys"]],
+        "seen": sum(b["seen"] for b in batches),
+        "rejected": {},
+        "rejected_by_shard": {},
+    }
 
 
 def unequal_micro_batches(job: StageJob, tokenizer, visual) -> list[list[dict]]:
     """Per rank, its micro-batches in training order: of the split's samples sorted by their
     supervised tokens, rank 0 gets the fewest, rank 1 the most."""
-    single = build_loader(job.train_shards, job.data.model_copy(update={"micro_batch_size": 1}), tokenizer,
-                          get_template(job.stage.template), visual, Topology(), train=True)
+    single = build_loader(
+        job.train_shards,
+        job.data.model_copy(update={"micro_batch_size": 1}),
+        tokenizer,
+        get_template(job.stage.template),
+        visual,
+        Topology(),
+        train=True,
+    )
     samples = sorted((next(single) for _ in range(POOL)), key=supervised_tokens)
     needed = STEPS * ACCUM * MICRO
-    return [[concatenated(share[start: start + MICRO], tokenizer.pad_token_id) for start in range(0, needed, MICRO)]
-            for share in (samples[:needed], samples[-needed:])]
+    return [
+        [concatenated(share[start : start + MICRO], tokenizer.pad_token_id) for start in range(0, needed, MICRO)]
+        for share in (samples[:needed], samples[-needed:])
+    ]
 
 
 def parity_worker(config) -> None:
@@ -70,8 +88,10 @@ def parity_worker(config) -> None:
 def global_batch_loss(model, job: StageJob, per_rank: list[list[dict]], step: int, pad_id: int) -> torch.Tensor:
     """Step `step`'s loss in one process: the language-modelling loss of its micro-batches all in
     one batch; the contrastive loss of each accumulation round's micro-batches in one, averaged."""
+
     def rows(micro_batches):
         return model_inputs(concatenated(micro_batches, pad_id))
+
     rounds = [[rank[step * ACCUM + a] for rank in per_rank] for a in range(ACCUM)]
     if job.stage.objective == "contrastive":
         return sum(model(**rows(in_round), contrastive=True).loss for in_round in rounds) / ACCUM
@@ -89,9 +109,15 @@ def plain_losses(job: StageJob, per_rank: list[list[dict]]) -> tuple[list[float]
     params = [p for group in groups for p in group["params"]]
     opt = job.stage.optimizer
     optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-    scheduler = LambdaLR(optimizer, partial(warmup_cosine, total_steps=job.stage.steps,
-                                            warmup_steps=job.stage.schedule.warmup_steps,
-                                            min_lr_ratio=job.stage.schedule.min_lr_ratio))
+    scheduler = LambdaLR(
+        optimizer,
+        partial(
+            warmup_cosine,
+            total_steps=job.stage.steps,
+            warmup_steps=job.stage.schedule.warmup_steps,
+            min_lr_ratio=job.stage.schedule.min_lr_ratio,
+        ),
+    )
     with torch.no_grad():
         untrained = float(global_batch_loss(model, job, per_rank, STEPS - 1, blueprint.tokenizer.pad_token_id))
     losses = []
@@ -108,25 +134,46 @@ def plain_losses(job: StageJob, per_rank: list[list[dict]]) -> tuple[list[float]
 
 OBJECTIVES = {
     "language_modeling": {"name": "instruct", "trainable": ["projector", "llm"], "optimizer": {"lr": 3e-3}},
-    "contrastive": {"name": "contrastive", "objective": "contrastive", "trainable": ["vision", "temporal", "text"],
-                    "train_data": "captions", "template": "plain", "optimizer": {"lr": 3e-4}},
+    "contrastive": {
+        "name": "contrastive",
+        "objective": "contrastive",
+        "trainable": ["vision", "temporal", "text"],
+        "train_data": "captions",
+        "template": "plain",
+        "optimizer": {"lr": 3e-4},
+    },
 }
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
-def test_zero3_on_two_ranks_with_accumulation_matches_one_process_on_the_global_batch(ray_local, synth_data,
-                                                                                       tmp_path, objective):
-    stage = {**OBJECTIVES[objective], "steps": STEPS, "grad_accum": ACCUM, "schedule": {"warmup_steps": 2},
-             "max_grad_norm": 0.5}
+def test_zero3_on_two_ranks_with_accumulation_matches_one_process_on_the_global_batch(
+    ray_local, synth_data, tmp_path, objective
+):
+    stage = {
+        **OBJECTIVES[objective],
+        "steps": STEPS,
+        "grad_accum": ACCUM,
+        "schedule": {"warmup_steps": 2},
+        "max_grad_norm": 0.5,
+    }
     if "train_data" in stage:
         stage["train_data"] = str(synth_data / stage["train_data"] / "train")
-    job = tiny_job(synth_data, tmp_path, num_frames=4, attn_implementation="sdpa", stage=stage,
-                   data={"micro_batch_size": MICRO, "num_workers": 1, "max_length": 256, "shuffle_buffer": 16},
-                   contrastive={"embed_dim": 32, "temporal_layers": 1} if objective == "contrastive" else None)
+    job = tiny_job(
+        synth_data,
+        tmp_path,
+        num_frames=4,
+        attn_implementation="sdpa",
+        stage=stage,
+        data={"micro_batch_size": MICRO, "num_workers": 1, "max_length": 256, "shuffle_buffer": 16},
+        contrastive={"embed_dim": 32, "temporal_layers": 1} if objective == "contrastive" else None,
+    )
     torch.set_num_threads(1)
     blueprint = blueprint_from_config(job.model)
-    per_rank = unequal_micro_batches(job, blueprint.tokenizer, build_model(
-        blueprint, job.model.attn_implementation).visual_spec(contrastive=objective == "contrastive"))
+    per_rank = unequal_micro_batches(
+        job,
+        blueprint.tokenizer,
+        build_model(blueprint, job.model.attn_implementation).visual_spec(contrastive=objective == "contrastive"),
+    )
     if objective == "language_modeling":  # the ranks' shares of the supervised tokens are far apart
         counts = [sum(supervised_tokens(batch) for batch in batches) for batches in per_rank]
         assert counts[1] > 3 * counts[0], counts

@@ -2,6 +2,7 @@
 next batches as an uninterrupted run; the state stays small wherever it was taken. The stage's
 sequence of micro-batches is the same on any number of ranks and loader workers, and a state
 saved on one number resumes on another."""
+
 import json
 import subprocess
 import sys
@@ -15,8 +16,8 @@ from data_shards.conversation import get_template
 from data_shards.errors import ValleyForgeError
 from data_shards.media import VisualSpec
 from data_shards.read.reader import Topology, build_loader, merge_states
-from data_shards.write.synth import vocabulary
 from data_shards.tokenizer import build_word_tokenizer
+from data_shards.write.synth import vocabulary
 
 pytestmark = pytest.mark.unit
 VISUAL = VisualSpec(num_frames=4, image_size=16, tokens_per_video=20, tokens_per_image=17)
@@ -26,12 +27,28 @@ STREAMS = 4
 
 
 def make_loader(data_root: str, mixing: str, rank: int, world_size: int = 2, workers: int = 2):
-    sources = [DataSource(url=f"{data_root}/captions/train", weight=0.7),
-               DataSource(url=f"{data_root}/instruct/train", weight=0.3)]
-    cfg = ReaderConfig(micro_batch_size=4, num_workers=workers, shuffle_buffer=16, seed=11, mixing=mixing,
-                       frame_sampling="random_segment")
-    return build_loader(sources, cfg, build_word_tokenizer(vocabulary()), get_template("plain"), VISUAL,
-                        Topology(rank, world_size), train=True, num_streams=STREAMS)
+    sources = [
+        DataSource(url=f"{data_root}/captions/train", weight=0.7),
+        DataSource(url=f"{data_root}/instruct/train", weight=0.3),
+    ]
+    cfg = ReaderConfig(
+        micro_batch_size=4,
+        num_workers=workers,
+        shuffle_buffer=16,
+        seed=11,
+        mixing=mixing,
+        frame_sampling="random_segment",
+    )
+    return build_loader(
+        sources,
+        cfg,
+        build_word_tokenizer(vocabulary()),
+        get_template("plain"),
+        VISUAL,
+        Topology(rank, world_size),
+        train=True,
+        num_streams=STREAMS,
+    )
 
 
 def fingerprint(batch) -> list:

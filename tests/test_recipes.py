@@ -1,14 +1,15 @@
 """Each recipe's tiny twin trains a few steps per stage on 2 ZeRO-3 ranks under Ray, and only
 the parameters the recipe means to train change (and all of those modules do)."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from two_ranks import fit_on_ranks, worker_topology
 
 from launch.config import load_config
-from two_ranks import fit_on_ranks, worker_topology
 
 pytestmark = pytest.mark.ray
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -35,10 +36,18 @@ def recipe_worker(config):
     cfg, out = config["cfg"], Path(config["out"])
     previous, report = None, []
     for index, stage_cfg in enumerate(cfg.stages):
-        job = StageJob(model=cfg.model, engine=cfg.engine, data=cfg.data, stage=stage_cfg,
-                       train_shards=shard_lists(stage_cfg.train_data), eval_shards=None, init_export_url=previous,
-                       export_dir=str(out / "exports" / stage_cfg.name),
-                       checkpoint_dir=str(out / "checkpoints" / stage_cfg.name), seed=cfg.seed + index)
+        job = StageJob(
+            model=cfg.model,
+            engine=cfg.engine,
+            data=cfg.data,
+            stage=stage_cfg,
+            train_shards=shard_lists(stage_cfg.train_data),
+            eval_shards=None,
+            init_export_url=previous,
+            export_dir=str(out / "exports" / stage_cfg.name),
+            checkpoint_dir=str(out / "checkpoints" / stage_cfg.name),
+            seed=cfg.seed + index,
+        )
         runner = StageRunner(job, topology, init_folder=previous)
         before = gather_state_dict(runner.model)
         runner.train(lambda m, s: None)
@@ -52,13 +61,19 @@ def recipe_worker(config):
         previous = job.export_dir
         if rank == 0:
             from transformers import AutoModelForCausalLM
+
             exported = AutoModelForCausalLM.from_pretrained(Path(job.export_dir) / "llm").eval()
             with torch.no_grad():
                 logit_diff = float((exported(input_ids=probe).logits - trained_logits).abs().max())
-            report.append({"patches": runner.model.num_patches,
-                           "changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
-                           "table": runner.trainable_table, "logit_diff": logit_diff,
-                           "adapter": sorted(p.name for p in (Path(job.export_dir) / "llm_adapter").glob("*"))})
+            report.append(
+                {
+                    "patches": runner.model.num_patches,
+                    "changed": sorted(k for k in before if not torch.equal(before[k], after[k])),
+                    "table": runner.trainable_table,
+                    "logit_diff": logit_diff,
+                    "adapter": sorted(p.name for p in (Path(job.export_dir) / "llm_adapter").glob("*")),
+                }
+            )
     if rank == 0:
         (out / "report.json").write_text(json.dumps(report))
 

@@ -17,7 +17,11 @@ def test_round_trip_keys_counts_bytes(tmp_path):
     written = {}
     writer = SplitWriter(tmp_path / "split", samples_per_shard=4, extra_manifest={"source": "test"})
     for i in range(10):
-        sample = {"__key__": f"s{i:03d}", "json": f'{{"i": {i}}}'.encode(), "bin": rng.bytes(int(rng.integers(1, 5000)))}
+        sample = {
+            "__key__": f"s{i:03d}",
+            "json": f'{{"i": {i}}}'.encode(),
+            "bin": rng.bytes(int(rng.integers(1, 5000))),
+        }
         written[sample["__key__"]] = sample
         writer.write(sample)
     writer.close()

@@ -1,5 +1,6 @@
 """Streaming at scale: shard URLs through fsspec (http, memory), brace ranges, globs and pipes;
 weighted mixtures; read-time skips counted and the run stopped past the threshold."""
+
 import functools
 import http.server
 import io
@@ -14,14 +15,14 @@ import pytest
 from data_shards.config import DataSource, ReaderConfig
 from data_shards.conversation import get_template
 from data_shards.errors import ValleyForgeError
-from data_shards.read.health import ReadHealth, TooManySkipped
 from data_shards.manifest import read_manifest
 from data_shards.media import VisualSpec
+from data_shards.read.health import ReadHealth, TooManySkipped
 from data_shards.read.reader import Topology, build_loader, shard_lists
 from data_shards.read.sources import expand_braces, shard_urls
-from data_shards.write.synth import vocabulary
 from data_shards.read.tarstream import iter_samples
 from data_shards.tokenizer import build_word_tokenizer
+from data_shards.write.synth import vocabulary
 from data_shards.write.writer import SplitWriter
 
 pytestmark = pytest.mark.unit
@@ -52,13 +53,13 @@ class RangeHandler(http.server.SimpleHTTPRequestHandler):
             return super().send_head()
         path = self.translate_path(self.path)
         data = open(path, "rb").read()
-        start, _, end = ranged[len("bytes="):].partition("-")
+        start, _, end = ranged[len("bytes=") :].partition("-")
         start, end = int(start), min(int(end) if end else len(data) - 1, len(data) - 1)
         self.send_response(206)
         self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         self.send_header("Content-Length", str(end - start + 1))
         self.end_headers()
-        return io.BytesIO(data[start: end + 1])
+        return io.BytesIO(data[start : end + 1])
 
 
 class PlainHandler(http.server.SimpleHTTPRequestHandler):

@@ -3,6 +3,7 @@ head runs the dashboard): a tiny recipe submitted with --follow runs to SUCCEEDE
 its stages; a bad config submits nothing; a wrong token is refused by name; `jobs stop` stops a
 running job and a follower then exits non-zero. The cluster's image is this environment, so the
 jobs go with --no-install; the requirements that would be installed are checked on their own."""
+
 from __future__ import annotations
 
 import os
@@ -23,15 +24,27 @@ TINY = ROOT / "configs" / "tiny" / "valley.yaml"
 
 
 def tiny_overrides(synth_data, store_data, object_store, name: str, steps: int) -> list[str]:
-    return [f"name={name}", f"tracking.registered_model_prefix={name}", f"model.word_vocab={synth_data}/vocab.txt",
-            f"cluster.storage=s3://{object_store.bucket}/runs/{{name}}",
-            f"stages.pretrain.train_data={store_data['captions']}", f"stages.pretrain.steps={steps}",
-            f"stages.instruct.train_data={store_data['instruct']}", f"stages.instruct.steps={steps}"]
+    return [
+        f"name={name}",
+        f"tracking.registered_model_prefix={name}",
+        f"model.word_vocab={synth_data}/vocab.txt",
+        f"cluster.storage=s3://{object_store.bucket}/runs/{{name}}",
+        f"stages.pretrain.train_data={store_data['captions']}",
+        f"stages.pretrain.steps={steps}",
+        f"stages.instruct.train_data={store_data['instruct']}",
+        f"stages.instruct.steps={steps}",
+    ]
 
 
 def valleyforge(*args: str, env: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", *args], cwd=ROOT, env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch.cli", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.fixture
@@ -47,12 +60,20 @@ def submitted_ids(server: JobServer) -> set[str]:
 
 @pytest.mark.cluster
 def test_submit_follow_runs_a_tiny_recipe_to_success_and_registers_its_stages(
-        two_node_cluster, object_store, mlflow_server, synth_data, store_data):
+    two_node_cluster, object_store, mlflow_server, synth_data, store_data
+):
     cluster, name = two_node_cluster, "submitted"
     overrides = tiny_overrides(synth_data, store_data, object_store, name, steps=3)
-    job = valleyforge("submit", str(TINY), *[a for o in overrides for a in ("--set", o)],
-                      "--address", cluster.dashboard, "--no-install", "--follow",
-                      env={**cluster.env, "MLFLOW_TRACKING_URI": mlflow_server})
+    job = valleyforge(
+        "submit",
+        str(TINY),
+        *[a for o in overrides for a in ("--set", o)],
+        "--address",
+        cluster.dashboard,
+        "--no-install",
+        "--follow",
+        env={**cluster.env, "MLFLOW_TRACKING_URI": mlflow_server},
+    )
     out, err = job.communicate(timeout=900)
     assert job.returncode == 0, out + err
     assert out.startswith(f"submitted valleyforge-{name}-") and f"{cluster.dashboard}/#/jobs/" in out, out
@@ -67,24 +88,29 @@ def test_submit_follow_runs_a_tiny_recipe_to_success_and_registers_its_stages(
 def test_a_bad_config_submits_nothing_and_a_wrong_token_is_refused(two_node_cluster, job_server):
     cluster = two_node_cluster
     before = submitted_ids(job_server)
-    bad = valleyforge("submit", str(TINY), "--set", "cluster.workerz=2", "--address", cluster.dashboard,
-                      env=cluster.env)
+    bad = valleyforge(
+        "submit", str(TINY), "--set", "cluster.workerz=2", "--address", cluster.dashboard, env=cluster.env
+    )
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and err.splitlines() == [
-        f"valleyforge: error: {TINY}: cluster.workerz: unknown key (allowed here: address, storage, num_workers, max_failures, "
-        f"worker_start_timeout_s, use_gpu, cpus_per_worker, num_cpus, torch_threads, peak_flops_per_device)"], err
+        f"valleyforge: error: {TINY}: cluster.workerz: unknown key (allowed here: address, storage, num_workers, "
+        f"max_failures, worker_start_timeout_s, use_gpu, cpus_per_worker, num_cpus, torch_threads, "
+        f"peak_flops_per_device)"
+    ], err
     assert submitted_ids(job_server) == before
 
-    refused = valleyforge("jobs", "--address", cluster.dashboard, "list",
-                          env={**cluster.env, "RAY_AUTH_TOKEN": "not-the-token"})
+    refused = valleyforge(
+        "jobs", "--address", cluster.dashboard, "list", env={**cluster.env, "RAY_AUTH_TOKEN": "not-the-token"}
+    )
     _, err = refused.communicate(timeout=120)
     assert refused.returncode == 1 and f"the Ray job server at {cluster.dashboard} refused the request" in err, err
 
 
 @pytest.mark.unit
 def test_the_job_carries_the_project_the_config_and_the_pinned_requirements(tmp_path, synth_data):
-    cfg = cluster_job_config(load_config(TINY, [f"model.word_vocab={synth_data}/vocab.txt",
-                                                "cluster.address=elsewhere:6379"]))
+    cfg = cluster_job_config(
+        load_config(TINY, [f"model.word_vocab={synth_data}/vocab.txt", "cluster.address=elsewhere:6379"])
+    )
     package = job_package(ROOT, cfg, tmp_path)
     with zipfile.ZipFile(package) as archive:
         names = set(archive.namelist())
@@ -100,20 +126,29 @@ def test_the_job_carries_the_project_the_config_and_the_pinned_requirements(tmp_
     assert not [p for p in packages if p.split("==")[0].lower() in ("torch", "ray")]
     assert "deepspeed==0.19.8" in packages and "mlflow==3.17.2" in packages
     assert "py_modules" not in env  # this project is ValleyForge's own tree
-    assert runtime_env(package, tmp_path, "http://mlflow:5000", install=True)["py_modules"] == \
-        [str(ROOT / p) for p in ("data_shards", "trainer", "launch")]
+    assert runtime_env(package, tmp_path, "http://mlflow:5000", install=True)["py_modules"] == [
+        str(ROOT / p) for p in ("data_shards", "trainer", "launch")
+    ]
     assert "pip" not in runtime_env(package, ROOT, "http://mlflow:5000", install=False)
     assert len(packages) == len(pinned_requirements())
 
 
 @pytest.mark.cluster
 def test_jobs_stop_stops_a_running_job_and_its_follower_exits_non_zero(
-        two_node_cluster, job_server, object_store, mlflow_server, synth_data, store_data):
+    two_node_cluster, job_server, object_store, mlflow_server, synth_data, store_data
+):
     cluster, name = two_node_cluster, "stopped"
     overrides = tiny_overrides(synth_data, store_data, object_store, name, steps=2000)
     env = {**cluster.env, "MLFLOW_TRACKING_URI": mlflow_server}
-    submit = valleyforge("submit", str(TINY), *[a for o in overrides for a in ("--set", o)],
-                         "--address", cluster.dashboard, "--no-install", env=env)
+    submit = valleyforge(
+        "submit",
+        str(TINY),
+        *[a for o in overrides for a in ("--set", o)],
+        "--address",
+        cluster.dashboard,
+        "--no-install",
+        env=env,
+    )
     out, err = submit.communicate(timeout=300)
     assert submit.returncode == 0, out + err
     job_id = out.split()[1]

@@ -1,11 +1,12 @@
 """The MFU numerator: the documented FLOP formula agrees with torch's FLOP counter on the
 model's own forward passes, and the step factors follow what trains."""
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_shards.write.synth import vocabulary
-from trainer.blueprint import build_model, fill_weights, blueprint_from_config
+from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import ModelConfig
 from trainer.throughput import FlopCounter
 
@@ -42,8 +43,13 @@ def test_formula_matches_torch_flop_counter(tmp_path):
 
 def test_a_contrastive_stage_counts_the_text_tower_in_the_llms_place(tmp_path):
     (tmp_path / "vocab.txt").write_text("\n".join(vocabulary()))
-    cfg = ModelConfig(vision={"tiny": {}}, llm={"tiny": {}}, word_vocab=str(tmp_path / "vocab.txt"), num_frames=2,
-                      contrastive={"embed_dim": 16, "temporal_layers": 1})
+    cfg = ModelConfig(
+        vision={"tiny": {}},
+        llm={"tiny": {}},
+        word_vocab=str(tmp_path / "vocab.txt"),
+        num_frames=2,
+        contrastive={"embed_dim": 16, "temporal_layers": 1},
+    )
     blueprint = blueprint_from_config(cfg)
     model = build_model(blueprint, "eager")
     fill_weights(model, blueprint, 0.02, seed=0)
@@ -64,16 +70,26 @@ def test_a_packed_batch_counts_its_samples_not_its_rows():
     from data_shards.media import VisualSpec
     from data_shards.read.batching import collate
     from trainer.throughput import StepMeter
+
     visual_id = 3
-    samples = [{"key": str(i), "input_ids": [visual_id] * 4 + [9] * (i + 2), "labels": [-100] * 4 + [9] * (i + 2),
-                "pixels": None} for i in range(6)]
-    batch = collate(samples, 0, VisualSpec(num_frames=1, image_size=1, tokens_per_video=0, tokens_per_image=0),
-                    pack_length=64)
+    samples = [
+        {
+            "key": str(i),
+            "input_ids": [visual_id] * 4 + [9] * (i + 2),
+            "labels": [-100] * 4 + [9] * (i + 2),
+            "pixels": None,
+        }
+        for i in range(6)
+    ]
+    batch = collate(
+        samples, 0, VisualSpec(num_frames=1, image_size=1, tokens_per_video=0, tokens_per_image=0), pack_length=64
+    )
     assert batch["input_ids"].shape[0] == 1  # all six in one row
 
     class NoFlops:
         def batch_flops(self, batch):
             return 0.0
+
     meter = StepMeter(NoFlops(), visual_id, None)
     meter.add(batch, 1.0, 0.0)
     metrics = meter.metrics(meter.local(), micro_batches=1, world=1, elapsed=2.0)

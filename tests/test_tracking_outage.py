@@ -1,16 +1,17 @@
 """The tracking server stopped for 60 s mid-stage and started again: the stage trains on, the
 driver waits the outage out, and afterwards every step's metrics are in MLflow once and the
 export is registered."""
+
 import threading
 import time
 from urllib.parse import urlparse
 
 import pytest
-from mlflow import MlflowClient
-
 from cluster_parts import start_mlflow_server, stop_group
-from launch.pipeline import Pipeline
+from mlflow import MlflowClient
 from test_worker_loss import one_stage
+
+from launch.pipeline import Pipeline
 
 pytestmark = pytest.mark.cluster  # an `mlflow server` process (stopped and restarted), besides Ray
 
@@ -30,6 +31,7 @@ def test_a_tracking_outage_mid_stage_is_waited_out(ray_local, synth_data, tmp_pa
 
     def run():
         outcome["registered"] = Pipeline(cfg, console=lambda _: None).run()
+
     thread = threading.Thread(target=run)
     thread.start()
     client, latest = MlflowClient(uri), out / "checkpoints" / "pretrain" / "latest"
@@ -45,7 +47,7 @@ def test_a_tracking_outage_mid_stage_is_waited_out(ray_local, synth_data, tmp_pa
     try:
         thread.join(timeout=600)
         assert "registered" in outcome, "the job did not complete after the outage"
-        registered, = outcome["registered"]
+        (registered,) = outcome["registered"]
         assert trained_meanwhile > stopped_at  # training went on while the server was down
         history = client.get_metric_history(registered.run_id, "train/loss")
         assert [m.step for m in history] == list(range(1, STEPS + 1))  # every step, once

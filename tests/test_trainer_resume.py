@@ -6,6 +6,7 @@
   checkpoint that rank wrote resumes on 2 again: the universal conversion happens on its own,
   grad_accum is recomputed so the global batch stays, and every resumed step trains on the same
   micro-batches with the same loss, ending with the same weights."""
+
 import dataclasses
 import json
 import os
@@ -16,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from ray.train import TrainingFailedError
+from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 from trainer.stage import StageRunner
-from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 pytestmark = pytest.mark.ray
 STEPS = 6
@@ -66,29 +68,55 @@ def resume_worker(config):
     Path(config["out"], f"{config['name']}-rank{topology.rank}.json").write_text(json.dumps(out))
 
 
-def run(job, folder: Path, name: str, mode: str = "train", ranks: int = 2, every: int = 3,
-        resume_tag: Path | None = None, **data) -> list[dict]:
+def run(
+    job,
+    folder: Path,
+    name: str,
+    mode: str = "train",
+    ranks: int = 2,
+    every: int = 3,
+    resume_tag: Path | None = None,
+    **data,
+) -> list[dict]:
     """`job` on `ranks` ranks with checkpoints in `folder/name`, resuming a copy of `resume_tag`;
     what each rank wrote, steps as numbers."""
     checkpoints = folder / name
     if resume_tag:
         shutil.copytree(resume_tag, checkpoints / resume_tag.name)
         (checkpoints / "latest").write_text(resume_tag.name)
-    job = dataclasses.replace(job, checkpoint_dir=str(checkpoints), data=job.data.model_copy(update=data),
-                              stage=job.stage.model_copy(update={"checkpoint_every": every}))
-    fit_on_ranks(resume_worker, {"job": job, "mode": mode, "name": name, "out": str(folder)}, folder / "ray",
-                 num_workers=ranks)
+    job = dataclasses.replace(
+        job,
+        checkpoint_dir=str(checkpoints),
+        data=job.data.model_copy(update=data),
+        stage=job.stage.model_copy(update={"checkpoint_every": every}),
+    )
+    fit_on_ranks(
+        resume_worker, {"job": job, "mode": mode, "name": name, "out": str(folder)}, folder / "ray", num_workers=ranks
+    )
     records = [json.loads((folder / f"{name}-rank{r}.json").read_text()) for r in range(ranks)]
     return [{**r, **{k: {int(step): v for step, v in r[k].items()} for k in ("keys", "logged")}} for r in records]
 
 
 @pytest.fixture(scope="module")
 def job(synth_data, tmp_path_factory):
-    return tiny_job(synth_data, tmp_path_factory.mktemp("job"), num_frames=4,
-                    stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS,
-                           "optimizer": {"lr": 3e-3, "module_lr": {"projector": 1e-2}}},
-                    data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256, "shuffle_buffer": 32,
-                          "frame_sampling": "random_segment"})
+    return tiny_job(
+        synth_data,
+        tmp_path_factory.mktemp("job"),
+        num_frames=4,
+        stage={
+            "name": "instruct",
+            "trainable": ["projector", "llm"],
+            "steps": STEPS,
+            "optimizer": {"lr": 3e-3, "module_lr": {"projector": 1e-2}},
+        },
+        data={
+            "micro_batch_size": 4,
+            "num_workers": 1,
+            "max_length": 256,
+            "shuffle_buffer": 32,
+            "frame_sampling": "random_segment",
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +130,13 @@ def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume(job
     full, full_checkpoints = uninterrupted
     step3 = full_checkpoints / "step-00000003"
     checkpoints = tmp_path / "resumed"
-    with pytest.raises(Exception):  # the worker group fails with its SIGKILLed rank
+    with pytest.raises(TrainingFailedError):  # the worker group fails with its SIGKILLed rank
         run(job, tmp_path, "resumed", mode="die_saving", resume_tag=step3)
     assert (checkpoints / "latest").read_text() == "step-00000003"
-    assert list((checkpoints / "step-00000006").rglob("*.pt")) and not (checkpoints / "step-00000006" / "complete").exists()
+    assert (
+        list((checkpoints / "step-00000006").rglob("*.pt"))
+        and not (checkpoints / "step-00000006" / "complete").exists()
+    )
     resumed = run(job, tmp_path, "resumed")
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000006"]
     assert json.loads((checkpoints / "step-00000006" / "complete").read_text())["step"] == 6
@@ -131,7 +162,7 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(job, uninterrupted, tmp
     full, full_checkpoints = uninterrupted
     assert full[0]["grad_accum"] == 1
     # 2 -> 1: the step-3 checkpoint of 2 ranks on 1 rank reading both data streams with 2 workers
-    one, = run(job, tmp_path, "one", ranks=1, every=1, resume_tag=full_checkpoints / "step-00000003", num_workers=2)
+    (one,) = run(job, tmp_path, "one", ranks=1, every=1, resume_tag=full_checkpoints / "step-00000003", num_workers=2)
     assert one["grad_accum"] == 2 and sorted(one["logged"]) == [4, 5, 6]
     # 1 -> 2: the step-5 checkpoint that rank wrote, on 2 ranks again
     two, _ = run(job, tmp_path, "two", resume_tag=tmp_path / "one" / "step-00000005")

@@ -1,11 +1,12 @@
 """Reducers, projectors and the soft prompt: token counts agree with what the reader is told,
 text-only samples stay finite, and every new part gets gradients."""
+
 import pytest
 import torch
 
 from data_shards.conversation import IGNORE_INDEX
 from data_shards.write.synth import vocabulary
-from trainer.blueprint import build_model, fill_weights, blueprint_from_config
+from trainer.blueprint import blueprint_from_config, build_model, fill_weights
 from trainer.config import ModelConfig, TokenReductionConfig
 from trainer.token_reduction import token_reduction_for
 from trainer.visual import KeepAllPatches, SpatialPool2x2, TemporalDifference, ValleyPooling
@@ -16,8 +17,13 @@ pytestmark = pytest.mark.unit
 def tiny_model(tmp_path, **model_fields):
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(vocabulary()))
-    cfg = ModelConfig(vision={"tiny": {"image_size": 32, "patch_size": 8}}, llm={"tiny": {}}, word_vocab=str(vocab),
-                      num_frames=4, **model_fields)
+    cfg = ModelConfig(
+        vision={"tiny": {"image_size": 32, "patch_size": 8}},
+        llm={"tiny": {}},
+        word_vocab=str(vocab),
+        num_frames=4,
+        **model_fields,
+    )
     blueprint = blueprint_from_config(cfg)
     model = build_model(blueprint, "sdpa")
     fill_weights(model, blueprint, 0.02, seed=0)
@@ -33,8 +39,9 @@ def batch_for(model, tokenizer, kinds):
     for kind in kinds:
         slots = {"video": spec.tokens_per_video, "image": spec.tokens_per_image, "text": 0}[kind]
         rows.append([visual_id] * slots + words)
-        frame_masks.append([kind == "video"] * spec.num_frames if kind != "image" else
-                           [True] + [False] * (spec.num_frames - 1))
+        frame_masks.append(
+            [kind == "video"] * spec.num_frames if kind != "image" else [True] + [False] * (spec.num_frames - 1)
+        )
     length = max(map(len, rows))
     input_ids = torch.full((len(rows), length), tokenizer.pad_token_id)
     attention = torch.zeros_like(input_ids)
@@ -43,15 +50,24 @@ def batch_for(model, tokenizer, kinds):
     labels = torch.where((input_ids != visual_id) & (attention == 1), input_ids, IGNORE_INDEX)
     size = spec.image_size
     frames = torch.randint(0, 256, (len(rows), spec.num_frames, 3, size, size), dtype=torch.uint8)
-    return {"input_ids": input_ids, "attention_mask": attention, "frames": frames,
-            "frame_mask": torch.tensor(frame_masks), "labels": labels}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "frames": frames,
+        "frame_mask": torch.tensor(frame_masks),
+        "labels": labels,
+    }
 
 
 def test_reducer_token_counts():
     features = torch.randn(2, 4, 1 + 16, 8)  # 4 frames of a 4x4 patch grid
     mask = torch.tensor([[True] * 4, [True, False, False, False]])
-    for reducer, per_video, per_image in ((KeepAllPatches(), 64, 16), (ValleyPooling(), 20, 17),
-                                          (SpatialPool2x2(), 16, 4), (TemporalDifference(), 32, 32)):
+    for reducer, per_video, per_image in (
+        (KeepAllPatches(), 64, 16),
+        (ValleyPooling(), 20, 17),
+        (SpatialPool2x2(), 16, 4),
+        (TemporalDifference(), 32, 32),
+    ):
         tokens, valid = reducer(features, mask)
         assert tokens.shape[1] == valid.shape[1] and valid.sum(1).tolist() == [per_video, per_image]
         assert reducer.num_tokens(16, 4) == per_video and reducer.num_tokens(16, 1) == per_image
@@ -63,13 +79,17 @@ def test_reducer_token_counts():
     assert torch.allclose(tokens[1, :16], patches[1, 0], atol=1e-6) and tokens[1, 16:].abs().max() == 0
 
 
-@pytest.mark.parametrize("fields", [
-    {"reducer": "none", "projector": "linear"},
-    {"reducer": "spatial_pool2", "projector": "mlp2x_gelu"},
-    {"reducer": "valley", "projector": "abstractor", "abstractor_queries": 6},
-    {"reducer": "valley", "projector": "linear", "soft_prompt_tokens": 2},
-    {"reducer": "temporal_diff", "projector": "linear"},
-], ids=lambda f: "-".join(str(v) for v in f.values()))
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"reducer": "none", "projector": "linear"},
+        {"reducer": "spatial_pool2", "projector": "mlp2x_gelu"},
+        {"reducer": "valley", "projector": "abstractor", "abstractor_queries": 6},
+        {"reducer": "valley", "projector": "linear", "soft_prompt_tokens": 2},
+        {"reducer": "temporal_diff", "projector": "linear"},
+    ],
+    ids=lambda f: "-".join(str(v) for v in f.values()),
+)
 def test_variants_train_on_mixed_batches(tmp_path, fields):
     model, tokenizer = tiny_model(tmp_path, **fields)
     batch = batch_for(model, tokenizer, ["video", "image", "text"])
@@ -84,10 +104,16 @@ def test_variants_train_on_mixed_batches(tmp_path, fields):
         assert model.visual_spec().tokens_per_video == model.visual_spec().tokens_per_image == 6
 
 
-@pytest.mark.parametrize("reduction, patches", [
-    ({"mode": "random", "keep": 0.5}, 8), ({"mode": "grid", "keep": 0.25}, 4), ({"mode": "block", "keep": 0.25}, 4),
-    ({"mode": "resize", "image_size": 16}, 4),
-], ids=lambda r: r["mode"] if isinstance(r, dict) else str(r))
+@pytest.mark.parametrize(
+    "reduction, patches",
+    [
+        ({"mode": "random", "keep": 0.5}, 8),
+        ({"mode": "grid", "keep": 0.25}, 4),
+        ({"mode": "block", "keep": 0.25}, 4),
+        ({"mode": "resize", "image_size": 16}, 4),
+    ],
+    ids=lambda r: r["mode"] if isinstance(r, dict) else str(r),
+)
 def test_clipa_token_reduction(tmp_path, reduction, patches):
     model, tokenizer = tiny_model(tmp_path, reducer="none")
     model.token_reduction = token_reduction_for(model, TokenReductionConfig(**reduction))
@@ -101,7 +127,9 @@ def test_clipa_token_reduction(tmp_path, reduction, patches):
         assert kept.shape == (64, patches) and (kept.diff(dim=1) > 0).all() and kept.max() < 16
         if reduction["mode"] != "random":  # a square: rows and columns evenly spread
             rows, cols = kept // 4, kept % 4
-            assert (rows.view(64, 2, 2)[:, :, 0].diff(dim=1) >= 1).all() and (cols.view(64, 2, 2)[:, 0].diff(dim=1) >= 1).all()
+            assert (rows.view(64, 2, 2)[:, :, 0].diff(dim=1) >= 1).all() and (
+                cols.view(64, 2, 2)[:, 0].diff(dim=1) >= 1
+            ).all()
     model.token_reduction = None
     assert model.visual_spec().tokens_per_video == 4 * 16  # a later stage sees every patch again
 
@@ -112,17 +140,20 @@ def test_only_real_frames_go_through_the_vision_tower(tmp_path):
     weight zero; each sample's logits are those it gets alone."""
     model, tokenizer = tiny_model(tmp_path, reducer="valley")
     seen = []
-    model.vision.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]),
-                                           with_kwargs=True)
+    model.vision.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
     mixed = batch_for(model, tokenizer, ["video", "image", "text"])
     with torch.no_grad():
         together = model(**mixed).logits
     assert seen == [5]
-    for i, kind in enumerate(["video", "image", "text"]):
-        alone = {key: value[i:i + 1] for key, value in mixed.items()}
+    for i in range(3):  # the video, the image, the text-only sample
+        alone = {key: value[i : i + 1] for key, value in mixed.items()}
         length = int(alone["attention_mask"].sum())
-        alone = {key: value[:, :length] if key in ("input_ids", "attention_mask", "labels") else value
-                 for key, value in alone.items()}
+        alone = {
+            key: value[:, :length] if key in ("input_ids", "attention_mask", "labels") else value
+            for key, value in alone.items()
+        }
         with torch.no_grad():
             logits = model(**alone).logits
         torch.testing.assert_close(logits[0], together[i, :length], atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 the worker group, it resumes from the newest checkpoint and the stage completes, its weights,
 every step's loss and samples (their keys' digest) equal to a run that was never interrupted,
 each step's metrics logged once."""
+
 import os
 import re
 import signal
@@ -23,11 +24,24 @@ STEPS = 12
 
 
 def one_stage(synth_data, out: Path, name: str, steps: int = STEPS, overrides: tuple[str, ...] = ()):
-    cfg = load_config(DEMO, [f"name={name}", f"output_dir={out}", f"model.word_vocab={synth_data}/vocab.txt",
-                             "model.num_frames=4", "data.micro_batch_size=4", f"tracking.registered_model_prefix={name}",
-                             "evaluation=", "cluster.max_failures=1",
-                             f"stages.pretrain.train_data={synth_data}/captions/train", "stages.pretrain.eval_data=",
-                             f"stages.pretrain.steps={steps}", "stages.pretrain.checkpoint_every=3", *overrides])
+    cfg = load_config(
+        DEMO,
+        [
+            f"name={name}",
+            f"output_dir={out}",
+            f"model.word_vocab={synth_data}/vocab.txt",
+            "model.num_frames=4",
+            "data.micro_batch_size=4",
+            f"tracking.registered_model_prefix={name}",
+            "evaluation=",
+            "cluster.max_failures=1",
+            f"stages.pretrain.train_data={synth_data}/captions/train",
+            "stages.pretrain.eval_data=",
+            f"stages.pretrain.steps={steps}",
+            "stages.pretrain.checkpoint_every=3",
+            *overrides,
+        ],
+    )
     return cfg.model_copy(update={"stages": [stage for stage in cfg.stages if stage.name == "pretrain"]})
 
 
@@ -50,8 +64,9 @@ def tracking_uri(tmp_path, monkeypatch):
     return uri
 
 
-def test_a_killed_rank_is_replaced_and_the_stage_ends_as_if_uninterrupted(ray_local, synth_data, tmp_path,
-                                                                           tracking_uri):
+def test_a_killed_rank_is_replaced_and_the_stage_ends_as_if_uninterrupted(
+    ray_local, synth_data, tmp_path, tracking_uri
+):
     killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
     finished, outcome = threading.Event(), {}
 
@@ -60,6 +75,7 @@ def test_a_killed_rank_is_replaced_and_the_stage_ends_as_if_uninterrupted(ray_lo
             outcome["registered"] = Pipeline(one_stage(synth_data, killed_out, "killed"), console=lambda _: None).run()
         finally:
             finished.set()
+
     thread = threading.Thread(target=run)
     thread.start()
     pid = kill_rank_one_after_a_checkpoint(killed_out, finished)
@@ -78,8 +94,10 @@ def test_a_killed_rank_is_replaced_and_the_stage_ends_as_if_uninterrupted(ray_lo
     clean_history = client.get_metric_history(clean[0].run_id, "train/loss")
     assert [m.step for m in killed_history] == list(range(1, STEPS + 1))  # each step once
     assert [m.value for m in killed_history] == pytest.approx([m.value for m in clean_history], rel=1e-5)
-    digests = [[m.value for m in client.get_metric_history(run_id, "data/batch_digest")]
-               for run_id in (outcome["registered"][0].run_id, clean[0].run_id)]
+    digests = [
+        [m.value for m in client.get_metric_history(run_id, "data/batch_digest")]
+        for run_id in (outcome["registered"][0].run_id, clean[0].run_id)
+    ]
     assert len(digests[0]) == STEPS and digests[0] == digests[1]  # the same samples, step by step
 
     killed_model, _ = load_export(killed_out / "exports" / "pretrain")

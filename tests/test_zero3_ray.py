@@ -1,13 +1,14 @@
 """ZeRO-3 under Ray on 2 gloo ranks: parameters really sharded, the loss goes down, and the
 export loads in plain transformers with the trained module's logits."""
+
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 from trainer.stage import StageRunner
-from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 pytestmark = pytest.mark.ray
 STEPS = 25
@@ -39,9 +40,13 @@ def zero3_worker(config):
 
 
 def test_zero3_shards_parameters_and_learns(ray_local, synth_data, tmp_path):
-    job = tiny_job(synth_data, tmp_path, num_frames=4,
-                   stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3}},
-                   data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256})
+    job = tiny_job(
+        synth_data,
+        tmp_path,
+        num_frames=4,
+        stage={"name": "instruct", "trainable": ["projector", "llm"], "steps": STEPS, "optimizer": {"lr": 3e-3}},
+        data={"micro_batch_size": 4, "num_workers": 1, "max_length": 256},
+    )
     fit_on_ranks(zero3_worker, {"job": job, "out": str(tmp_path)}, tmp_path / "ray")
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -4,6 +4,7 @@ A blueprint names the two HF configs, the architecture, the tokenizer and where 
 component's weights come from (a folder, or a random init). Building from config and starting
 from an export are the same path.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,38 +60,64 @@ def blueprint_from_config(cfg: ModelConfig) -> Blueprint:
         tokenizer = load_tokenizer(cfg.llm.path)
     if cfg.vision.tiny:
         t = cfg.vision.tiny
-        vision_config = CLIPVisionConfig(image_size=t.image_size, patch_size=t.patch_size, hidden_size=t.hidden_size,
-                                         intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                                         num_attention_heads=t.num_heads)
+        vision_config = CLIPVisionConfig(
+            image_size=t.image_size,
+            patch_size=t.patch_size,
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+        )
     else:
         vision_config = _vision_config_from(cfg.vision.path)
     if cfg.llm.tiny:
         t = cfg.llm.tiny
-        llm_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=t.hidden_size,
-                                 intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                                 num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-                                 max_position_embeddings=t.max_position_embeddings,
-                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.pad_token_id)
+        llm_config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            num_key_value_heads=t.num_kv_heads,
+            max_position_embeddings=t.max_position_embeddings,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     else:
         llm_config = AutoConfig.from_pretrained(cfg.llm.path)
         llm_config.vocab_size = max(llm_config.vocab_size, len(tokenizer))
     towers = cfg.contrastive
-    arch = Architecture(reducer=cfg.reducer, projector=cfg.projector, vision_feature_layer=cfg.vision_feature_layer,
-                        num_frames=cfg.num_frames, visual_token_id=tokenizer.convert_tokens_to_ids(VISUAL_TOKEN),
-                        abstractor_queries=cfg.abstractor_queries, abstractor_layers=cfg.abstractor_layers,
-                        soft_prompt_tokens=cfg.soft_prompt_tokens, embed_dim=towers.embed_dim if towers else 0,
-                        temporal_layers=towers.temporal_layers if towers else 0)
+    arch = Architecture(
+        reducer=cfg.reducer,
+        projector=cfg.projector,
+        vision_feature_layer=cfg.vision_feature_layer,
+        num_frames=cfg.num_frames,
+        visual_token_id=tokenizer.convert_tokens_to_ids(VISUAL_TOKEN),
+        abstractor_queries=cfg.abstractor_queries,
+        abstractor_layers=cfg.abstractor_layers,
+        soft_prompt_tokens=cfg.soft_prompt_tokens,
+        embed_dim=towers.embed_dim if towers else 0,
+        temporal_layers=towers.temporal_layers if towers else 0,
+    )
     text_config = None
     if towers:
         t = towers.text
-        text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=t.hidden_size,
-                                     intermediate_size=t.intermediate_size, num_hidden_layers=t.num_layers,
-                                     num_attention_heads=t.num_heads, max_position_embeddings=t.max_length,
-                                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                     pad_token_id=tokenizer.pad_token_id)
-    weights = {"vision": Path(cfg.vision.path) if cfg.vision.path else None,
-               "llm": Path(cfg.llm.path) if cfg.llm.path else None}  # the rest: random init
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=t.hidden_size,
+            intermediate_size=t.intermediate_size,
+            num_hidden_layers=t.num_layers,
+            num_attention_heads=t.num_heads,
+            max_position_embeddings=t.max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    weights = {
+        "vision": Path(cfg.vision.path) if cfg.vision.path else None,
+        "llm": Path(cfg.llm.path) if cfg.llm.path else None,
+    }  # the rest: random init
     return Blueprint(tokenizer, vision_config, llm_config, arch, weights, text_config)
 
 
@@ -112,19 +139,22 @@ def blueprint_from_export(folder: str | Path) -> Blueprint:
         llm_config=AutoConfig.from_pretrained(folder / "llm"),
         arch=Architecture.from_json(spec["architecture"]),
         weights={name: folder / name for name in spec["components"]},
-        text_config=CLIPTextConfig.from_pretrained(folder / "text") if "text" in spec["components"] else None)
+        text_config=CLIPTextConfig.from_pretrained(folder / "text") if "text" in spec["components"] else None,
+    )
 
 
-def build_model(blueprint: Blueprint, attn_implementation: str = "auto",
-                token_reduction: TokenReductionConfig | None = None) -> VideoLanguageModel:
+def build_model(
+    blueprint: Blueprint, attn_implementation: str = "auto", token_reduction: TokenReductionConfig | None = None
+) -> VideoLanguageModel:
     """The module tree with uninitialised weights (call under `deepspeed.zero.Init` to shard it),
     showing the vision encoder fewer patches when a stage asks for `token_reduction`."""
     attn = pick_attention(attn_implementation)
     vision = AutoModel.from_config(blueprint.vision_config, attn_implementation=attn)
     if attn == "sdpa":  # the LLM gets packed rows: each sample attended alone
         packed_attention.register()
-    llm = AutoModelForCausalLM.from_config(blueprint.llm_config,
-                                           attn_implementation=packed_attention.NAME if attn == "sdpa" else attn)
+    llm = AutoModelForCausalLM.from_config(
+        blueprint.llm_config, attn_implementation=packed_attention.NAME if attn == "sdpa" else attn
+    )
     text = AutoModel.from_config(blueprint.text_config, attn_implementation=attn) if blueprint.text_config else None
     model = VideoLanguageModel(vision, llm, blueprint.arch, text)
     if token_reduction is not None:

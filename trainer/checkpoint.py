@@ -21,6 +21,7 @@ the ones all share); on an object store through a local folder of its own. Our f
 torch's weights-only unpickler; DeepSpeed's own files still go through its full unpickler (see
 README).
 """
+
 from __future__ import annotations
 
 import json
@@ -53,6 +54,7 @@ def tag_name(step: int) -> str:
 @dataclass(frozen=True)
 class ResumePoint:
     """The checkpoint a stage continues from: a tag in some storage and the layout it was saved with."""
+
     storage: Storage
     tag: str
     layout: BatchLayout
@@ -82,14 +84,17 @@ def find_resume_point(storage: Storage, resume_from: str | None) -> ResumePoint 
     own, tag, layout = found
     where = storage if own else _tag_at(resume_from)[0]
     if layout is None:
-        raise ValleyForgeError(f"{where.child(tag).url}: no {LAYOUT} file; a checkpoint of an older release cannot be "
-                         f"resumed: start the stage anew (valleyforge run --restart)")
+        raise ValleyForgeError(
+            f"{where.child(tag).url}: no {LAYOUT} file; a checkpoint of an older release cannot be "
+            f"resumed: start the stage anew (valleyforge run --restart)"
+        )
     return ResumePoint(where, tag, BatchLayout.from_json(layout))
 
 
 @dataclass
 class CheckpointRecord:
     """What the driver records of a complete checkpoint (rank 0 sends it after each save)."""
+
     url: str  # the tag's folder in storage
     step: int
     scores: dict  # train/loss, and eval/loss when the stage has evaluated by then
@@ -119,7 +124,7 @@ def prune(storage: Storage, keep: int, keep_best: bool = False) -> list[str]:
     the others and any a crash left incomplete. Returns the names removed."""
     tags = step_tags(storage)
     marks = complete_tags(storage, tags)
-    kept = set(list(marks)[len(marks) - keep:]) | ({best_tag(marks)} if keep_best else set())
+    kept = set(list(marks)[len(marks) - keep :]) | ({best_tag(marks)} if keep_best else set())
     removed = [tag for tag in tags if tag not in kept]
     for tag in removed:
         storage.remove(tag)
@@ -150,6 +155,7 @@ class Part:
     """A resumable part of a stage. Its `state_dict()` is called on every rank at each save (it may
     gather across ranks); rank 0's is saved and every rank loads it. `own_stage_only`: not
     loaded from another stage's checkpoint (a stage's `resume_from`)."""
+
     state: Stateful
     own_stage_only: bool = False
 
@@ -159,9 +165,18 @@ class Checkpointer:
     0), keeping `keep` tags (and with `keep_best` the one of lowest eval/loss); rank 0 hands each
     save's record to `on_saved`. `layout` is this run's, saved with every tag."""
 
-    def __init__(self, storage: Storage, every: int, engine, parts: dict[str, Part], layout: BatchLayout,
-                 keep: int = 2, keep_best: bool = False, on_saved: Callable[[CheckpointRecord], None] | None = None,
-                 write_model_files: Callable[[Path], None] = lambda folder: None):
+    def __init__(
+        self,
+        storage: Storage,
+        every: int,
+        engine,
+        parts: dict[str, Part],
+        layout: BatchLayout,
+        keep: int = 2,
+        keep_best: bool = False,
+        on_saved: Callable[[CheckpointRecord], None] | None = None,
+        write_model_files: Callable[[Path], None] = lambda folder: None,
+    ):
         self.storage, self.every, self.keep, self.keep_best = storage, every, keep, keep_best
         self.engine, self.parts, self.layout = engine, parts, layout
         self.on_saved = on_saved or (lambda record: None)
@@ -178,8 +193,9 @@ class Checkpointer:
             self.storage.remove(tag)
         states = {name: part.state.state_dict() for name, part in self.parts.items()}  # on every rank: they gather
         with self.storage.staged(tag, written_here=lambda name: written_by_rank(name, rank())) as folder:
-            self.engine.save_checkpoint(str(folder.parent), tag=folder.name, save_latest=False,
-                                        client_state={"step": step})
+            self.engine.save_checkpoint(
+                str(folder.parent), tag=folder.name, save_latest=False, client_state={"step": step}
+            )
             if rank() == 0:
                 torch.save(states, folder / PARTS)
                 (folder / LAYOUT).write_text(self.layout.to_json())
@@ -189,8 +205,11 @@ class Checkpointer:
             self.storage.write_text(f"{tag}/{COMPLETE}", json.dumps({"step": step, **scores}) + "\n")
             self.storage.write_text(LATEST, tag)
             removed = prune(self.storage, self.keep, self.keep_best)
-            self.on_saved(CheckpointRecord(self.storage.child(tag).url, step, scores,
-                                           [self.storage.child(t).url for t in removed]))
+            self.on_saved(
+                CheckpointRecord(
+                    self.storage.child(tag).url, step, scores, [self.storage.child(t).url for t in removed]
+                )
+            )
         barrier()
         return tag
 
@@ -203,8 +222,10 @@ class Checkpointer:
         storage, tag = point.storage, point.tag
         blind = [r for r, missing in enumerate(gather(not storage.exists(f"{tag}/{PARTS}"))) if missing]
         if blind:
-            raise ValleyForgeError(f"{point.url}: rank(s) {blind} cannot read the checkpoint rank 0 resumes from; every "
-                             f"rank must see the same checkpoint storage (cluster.storage)")
+            raise ValleyForgeError(
+                f"{point.url}: rank(s) {blind} cannot read the checkpoint rank 0 resumes from; every "
+                f"rank must see the same checkpoint storage (cluster.storage)"
+            )
         if point.layout.world_size != self.layout.world_size:
             print(describe_change(point.layout, self.layout), flush=True)
         client_state = self._load_engine(storage, tag, point.layout)
@@ -215,8 +236,10 @@ class Checkpointer:
             if part.own_stage_only and not own_stage:  # another stage's metrics stay its own
                 continue
             if name not in states:
-                raise ValleyForgeError(f"{point.url}: holds no state of {name!r}; a checkpoint of another release "
-                                 f"cannot be resumed: start the stage anew (valleyforge run --restart)")
+                raise ValleyForgeError(
+                    f"{point.url}: holds no state of {name!r}; a checkpoint of another release "
+                    f"cannot be resumed: start the stage anew (valleyforge run --restart)"
+                )
             part.state.load_state_dict(states[name])
         print(f"resumed from {point.url} at step {client_state['step']}", flush=True)
         return int(client_state["step"])
@@ -233,8 +256,10 @@ class Checkpointer:
             with storage.fetched(tag, keep=lambda name: belongs_to_rank(name, rank())) as folder:
                 return self._engine_state(folder, storage.child(tag).url)
         if self.engine.zero_optimization_stage() != 3:
-            raise ValleyForgeError(f"{storage.child(tag).url}: saved on {saved.world_size} rank(s), resumed on "
-                             f"{world_size()}: resuming on another number of ranks needs engine.zero_stage 3")
+            raise ValleyForgeError(
+                f"{storage.child(tag).url}: saved on {saved.world_size} rank(s), resumed on "
+                f"{world_size()}: resuming on another number of ranks needs engine.zero_stage 3"
+            )
         name = ensure_universal(storage, tag)
         with storage.fetched(name) as folder, universal_loading(self.engine):
             return self._engine_state(folder, storage.child(tag).url)

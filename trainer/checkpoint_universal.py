@@ -6,6 +6,7 @@ optimizer state (`zero/NAME/fp32.pt`, `exp_avg.pt`, ...), from which an engine b
 `"checkpoint": {"load_universal": true}` takes its own slices on any number of ranks. The
 conversion runs once per tag, on rank 0, into the tag's `universal/` folder.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -34,12 +35,21 @@ def ensure_universal(storage: Storage, tag: str) -> str:
     name = f"{tag}/{UNIVERSAL}"
     if rank() == 0 and not storage.exists(f"{name}/{CONVERTED}"):
         from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
         print(f"converting {storage.child(tag).url} to a universal checkpoint", flush=True)
         with storage.fetched(tag, keep=_zero_file) as folder, tempfile.TemporaryDirectory() as tmp:
             output = Path(tmp) / "checkpoint"  # ds_to_universal also writes a pointer file beside it
-            ds_to_universal(SimpleNamespace(input_folder=str(folder), output_folder=str(output),
-                                            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                            strict=True, inject_missing_state=False))
+            ds_to_universal(
+                SimpleNamespace(
+                    input_folder=str(folder),
+                    output_folder=str(output),
+                    num_extract_workers=1,
+                    num_merge_workers=1,
+                    keep_temp_folder=False,
+                    strict=True,
+                    inject_missing_state=False,
+                )
+            )
             with storage.replaced(name) as target:
                 shutil.copytree(output, target, dirs_exist_ok=True)
         storage.write_text(f"{name}/{CONVERTED}", "ds_to_universal\n")

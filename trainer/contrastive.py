@@ -11,6 +11,7 @@ the same accumulation round.
 
 Plain torch + transformers: no DeepSpeed, Ray or MLflow here.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,7 @@ from data_shards.conversation import IGNORE_INDEX
 from data_shards.errors import ValleyForgeError
 
 INITIAL_TEMPERATURE = 0.07  # CLIP's: logits scaled by 1 / 0.07 at the start
-MAX_LOGIT_SCALE = 100.0     # CLIP's clamp on the learned scale
+MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on the learned scale
 
 
 class TemporalEncoder(nn.Module):
@@ -43,8 +44,11 @@ class TemporalEncoder(nn.Module):
         super().__init__()
         self.positions = nn.Parameter(torch.zeros(num_frames, width))
         self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True,
-                                       norm_first=True) for _ in range(layers))
+            nn.TransformerEncoderLayer(
+                width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(width)
         self.projection = nn.Linear(width, embed_dim, bias=False)
         # log(1 / temperature) = log(1 / 0.07) + this offset, which random init starts at 0 (a
@@ -92,8 +96,10 @@ def caption_tokens(input_ids_BL: torch.Tensor, labels_BL: torch.Tensor, max_leng
     supervised_BL = labels_BL != IGNORE_INDEX
     counts_B = supervised_BL.sum(1)
     if bool((counts_B == 0).any()):
-        raise ValleyForgeError("a contrastive stage pairs each clip with its sample's supervised text, and a sample "
-                               "in this batch has none (a text-only or unanswered sample in a captions split?)")
+        raise ValleyForgeError(
+            "a contrastive stage pairs each clip with its sample's supervised text, and a sample "
+            "in this batch has none (a text-only or unanswered sample in a captions split?)"
+        )
     length = min(int(counts_B.max()), max_length)
     # stable sort puts each row's supervised positions first, in order
     order_BL = torch.sort((~supervised_BL).to(torch.int8), dim=1, stable=True).indices[:, :length]

@@ -1,6 +1,7 @@
 """Build the DeepSpeed engine for one stage: the model under zero.Init (token reduction, LoRA
 and gradient checkpointing included), what trains, AdamW, warmup + cosine schedule, gradient
 accumulation and clipping."""
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,7 @@ def deepspeed_config(engine: EngineConfig, stage: StageConfig, micro_batch_size:
         "zero_optimization": zero,
         "bf16": {"enabled": uses_bf16(engine)},
         "zero_allow_untested_optimizer": True,  # torch AdamW: no fused ops to JIT-build
-        "zero_force_ds_cpu_optimizer": False,   # ... also when the optimizer state is offloaded
+        "zero_force_ds_cpu_optimizer": False,  # ... also when the optimizer state is offloaded
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -87,9 +88,17 @@ def build_engine(job: StageJob, blueprint: Blueprint, grad_accum: int):
     table = trainable_table(model, groups)  # before the scheduler scales the groups' learning rates
     opt = stage.optimizer
     optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
-    multiplier = partial(warmup_cosine, total_steps=stage.steps, warmup_steps=stage.schedule.warmup_steps,
-                         min_lr_ratio=stage.schedule.min_lr_ratio)
+    multiplier = partial(
+        warmup_cosine,
+        total_steps=stage.steps,
+        warmup_steps=stage.schedule.warmup_steps,
+        min_lr_ratio=stage.schedule.min_lr_ratio,
+    )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda opt_: LambdaLR(opt_, multiplier), dist_init_required=False)
+        model=model,
+        optimizer=optimizer,
+        config=ds_config,
+        lr_scheduler=lambda opt_: LambdaLR(opt_, multiplier),
+        dist_init_required=False,
+    )
     return engine, table

@@ -2,6 +2,7 @@
 answer against the attribute's choices, per attribute, beside chance. On the driver over a whole
 split, or during training on every rank's share of the clips, in step (under ZeRO-3 every
 generated token is a collective of all ranks)."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,14 @@ def _clip_media(model, raw: RawSample):
         raise ValleyForgeError(f"{raw.url}: sample {raw.key}: {err}") from err
 
 
-def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new_tokens: int = 8,
-                       progress: Callable[[int, int], None] = lambda done, total: None) -> dict:
+def attribute_accuracy(
+    model,
+    tokenizer,
+    split: str,
+    template_name: str,
+    max_new_tokens: int = 8,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> dict:
     """The metrics of one process asking every probe of `split`."""
     model.eval()
     manifest = read_manifest(split)
@@ -77,8 +84,16 @@ def attribute_accuracy(model, tokenizer, split: str, template_name: str, max_new
     return tally.metrics(split)
 
 
-def sharded_attribute_accuracy(model, tokenizer, urls: Iterable[str], template_name: str, max_new_tokens: int,
-                               max_clips: int | None, rank: int, world_size: int) -> dict:
+def sharded_attribute_accuracy(
+    model,
+    tokenizer,
+    urls: Iterable[str],
+    template_name: str,
+    max_new_tokens: int,
+    max_clips: int | None,
+    rank: int,
+    world_size: int,
+) -> dict:
     """The metrics of every rank asking the probes of its share of the first `max_clips` probed
     clips (clip i to rank i mod world_size), on every rank. The ranks generate in step: each answer
     runs until every rank's is done (transformers' synced_gpus), and a rank with fewer questions
@@ -93,8 +108,15 @@ def sharded_attribute_accuracy(model, tokenizer, urls: Iterable[str], template_n
         raw, probe = questions[index] if index < len(questions) else spare
         if raw is not None and raw is not media_of:
             media, media_of = _clip_media(model, raw), raw
-        reply = answer(model, tokenizer, template_name, probe["question"], media if raw else (None, None),
-                       max_new_tokens, synced_gpus=world_size > 1)
+        reply = answer(
+            model,
+            tokenizer,
+            template_name,
+            probe["question"],
+            media if raw else (None, None),
+            max_new_tokens,
+            synced_gpus=world_size > 1,
+        )
         if index < len(questions):
             tally.score(probe, reply)
     merged = AccuracyTally()

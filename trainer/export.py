@@ -1,19 +1,20 @@
 """Export a (ZeRO-3 sharded) model as folders that plain transformers and ValleyForge load.
 
-    EXPORT/
-      valleyforge_model.json   how to rebuild the whole model (architecture + component folders)
-      vision/                  CLIP vision tower: config.json + model.safetensors
-      llm/                     causal LM + tokenizer: AutoModelForCausalLM.from_pretrained(EXPORT/llm)
-      projector/               model.safetensors (the reducer has no weights)
-      soft_prompt/             model.safetensors (eP-ALM's prompt embeddings, when the model has them)
-      temporal/, text/         model.safetensors of the contrastive towers, when the model has them
-                               (text/ also holds the text transformer's config.json)
-      llm_adapter/             peft adapter_config.json + adapter_model.safetensors, when the stage
-                               trained LoRA (llm/ then holds the merged weights)
-      llava_next_video/        the whole model as transformers' LlavaNextVideoForConditionalGeneration
-                               with its processor, when the model is one (trainer/llava_next_video.py);
-                               the spec says why not otherwise
+EXPORT/
+  valleyforge_model.json   how to rebuild the whole model (architecture + component folders)
+  vision/                  CLIP vision tower: config.json + model.safetensors
+  llm/                     causal LM + tokenizer: AutoModelForCausalLM.from_pretrained(EXPORT/llm)
+  projector/               model.safetensors (the reducer has no weights)
+  soft_prompt/             model.safetensors (eP-ALM's prompt embeddings, when the model has them)
+  temporal/, text/         model.safetensors of the contrastive towers, when the model has them
+                           (text/ also holds the text transformer's config.json)
+  llm_adapter/             peft adapter_config.json + adapter_model.safetensors, when the stage
+                           trained LoRA (llm/ then holds the merged weights)
+  llava_next_video/        the whole model as transformers' LlavaNextVideoForConditionalGeneration
+                           with its processor, when the model is one (trainer/llava_next_video.py);
+                           the spec says why not otherwise
 """
+
 from __future__ import annotations
 
 import json
@@ -61,8 +62,13 @@ def _write_configs(model: VideoLanguageModel, folder: Path) -> None:
 
 
 def _write_spec(model: VideoLanguageModel, folder: Path, template: str | None, extra: dict) -> None:
-    spec = {"format_version": FORMAT_VERSION, "architecture": model.arch.to_json(),
-            "components": {name: name for name in model.components()}, "template": template, **extra}
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "architecture": model.arch.to_json(),
+        "components": {name: name for name in model.components()},
+        "template": template,
+        **extra,
+    }
     (folder / EXPORT_SPEC).write_text(json.dumps(spec, indent=2) + "\n")
 
 

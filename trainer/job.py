@@ -1,5 +1,6 @@
 """The stage job: everything a worker needs for one stage, as the driver resolved it from the
 job config (plain data: Ray sends it to workers on any node)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from trainer.config import EngineConfig, ModelConfig, StageConfig
 class StageJob:
     """`stage` is the stage's config as the user wrote it; the fields below it are what the driver
     resolved: expanded shard lists, URLs in storage, the seed and the global batch."""
+
     model: ModelConfig
     engine: EngineConfig
     data: ReaderConfig

@@ -10,6 +10,7 @@ give the twin an image as a one-frame video for the same answer (the processor's
 anyres, which the twin's weights were never trained for). The video placeholder is our visual
 token. The contrastive towers, which never feed the LM, are not part of the twin.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,20 @@ def mismatch(model) -> str | None:
     if vision.model_type != "clip_vision_model":
         return f"its vision tower is {vision.model_type}, not a CLIP vision tower"
     if arch.reducer not in POOL_STRIDE:
-        return f"reducer {arch.reducer!r}: LLaVA-NeXT-Video pools each frame 2x2 or not at all (`spatial_pool2`, `none`)"
+        return (
+            f"reducer {arch.reducer!r}: LLaVA-NeXT-Video pools each frame 2x2 or not at all (`spatial_pool2`, `none`)"
+        )
     grid = vision.image_size // vision.patch_size
     if arch.reducer == "spatial_pool2" and grid % 2:
-        return f"reducer 'spatial_pool2' over an odd patch grid ({grid}x{grid}): LLaVA-NeXT-Video's pooling drops the last row"
+        return (
+            f"reducer 'spatial_pool2' over an odd patch grid ({grid}x{grid}): LLaVA-NeXT-Video's pooling drops the "
+            f"last row"
+        )
     if arch.reducer == "none" and vision.patch_size % 2:
-        return f"reducer 'none' with an odd patch size ({vision.patch_size}): LLaVA-NeXT-Video's processor cannot count its tokens"
+        return (
+            f"reducer 'none' with an odd patch size ({vision.patch_size}): LLaVA-NeXT-Video's processor cannot count "
+            f"its tokens"
+        )
     if arch.projector != "mlp2x_gelu":
         return f"projector {arch.projector!r}: LLaVA-NeXT-Video's projector is `mlp2x_gelu`"
     if arch.soft_prompt_tokens:
@@ -50,16 +59,27 @@ def twin_config(model, tokenizer) -> LlavaNextVideoConfig:
     visual_id = tokenizer.convert_tokens_to_ids(VISUAL_TOKEN)
     size = model.vision.config.image_size
     return LlavaNextVideoConfig(
-        vision_config=model.vision.config.to_dict(), text_config=llm.to_dict(),
-        vision_feature_layer=arch.vision_feature_layer, vision_feature_select_strategy="default",
-        projector_hidden_act="gelu", multimodal_projector_bias=True,
-        spatial_pool_mode="average", spatial_pool_stride=POOL_STRIDE[arch.reducer],
-        video_token_index=visual_id, image_token_index=visual_id, image_grid_pinpoints=[[size, size]],
-        tie_word_embeddings=llm.tie_word_embeddings)
+        vision_config=model.vision.config.to_dict(),
+        text_config=llm.to_dict(),
+        vision_feature_layer=arch.vision_feature_layer,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        spatial_pool_mode="average",
+        spatial_pool_stride=POOL_STRIDE[arch.reducer],
+        video_token_index=visual_id,
+        image_token_index=visual_id,
+        image_grid_pinpoints=[[size, size]],
+        tie_word_embeddings=llm.tie_word_embeddings,
+    )
 
 
-def twin_state(states: dict[str, dict[str, torch.Tensor]], llm_state: dict[str, torch.Tensor],
-               tie_word_embeddings: bool, llm_width: int) -> dict[str, torch.Tensor]:
+def twin_state(
+    states: dict[str, dict[str, torch.Tensor]],
+    llm_state: dict[str, torch.Tensor],
+    tie_word_embeddings: bool,
+    llm_width: int,
+) -> dict[str, torch.Tensor]:
     """Our components' tensors under the twin's names."""
     tensors = {f"model.vision_tower.{k}": v for k, v in states["vision"].items()}
     for ours, theirs in (("fc1", "linear_1"), ("fc2", "linear_2")):
@@ -84,11 +104,13 @@ def write_twin(model, tokenizer, states: dict, llm_state: dict, folder: Path) ->
     tensors = twin_state(states, llm_state, config.tie_word_embeddings, model.llm.config.hidden_size)
     saved = set(twin.state_dict())  # not the buffers rebuilt at load (position ids, rotary frequencies)
     rebuilt = {name for name, _ in twin.named_buffers()} - saved
-    missing, unexpected = twin.load_state_dict({k: v for k, v in tensors.items() if k not in rebuilt},
-                                               strict=False, assign=True)
+    missing, unexpected = twin.load_state_dict(
+        {k: v for k, v in tensors.items() if k not in rebuilt}, strict=False, assign=True
+    )
     if unexpected or [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]:
-        raise RuntimeError(f"the LLaVA-NeXT-Video twin's weights do not line up: missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]}")
+        raise RuntimeError(
+            f"the LLaVA-NeXT-Video twin's weights do not line up: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     if config.tie_word_embeddings:  # the head, still on the meta device, becomes the embeddings again
         twin.tie_weights()
     twin.save_pretrained(folder)
@@ -102,19 +124,38 @@ def processor_config(model) -> dict:
     Frames are resized and centre-cropped to the tower's input size and normalised as ours are."""
     arch, vision = model.arch, model.vision.config
     size = vision.image_size
-    common = {"do_resize": True, "size": {"shortest_edge": size}, "do_center_crop": True,
-              "crop_size": {"height": size, "width": size}, "do_rescale": True, "rescale_factor": 1 / 255,
-              "do_normalize": True, "image_mean": list(arch.image_mean), "image_std": list(arch.image_std),
-              "do_convert_rgb": True, "resample": 3}
+    common = {
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(arch.image_mean),
+        "image_std": list(arch.image_std),
+        "do_convert_rgb": True,
+        "resample": 3,
+    }
     # The processor counts a frame's tokens as (size / patch_size)^2 / 4, for 2x2 pooling; without
     # pooling, half the patch size makes that count the frame's patches.
     counted_patch = vision.patch_size * POOL_STRIDE[arch.reducer] // 2
     return {
-        "processor_class": "LlavaNextVideoProcessor", "patch_size": counted_patch,
-        "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1,
-        "video_token": VISUAL_TOKEN, "image_token": "<image>",  # the processor refuses one token for both
-        "image_processor": {**common, "image_processor_type": "LlavaNextImageProcessor",
-                            "image_grid_pinpoints": [[size, size]], "do_pad": True},
-        "video_processor": {**common, "video_processor_type": "LlavaNextVideoVideoProcessor",
-                            "do_sample_frames": False},
+        "processor_class": "LlavaNextVideoProcessor",
+        "patch_size": counted_patch,
+        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": 1,
+        "video_token": VISUAL_TOKEN,
+        "image_token": "<image>",  # the processor refuses one token for both
+        "image_processor": {
+            **common,
+            "image_processor_type": "LlavaNextImageProcessor",
+            "image_grid_pinpoints": [[size, size]],
+            "do_pad": True,
+        },
+        "video_processor": {
+            **common,
+            "video_processor_type": "LlavaNextVideoVideoProcessor",
+            "do_sample_frames": False,
+        },
     }

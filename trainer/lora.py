@@ -1,5 +1,6 @@
 """LoRA on the LLM through peft: added for a stage, merged into the weights on export (the
 unmerged adapter is kept beside the merged model)."""
+
 from __future__ import annotations
 
 from peft import LoraConfig as PeftLoraConfig
@@ -12,8 +13,13 @@ ADAPTER = "default"
 
 
 def add_lora(llm, cfg: LoraConfig):
-    peft_config = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                 target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(llm, peft_config)
 
 

@@ -1,6 +1,7 @@
 """Rank 0's step metrics on their way to the tracking store (through the driver): sent at once and
 kept until the store has them. The checkpointer saves what is kept, so whatever a restart (of the
 worker group or of the driver) might have lost is sent again on resume."""
+
 from __future__ import annotations
 
 from typing import Callable

@@ -3,6 +3,7 @@ the projected visual tokens spliced into the LM's input where the text holds vis
 
 Plain torch + transformers: no DeepSpeed, Ray or MLflow here.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -37,6 +38,7 @@ def supervised_tokens(batch: dict) -> int:
 @dataclass(frozen=True)
 class Architecture:
     """Everything besides the two HF configs needed to rebuild the model (saved with exports)."""
+
     reducer: str
     projector: str
     vision_feature_layer: int
@@ -68,24 +70,37 @@ class VideoLanguageModel(nn.Module):
         self.vision = vision
         self.reducer = REDUCERS[arch.reducer]()
         self.projector = PROJECTORS[arch.projector](
-            vision.config.hidden_size, llm.config.hidden_size, num_queries=arch.abstractor_queries,
-            layers=arch.abstractor_layers, heads=vision.config.num_attention_heads)
-        self.soft_prompt = SoftPrompt(arch.soft_prompt_tokens, llm.config.hidden_size) \
-            if arch.soft_prompt_tokens else None
+            vision.config.hidden_size,
+            llm.config.hidden_size,
+            num_queries=arch.abstractor_queries,
+            layers=arch.abstractor_layers,
+            heads=vision.config.num_attention_heads,
+        )
+        self.soft_prompt = (
+            SoftPrompt(arch.soft_prompt_tokens, llm.config.hidden_size) if arch.soft_prompt_tokens else None
+        )
         self.llm = llm
         self.temporal = self.text = None
         if arch.embed_dim:
             if text is None:
                 raise ValueError("the architecture has contrastive towers (embed_dim) but no text transformer")
-            self.temporal = TemporalEncoder(vision.config.hidden_size, arch.embed_dim, arch.num_frames,
-                                            arch.temporal_layers, vision.config.num_attention_heads)
+            self.temporal = TemporalEncoder(
+                vision.config.hidden_size,
+                arch.embed_dim,
+                arch.num_frames,
+                arch.temporal_layers,
+                vision.config.num_attention_heads,
+            )
             self.text = TextEncoder(text, arch.embed_dim)
         self.token_reduction: TokenReduction | None = None  # set per stage (CLIPA-style pretraining)
 
     def components(self) -> list[str]:
         """The parts with weights of their own, as exports store them."""
-        return ["vision", "projector", "llm"] + (["soft_prompt"] if self.soft_prompt is not None else []) + \
-            (["temporal", "text"] if self.temporal is not None else [])
+        return (
+            ["vision", "projector", "llm"]
+            + (["soft_prompt"] if self.soft_prompt is not None else [])
+            + (["temporal", "text"] if self.temporal is not None else [])
+        )
 
     @property
     def num_patches(self) -> int:
@@ -98,13 +113,15 @@ class VideoLanguageModel(nn.Module):
         """What the data reader must produce for this model; for a contrastive stage, whose text
         never meets the visual tokens, one placeholder token per clip or image."""
         if contrastive:
-            return VisualSpec(num_frames=self.arch.num_frames, image_size=self._input_size(),
-                              tokens_per_video=1, tokens_per_image=1)
+            return VisualSpec(
+                num_frames=self.arch.num_frames, image_size=self._input_size(), tokens_per_video=1, tokens_per_image=1
+            )
         return VisualSpec(
             num_frames=self.arch.num_frames,
             image_size=self._input_size(),
             tokens_per_video=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, self.arch.num_frames)),
-            tokens_per_image=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, 1)))
+            tokens_per_image=self.projector.num_tokens(self.reducer.num_tokens(self.num_patches, 1)),
+        )
 
     def _input_size(self) -> int:
         return self.token_reduction.input_size if self.token_reduction else self.vision.config.image_size
@@ -129,8 +146,9 @@ class VideoLanguageModel(nn.Module):
             features = encode_kept_patches(self.vision, pixels, kept_BK.repeat_interleave(num_frames, 0)[run_N], layer)
         else:
             resized = reduction is not None  # a smaller input: position embeddings interpolated
-            features = self.vision(pixel_values=pixels, output_hidden_states=True,
-                                   interpolate_pos_encoding=resized).hidden_states[layer]
+            features = self.vision(
+                pixel_values=pixels, output_hidden_states=True, interpolate_pos_encoding=resized
+            ).hidden_states[layer]
         every_frame = features.new_zeros(batch * num_frames, *features.shape[1:])
         if len(real_N):
             every_frame = every_frame.index_copy(0, real_N, features)
@@ -162,8 +180,10 @@ class VideoLanguageModel(nn.Module):
         embeds_BLD = self.llm.get_input_embeddings()(input_ids)
         slots_BL = input_ids == self.arch.visual_token_id
         if int(slots_BL.sum()) != int(valid_BN.sum()):
-            raise ValueError(f"batch has {int(slots_BL.sum())} visual token slots but its media give "
-                             f"{int(valid_BN.sum())} visual tokens")
+            raise ValueError(
+                f"batch has {int(slots_BL.sum())} visual token slots but its media give "
+                f"{int(valid_BN.sum())} visual tokens"
+            )
         embeds_BLD = embeds_BLD.masked_scatter(slots_BL[..., None], visual_BND[valid_BN].to(embeds_BLD.dtype))
         # The vision path runs on every batch, text-only ones too, and stays in the graph with
         # zero weight: under ZeRO-3 every rank must gather and reduce the same parameters, or
@@ -176,8 +196,17 @@ class VideoLanguageModel(nn.Module):
             embeds, attention_mask, labels = self.soft_prompt.prepend(embeds, attention_mask, labels, IGNORE_INDEX)
         return embeds, attention_mask, labels
 
-    def forward(self, input_ids, attention_mask, frames, frame_mask, labels=None, position_ids=None,
-                num_items_in_batch: float | None = None, contrastive: bool = False):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        frames,
+        frame_mask,
+        labels=None,
+        position_ids=None,
+        num_items_in_batch: float | None = None,
+        contrastive: bool = False,
+    ):
         """`position_ids` marks a packed batch (several samples per row, positions restarting
         at each): the LLM then gets no attention mask and keeps attention inside each sample.
         The loss is the mean over the batch's supervised tokens, or with `num_items_in_batch` their
@@ -191,12 +220,23 @@ class VideoLanguageModel(nn.Module):
         if position_ids is not None:
             attention_mask = None
         extra = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, labels=labels,
-                        use_cache=False, **extra)
+        return self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+            **extra,
+        )
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, frames, frame_mask, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Greedy continuation token ids (prompt excluded)."""
         embeds, attention_mask, _ = self._llm_inputs(input_ids, attention_mask, frames, frame_mask)
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask,
-                                 max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+        return self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            **kwargs,
+        )

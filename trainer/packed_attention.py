@@ -12,6 +12,7 @@ It is added to transformers' attention and mask registries under NAME (their ext
 the LLM is built with it where SDPA is chosen (trainer/blueprint.py). Exports do not record it:
 a saved config names no attention implementation.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,15 +24,36 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "sdpa_packed"
 
 
-def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                          position_ids: torch.Tensor | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+def packed_sdpa_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
     """query [B,H,L,D], key and value [B,H_kv,L,D] -> ([B,L,H,D], None), as transformers' SDPA
     function returns; a sample starts wherever its row's position id is 0."""
-    if (attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]
-            or kwargs.get("is_causal") is False):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      position_ids=position_ids, **kwargs)
+    if (
+        attention_mask is not None
+        or position_ids is None
+        or query.shape[2] != key.shape[2]
+        or kwargs.get("is_causal") is False
+    ):
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=dropout,
+            scaling=scaling,
+            position_ids=position_ids,
+            **kwargs,
+        )
     length = query.shape[2]
     starts: list[set[int]] = [{0} for _ in range(query.shape[0])]
     # transformers' own position ids are [1,L] for every row; one device-to-host copy per layer
@@ -40,11 +62,23 @@ def packed_sdpa_attention(module, query: torch.Tensor, key: torch.Tensor, value:
     rows = []
     for row, row_starts in enumerate(starts):
         bounds = sorted(row_starts) + [length]
-        rows.append(torch.cat([
-            F.scaled_dot_product_attention(query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
-                                           value[row:row + 1, :, start:end], dropout_p=dropout, is_causal=True,
-                                           scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
-            for start, end in zip(bounds, bounds[1:])], dim=2))
+        rows.append(
+            torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        query[row : row + 1, :, start:end],
+                        key[row : row + 1, :, start:end],
+                        value[row : row + 1, :, start:end],
+                        dropout_p=dropout,
+                        is_causal=True,
+                        scale=scaling,
+                        enable_gqa=query.shape[1] != key.shape[1],
+                    )
+                    for start, end in zip(bounds, bounds[1:])
+                ],
+                dim=2,
+            )
+        )
     return torch.cat(rows).transpose(1, 2).contiguous(), None
 
 

@@ -4,6 +4,7 @@ Each works one submodule at a time (its own parameters, gathered whole for that 
 memory stays bounded by the largest layer. Plain modules (evaluation, exports loaded for
 inference) need no gathering and the same code serves them without importing DeepSpeed.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +35,7 @@ def _whole(params: list[tuple[str, nn.Parameter]], modifier_rank: int | None):
     if not any(hasattr(p, "ds_id") for _, p in params):
         return contextlib.nullcontext()
     import deepspeed  # only partitioned parameters need it
+
     return deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=modifier_rank)
 
 
@@ -111,8 +113,9 @@ def _copy_into(param: torch.Tensor, tensor: torch.Tensor, folder: Path, name: st
         elif tensor.ndim == param.ndim and tensor.shape[1:] == param.shape[1:] and tensor.shape[0] < param.shape[0]:
             param[: tensor.shape[0]].copy_(tensor)
         else:
-            raise ValleyForgeError(f"{folder}: {name} has shape {tuple(tensor.shape)}, the model expects "
-                                   f"{tuple(param.shape)}")
+            raise ValleyForgeError(
+                f"{folder}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}"
+            )
 
 
 def gather_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """This process's place among the training ranks, and the few collectives the trainer needs.
 Each works in a single process too (no process group: rank 0 of 1)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """The parts of a stage a checkpoint keeps besides the engine, as objects with `state_dict` /
 `load_state_dict` (trainer/checkpoint.py `Part`): adapters for those that are not one already.
 Each `state_dict()` is called on every rank at once and may gather across ranks."""
+
 from __future__ import annotations
 
 import zlib

@@ -1,5 +1,6 @@
 """One stage inside one worker: the engine (built from the blueprint), the stage's data streams,
 the checkpointer and the step meter, and the step loop that trains them."""
+
 from __future__ import annotations
 
 import time
@@ -9,18 +10,25 @@ from typing import Callable, Iterator
 
 import torch
 
-from data_shards.errors import ValleyForgeError
 from data_shards.conversation import get_template
+from data_shards.errors import ValleyForgeError
 from data_shards.read.health import ReadHealth
 from data_shards.read.reader import Topology, build_loader
 from trainer.blueprint import blueprint_from_config, blueprint_from_export
-from trainer.checkpoint import (Checkpointer, CheckpointRecord, Part, best_tag, complete_tags, find_resume_point,
-                                tag_name)
-from trainer.job import StageJob
+from trainer.checkpoint import (
+    Checkpointer,
+    CheckpointRecord,
+    Part,
+    best_tag,
+    complete_tags,
+    find_resume_point,
+    tag_name,
+)
 from trainer.contrastive import retrieval_metrics
 from trainer.engine import build_engine, uses_bf16
 from trainer.evaluation import sharded_attribute_accuracy
 from trainer.export import export_model, write_blueprint
+from trainer.job import StageJob
 from trainer.layout import plan_layout
 from trainer.metric_log import MetricLog, Send, as_metric_log
 from trainer.model import model_inputs, supervised_tokens
@@ -40,8 +48,13 @@ class StageRunner:
     each checkpoint saved.
     """
 
-    def __init__(self, job: StageJob, topology: Topology, init_folder: str | Path | None = None,
-                 on_checkpoint: Callable[[CheckpointRecord], None] | None = None):
+    def __init__(
+        self,
+        job: StageJob,
+        topology: Topology,
+        init_folder: str | Path | None = None,
+        on_checkpoint: Callable[[CheckpointRecord], None] | None = None,
+    ):
         self.job = job
         torch.manual_seed(job.seed)
         storage = Storage(job.checkpoint_dir)
@@ -53,22 +66,44 @@ class StageRunner:
         self.tokenizer = blueprint.tokenizer
         self.contrastive = job.stage.objective == "contrastive"
         visual, template = self.model.visual_spec(self.contrastive), get_template(job.stage.template)
-        self.train_batches = build_loader(job.train_shards, job.data, self.tokenizer, template, visual, topology,
-                                          train=True, num_streams=self.layout.streams)
-        self.eval_batches = iter(build_loader(job.eval_shards, job.data, self.tokenizer, template, visual, topology,
-                                              train=False)) if job.eval_shards else None
+        self.train_batches = build_loader(
+            job.train_shards,
+            job.data,
+            self.tokenizer,
+            template,
+            visual,
+            topology,
+            train=True,
+            num_streams=self.layout.streams,
+        )
+        self.eval_batches = (
+            iter(build_loader(job.eval_shards, job.data, self.tokenizer, template, visual, topology, train=False))
+            if job.eval_shards
+            else None
+        )
         self.health = ReadHealth(job.data.max_skip_fraction, job.data.skip_check_min_samples)
         # what a checkpoint keeps besides the engine (train adds the metric log it is given)
-        parts = {"reader": Part(ReaderPosition(self.train_batches)), "read_health": Part(self.health),
-                 "torch_rng": Part(TorchRNG())}
-        self.checkpointer = Checkpointer(storage, job.stage.checkpoint_every, self.engine, parts, self.layout,
-                                         keep_best=job.stage.register == "best", on_saved=on_checkpoint,
-                                         write_model_files=lambda folder: write_blueprint(
-                                             self.model, self.tokenizer, folder, job.stage.template))
+        parts = {
+            "reader": Part(ReaderPosition(self.train_batches)),
+            "read_health": Part(self.health),
+            "torch_rng": Part(TorchRNG()),
+        }
+        self.checkpointer = Checkpointer(
+            storage,
+            job.stage.checkpoint_every,
+            self.engine,
+            parts,
+            self.layout,
+            keep_best=job.stage.register == "best",
+            on_saved=on_checkpoint,
+            write_model_files=lambda folder: write_blueprint(self.model, self.tokenizer, folder, job.stage.template),
+        )
         self.system = SystemSampler()
-        self.meter = StepMeter(FlopCounter(self.model, job.stage.trainable, self.contrastive),
-                               self.model.arch.visual_token_id,
-                               peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)))
+        self.meter = StepMeter(
+            FlopCounter(self.model, job.stage.trainable, self.contrastive),
+            self.model.arch.visual_token_id,
+            peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)),
+        )
 
     def train(self, log: MetricLog | Send, batches: Iterator[dict] | None = None) -> dict:
         """Optimizer steps up to `stage.steps`, each of the layout's `grad_accum` micro-batches per
@@ -130,7 +165,7 @@ class StageRunner:
         micro-batch holds it: DeepSpeed divides each micro-batch's loss by grad_accum and ZeRO
         averages gradients over the ranks, so the global count over ranks x grad_accum. The
         logged train/loss, the mean of the micro-batch losses, is then that token mean too."""
-        total, = sum_across_ranks([sum(supervised_tokens(batch) for batch in micro_batches)])
+        (total,) = sum_across_ranks([sum(supervised_tokens(batch) for batch in micro_batches)])
         return total / (world_size() * self.layout.grad_accum)
 
     def _step_metrics(self, micro_batches: list[dict], elapsed: float) -> dict:
@@ -138,16 +173,15 @@ class StageRunner:
         for batch in micro_batches:
             step_reads.add_batch(batch)
         keys_by_rank, system_samples = [], []
-        for seen, by_reason, by_shard, keys, system in gather((step_reads.seen, dict(step_reads.by_reason),
-                                                               dict(step_reads.by_shard), step_keys,
-                                                               self.system.sample())):
+        for seen, by_reason, by_shard, keys, system in gather(
+            (step_reads.seen, dict(step_reads.by_reason), dict(step_reads.by_shard), step_keys, self.system.sample())
+        ):
             self.health.add(seen, by_reason, by_shard)
             keys_by_rank.append(keys)
             system_samples.append(system)
         return {
             **system_metrics(system_samples),
-            **self.meter.metrics(sum_across_ranks(self.meter.local()), self.layout.grad_accum, world_size(),
-                                 elapsed),
+            **self.meter.metrics(sum_across_ranks(self.meter.local()), self.layout.grad_accum, world_size(), elapsed),
             "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             **self.health.metrics(),
@@ -185,9 +219,16 @@ class StageRunner:
         """`eval/attribute_accuracy/*` by generation on the stage's probe clips, each rank asking
         about its share."""
         probe = self.job.stage.probe_eval
-        metrics = sharded_attribute_accuracy(self.model, self.tokenizer, self.job.probe_shards.shards[0],
-                                             self.job.stage.template, probe.max_new_tokens, probe.max_clips, rank(),
-                                             world_size())
+        metrics = sharded_attribute_accuracy(
+            self.model,
+            self.tokenizer,
+            self.job.probe_shards.shards[0],
+            self.job.stage.template,
+            probe.max_new_tokens,
+            probe.max_clips,
+            rank(),
+            world_size(),
+        )
         self.engine.train()
         return metrics
 
@@ -203,10 +244,16 @@ class StageRunner:
             best = best_tag(marks)
             best, mark = from_rank0((best, marks[best] if best else None))
             if best is None:
-                raise ValleyForgeError(f"stages.{self.job.stage.name}.register: best, but no checkpoint in "
-                                 f"{self.job.checkpoint_dir} has an eval/loss")
+                raise ValleyForgeError(
+                    f"stages.{self.job.stage.name}.register: best, but no checkpoint in "
+                    f"{self.job.checkpoint_dir} has an eval/loss"
+                )
             self.checkpointer.load_weights(best)
-            chosen = {**mark, "selected_by": "lowest eval/loss", "checkpoint": self.checkpointer.storage.child(best).url}
+            chosen = {
+                **mark,
+                "selected_by": "lowest eval/loss",
+                "checkpoint": self.checkpointer.storage.child(best).url,
+            }
         export = export_model(self.model, self.tokenizer, Storage(self.job.export_dir), self.job.stage.template)
         return export, chosen
 

@@ -6,6 +6,7 @@ Code that writes or reads many files (DeepSpeed checkpoints, exports) works on a
 local path both are the storage folder itself; on an object store they are temporary folders,
 uploaded or downloaded and then removed.
 """
+
 from __future__ import annotations
 
 import os
@@ -23,6 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 @dataclass(frozen=True)
 class Storage:
     """A folder in storage, named by its URL or path. Plain data: it travels to workers."""
+
     url: str
 
     @property
@@ -79,8 +81,9 @@ class Storage:
         if not self.exists():
             return []
         self.fs.invalidate_cache(self.root)
-        return sorted(Path(entry["name"]).name for entry in self.fs.ls(self.root, detail=True)
-                      if entry["type"] == "directory")
+        return sorted(
+            Path(entry["name"]).name for entry in self.fs.ls(self.root, detail=True) if entry["type"] == "directory"
+        )
 
     def remove(self, name: str = "") -> None:
         """Removes the file or folder, if there is one."""
@@ -140,11 +143,11 @@ class Storage:
     def download(self, name: str, local: Path, keep: Callable[[str], bool] = lambda _: True) -> Path:
         """Copies the folder `name` (its files that `keep` accepts) to the local folder `local`."""
         source = self._path(name).rstrip("/")
-        files = [f for f in self.fs.find(source) if keep(f[len(source) + 1:])]
+        files = [f for f in self.fs.find(source) if keep(f[len(source) + 1 :])]
         if not files:
             raise FileNotFoundError(f"{self.child(name).url}: no files")
         for file in files:
-            target = local / file[len(source) + 1:]
+            target = local / file[len(source) + 1 :]
             target.parent.mkdir(parents=True, exist_ok=True)
             self.fs.get_file(file, str(target))
         return local
@@ -164,6 +167,7 @@ class Storage:
     def pyarrow_fs(self):
         """This filesystem for pyarrow (Ray Train's storage)."""
         from pyarrow.fs import FSSpecHandler, PyFileSystem
+
         return PyFileSystem(FSSpecHandler(self.fs))
 
 

@@ -2,6 +2,7 @@
 System metrics tab charts them): each node's CPU and memory use, and each rank's GPU utilisation
 and memory where the ranks have GPUs. With ranks on several nodes the names carry the node, as
 MLflow's do: `system/node_1/cpu_utilization_percentage`."""
+
 from __future__ import annotations
 
 import socket
@@ -32,12 +33,20 @@ class SystemSampler:
                 utilization = float(torch.cuda.utilization(device))
             except (ModuleNotFoundError, RuntimeError):  # no NVML (nvidia-ml-py) to ask
                 utilization = None
-            gpus.append({"memory_usage_megabytes": (total - free) / 1e6,
-                         "memory_usage_percentage": 100 * (total - free) / total,
-                         "utilization_percentage": utilization})
-        return {"host": socket.gethostname(), "cpu_utilization_percentage": psutil.cpu_percent(None),
-                "system_memory_usage_megabytes": memory.used / 1e6,
-                "system_memory_usage_percentage": memory.percent, "gpus": gpus}
+            gpus.append(
+                {
+                    "memory_usage_megabytes": (total - free) / 1e6,
+                    "memory_usage_percentage": 100 * (total - free) / total,
+                    "utilization_percentage": utilization,
+                }
+            )
+        return {
+            "host": socket.gethostname(),
+            "cpu_utilization_percentage": psutil.cpu_percent(None),
+            "system_memory_usage_megabytes": memory.used / 1e6,
+            "system_memory_usage_percentage": memory.percent,
+            "gpus": gpus,
+        }
 
 
 def system_metrics(samples: list[dict | None]) -> dict[str, float]:

@@ -15,6 +15,7 @@ caption's tokens) and the small temporal module is left out too.
 MFU = model FLOPs per second per device / the device's peak: `cluster.peak_flops_per_device`,
 else the dense bf16 (or TF32 for fp32) peak of a known GPU; unknown devices (CPU) get none.
 """
+
 from __future__ import annotations
 
 import resource
@@ -25,9 +26,15 @@ from data_shards.conversation import IGNORE_INDEX
 
 # dense peak FLOP/s per device: (bf16, tf32)
 KNOWN_PEAKS = {
-    "H200": (989e12, 494e12), "H100 SXM": (989e12, 494e12), "H100 NVL": (835e12, 418e12),
-    "H100 PCIe": (756e12, 378e12), "H100": (989e12, 494e12), "A100": (312e12, 156e12),
-    "L40S": (362e12, 183e12), "A10G": (70e12, 35e12), "L4": (121e12, 60e12),
+    "H200": (989e12, 494e12),
+    "H100 SXM": (989e12, 494e12),
+    "H100 NVL": (835e12, 418e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "A10G": (70e12, 35e12),
+    "L4": (121e12, 60e12),
 }
 
 
@@ -46,8 +53,11 @@ def peak_flops(configured: float | None, bf16: bool) -> float | None:
 def _dense_params(module) -> int:
     """Parameters that multiply: matrices outside embedding tables (norm scales and biases add)."""
     embeddings = {id(p) for m in module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()
-               if id(p) not in embeddings and len(getattr(p, "ds_shape", p.shape)) >= 2)
+    return sum(
+        getattr(p, "ds_numel", p.numel())
+        for p in module.parameters()
+        if id(p) not in embeddings and len(getattr(p, "ds_shape", p.shape)) >= 2
+    )
 
 
 class FlopCounter:
@@ -66,12 +76,14 @@ class FlopCounter:
             self.language_factor = 3 if "text" in trainable else 1
         else:
             upstream_of_llm = vision_trains or bool({"projector", "soft_prompt"} & set(trainable))
-            self.language_factor = 3 if {"llm", "lora", "embeddings"} & set(trainable) else (2 if upstream_of_llm else 1)
+            self.language_factor = (
+                3 if {"llm", "lora", "embeddings"} & set(trainable) else (2 if upstream_of_llm else 1)
+            )
 
     @staticmethod
     def _forward(params: int, layers: int, width: int, lengths: torch.Tensor) -> float:
         lengths = lengths.double()
-        return float(2 * params * lengths.sum() + 4 * layers * width * (lengths ** 2).sum())
+        return float(2 * params * lengths.sum() + 4 * layers * width * (lengths**2).sum())
 
     def batch_flops(self, batch: dict) -> float:
         frames = int(batch["frame_mask"].sum())
@@ -92,6 +104,7 @@ def peak_memory_metrics() -> dict[str, float]:
 class StepMeter:
     """Counts one optimizer step's micro-batches; turns the counts summed over ranks into the
     throughput metrics."""
+
     FIELDS = ("loss", "tokens", "samples", "visual_tokens", "data_wait_s", "flops")
 
     def __init__(self, flops: FlopCounter, visual_token_id: int, peak: float | None):

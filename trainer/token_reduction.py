@@ -7,6 +7,7 @@ encoder with their own position embeddings. Resizing feeds images of `image_size
 position embeddings interpolated. Either way the reader is told the smaller token count, and a
 later stage without reduction sees every patch again.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,11 +26,13 @@ class TokenReduction:
         self.cfg, self.patch_size = cfg, patch_size
         self.grid = image_size // patch_size
         if cfg.mode == "resize" and (cfg.image_size % patch_size or cfg.image_size >= image_size):
-            raise ValleyForgeError(f"token_reduction.image_size {cfg.image_size} must be a multiple of the patch "
-                                   f"size {patch_size} and smaller than the encoder's {image_size}")
+            raise ValleyForgeError(
+                f"token_reduction.image_size {cfg.image_size} must be a multiple of the patch "
+                f"size {patch_size} and smaller than the encoder's {image_size}"
+            )
         self.input_size = cfg.image_size if cfg.mode == "resize" else image_size
-        self.stride = max(1, round(1 / math.sqrt(cfg.keep)))               # grid: every stride-th row and column
-        self.block = max(1, round(self.grid * math.sqrt(cfg.keep)))         # block: a block x block square
+        self.stride = max(1, round(1 / math.sqrt(cfg.keep)))  # grid: every stride-th row and column
+        self.block = max(1, round(self.grid * math.sqrt(cfg.keep)))  # block: a block x block square
 
     @property
     def masks(self) -> bool:
@@ -43,10 +46,12 @@ class TokenReduction:
     @property
     def patches(self) -> int:
         """Patch tokens per frame the encoder sees."""
-        return {"resize": (self.input_size // self.patch_size) ** 2,
-                "random": max(1, round(self.cfg.keep * self.grid ** 2)),
-                "grid": (self.grid // self.stride) ** 2,
-                "block": self.block ** 2}[self.cfg.mode]
+        return {
+            "resize": (self.input_size // self.patch_size) ** 2,
+            "random": max(1, round(self.cfg.keep * self.grid**2)),
+            "grid": (self.grid // self.stride) ** 2,
+            "block": self.block**2,
+        }[self.cfg.mode]
 
     def kept_indices(self, batch: int, device) -> torch.Tensor:
         """[batch, K] indices of the kept patches (row-major, ascending), drawn per sample."""
@@ -70,8 +75,10 @@ def token_reduction_for(model, cfg: TokenReductionConfig) -> TokenReduction:
     vision = model.vision.config
     reduction = TokenReduction(cfg, vision.image_size, vision.patch_size)
     if model.arch.reducer == "spatial_pool2" and not reduction.square:
-        raise ValleyForgeError("token_reduction mode `random` leaves no patch grid for the spatial_pool2 reducer; "
-                               "use grid or block masking")
+        raise ValleyForgeError(
+            "token_reduction mode `random` leaves no patch grid for the spatial_pool2 reducer; "
+            "use grid or block masking"
+        )
     return reduction
 
 

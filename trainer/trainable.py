@@ -1,5 +1,6 @@
 """What a stage trains: which modules, at which learning rate, and the table that shows it
 (each module's parameter count, trainable count and learning rate)."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -55,7 +56,9 @@ def set_trainable(model, stage: StageConfig) -> list[dict]:
             raise ValleyForgeError(f"stages.{stage.name}.trainable: the model has no {name!r} parameters")
         for param in owned[name]:
             param.requires_grad_(True)
-        groups.append({"name": name, "params": owned[name], "lr": stage.optimizer.module_lr.get(name, stage.optimizer.lr)})
+        groups.append(
+            {"name": name, "params": owned[name], "lr": stage.optimizer.module_lr.get(name, stage.optimizer.lr)}
+        )
     return groups
 
 
@@ -74,5 +77,6 @@ def trainable_table(model, groups: list[dict]) -> str:
         rows.append((name, f"{count:,}", f"{trainable:,}", ", ".join(rates) or "frozen"))
     rows.append(("total", f"{total:,}", f"{trained:,} ({trained / max(total, 1):.2%})", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    return "\n".join("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows
+    )

@@ -6,6 +6,7 @@ mask [B,T] to tokens [B,N,D] and their validity [B,N]; a projector maps those to
 with their validity. Invalid tokens (frames a sample does not have) are never spliced into the
 text, and every sample's count of valid tokens is what the reader expands its placeholder to.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,8 +93,12 @@ class TemporalDifference(nn.Module):
         return torch.cat([mean(mask_BT), motion_BPD], 1), has_media_BP
 
 
-REDUCERS = {"none": KeepAllPatches, "valley": ValleyPooling, "spatial_pool2": SpatialPool2x2,
-            "temporal_diff": TemporalDifference}
+REDUCERS = {
+    "none": KeepAllPatches,
+    "valley": ValleyPooling,
+    "spatial_pool2": SpatialPool2x2,
+    "temporal_diff": TemporalDifference,
+}
 
 
 class LinearProjector(nn.Linear):
@@ -179,6 +184,7 @@ class SoftPrompt(nn.Module):
         batch, count = embeds_BLD.shape[0], self.embeddings.shape[0]
         embeds = torch.cat([self.embeddings[None].expand(batch, -1, -1).to(embeds_BLD.dtype), embeds_BLD], 1)
         mask = torch.cat([attention_mask_BL.new_ones(batch, count), attention_mask_BL], 1)
-        labels = None if labels_BL is None else torch.cat([labels_BL.new_full((batch, count), ignore_index),
-                                                            labels_BL], 1)
+        labels = (
+            None if labels_BL is None else torch.cat([labels_BL.new_full((batch, count), ignore_index), labels_BL], 1)
+        )
         return embeds, mask, labels

@@ -8,6 +8,7 @@ visual tokens into the text. A packed batch also holds position_ids restarting a
 the model then gives the LLM no attention mask and attention stays inside each
 sample (flash-attention's varlen kernels, or SDPA over each sample's span).
 """
+
 from __future__ import annotations
 
 import torch
@@ -57,17 +58,23 @@ def collate(samples: list[dict], pad_id: int, visual, pack_length: int | None = 
         start = 0
         for sample in row:
             n = len(sample["input_ids"])
-            input_ids[r, start: start + n] = torch.tensor(sample["input_ids"])
-            labels[r, start: start + n] = torch.tensor(sample["labels"])
-            attention_mask[r, start: start + n] = 1
-            position_ids[r, start: start + n] = torch.arange(n)
+            input_ids[r, start : start + n] = torch.tensor(sample["input_ids"])
+            labels[r, start : start + n] = torch.tensor(sample["labels"])
+            attention_mask[r, start : start + n] = 1
+            position_ids[r, start : start + n] = torch.arange(n)
             start += n
         position_ids[r, start:] = torch.arange(length - start)  # the padding is a sequence of its own
     ordered = [s for row in rows for s in row]
     frames, frame_mask = _frames(ordered, visual)
-    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "frames": frames,
-             "frame_mask": frame_mask, "lengths": torch.tensor([len(s["input_ids"]) for s in ordered]),
-             "keys": [s["key"] for s in ordered]}
+    batch = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "frames": frames,
+        "frame_mask": frame_mask,
+        "lengths": torch.tensor([len(s["input_ids"]) for s in ordered]),
+        "keys": [s["key"] for s in ordered],
+    }
     if pack_length:
         batch["position_ids"] = position_ids
     return batch

@@ -1,5 +1,6 @@
 """Read-time data health: skipped samples counted per reason and shard, and a stop when the
 skip rate passes the configured threshold, naming the shard that contributed most."""
+
 from __future__ import annotations
 
 import logging
@@ -64,11 +65,15 @@ class ReadHealth:
         raise TooManySkipped(
             f"{self.skipped} of {self.seen} samples read were skipped ({self.skipped / self.seen:.1%}), more than "
             f"data.max_skip_fraction {self.max_skip_fraction:.1%}; most in shard {worst} ({reasons}); "
-            f"run `valleyforge shards verify` on the data")
+            f"run `valleyforge shards verify` on the data"
+        )
 
     def state_dict(self) -> dict:
-        return {"seen": self.seen, "by_reason": dict(self.by_reason),
-                "by_shard": [[url, reason, n] for (url, reason), n in self.by_shard.items()]}
+        return {
+            "seen": self.seen,
+            "by_reason": dict(self.by_reason),
+            "by_shard": [[url, reason, n] for (url, reason), n in self.by_shard.items()],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.seen, self.by_reason = state["seen"], Counter(state["by_reason"])

@@ -10,6 +10,7 @@ Samples that cannot be used are skipped and counted by reason and shard; each ba
 the counts since the previous batch of its worker, and its stream's state after it, from which
 `ShardLoader.load_state_dict` resumes exactly.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,14 @@ from dataclasses import dataclass
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_shards.read.batching import collate
 from data_shards.config import DataSource, ReaderConfig, as_sources
 from data_shards.conversation import SampleError, Template, conversations_of, encode_conversation
 from data_shards.errors import ValleyForgeError
 from data_shards.frames import FrameSampling
 from data_shards.media import MEDIA_ERRORS, VisualSpec, decode_media
-from data_shards.read.sources import shard_urls
+from data_shards.read.batching import collate
 from data_shards.read.health import ReadHealth
+from data_shards.read.sources import shard_urls
 from data_shards.read.stream import SampleStream, ShardLists, StreamSetup
 from data_shards.read.tarstream import RawSample
 
@@ -38,6 +39,7 @@ SHARD_LEVEL_REASONS = ("corrupt tar member", "unreadable shard")
 @dataclass(frozen=True)
 class Topology:
     """Where this process sits: rank and world size of the training job."""
+
     rank: int = 0
     world_size: int = 1
 
@@ -47,8 +49,16 @@ class SampleDecoder:
     damaged media, a conversation the template cannot take. Anything else raised while decoding
     is a bug, and propagates."""
 
-    def __init__(self, tokenizer, template: Template, visual: VisualSpec, sampling: FrameSampling, max_length: int,
-                 seed: int, rejects: ReadHealth):
+    def __init__(
+        self,
+        tokenizer,
+        template: Template,
+        visual: VisualSpec,
+        sampling: FrameSampling,
+        max_length: int,
+        seed: int,
+        rejects: ReadHealth,
+    ):
         self.tokenizer, self.template, self.visual, self.sampling = tokenizer, template, visual, sampling
         self.max_length, self.seed, self.rejects = max_length, seed, rejects
 
@@ -69,14 +79,16 @@ class SampleDecoder:
         except MEDIA_ERRORS as err:  # a damaged or unsupported media member
             raise SampleError("undecodable media", f"{type(err).__name__}: {err}") from err
         conversations = conversations_of(raw.members, media_kind)
-        input_ids, labels = encode_conversation(self.tokenizer, self.template, conversations, media_kind,
-                                                self.visual.tokens, self.max_length)
+        input_ids, labels = encode_conversation(
+            self.tokenizer, self.template, conversations, media_kind, self.visual.tokens, self.max_length
+        )
         return {"key": raw.key, "input_ids": input_ids, "labels": labels, "pixels": pixels}
 
 
 @dataclass(frozen=True)
 class ReaderSetup:
     """Everything a rank's reader needs besides its position (plain data: it is sent to workers)."""
+
     data: ShardLists
     config: ReaderConfig
     tokenizer: object
@@ -121,14 +133,22 @@ class StreamDataset(IterableDataset):
 
     def _batches(self, stream_id: int, rejects: ReadHealth):
         setup, cfg = self.setup, self.setup.config
-        stream_setup = StreamSetup(setup.data, cfg.seed, shuffle=setup.train, stream=stream_id,
-                                   num_streams=setup.num_streams)
-        stream = SampleStream(stream_setup, cfg.mixing, cfg.shuffle_buffer if setup.train else 1,
-                              lambda err: rejects.reject(err.reason, err.url, str(err)), self.positions[stream_id])
-        sampling = FrameSampling(cfg.frame_sampling if setup.train else "uniform", setup.visual.num_frames,
-                                 cfg.sample_fps)
-        decoder = SampleDecoder(setup.tokenizer, setup.template, setup.visual, sampling, cfg.max_length, cfg.seed,
-                                rejects)
+        stream_setup = StreamSetup(
+            setup.data, cfg.seed, shuffle=setup.train, stream=stream_id, num_streams=setup.num_streams
+        )
+        stream = SampleStream(
+            stream_setup,
+            cfg.mixing,
+            cfg.shuffle_buffer if setup.train else 1,
+            lambda err: rejects.reject(err.reason, err.url, str(err)),
+            self.positions[stream_id],
+        )
+        sampling = FrameSampling(
+            cfg.frame_sampling if setup.train else "uniform", setup.visual.num_frames, cfg.sample_fps
+        )
+        decoder = SampleDecoder(
+            setup.tokenizer, setup.template, setup.visual, sampling, cfg.max_length, cfg.seed, rejects
+        )
         pending, seen = [], 0
         for raw in stream:
             seen += 1
@@ -137,14 +157,17 @@ class StreamDataset(IterableDataset):
                 continue
             pending.append(sample)
             if len(pending) == cfg.micro_batch_size:
-                batch = collate(pending, setup.tokenizer.pad_token_id, setup.visual,
-                                cfg.max_length if cfg.packing else None)
+                batch = collate(
+                    pending, setup.tokenizer.pad_token_id, setup.visual, cfg.max_length if cfg.packing else None
+                )
                 rejected, rejected_by_shard = rejects.drain()
                 # An unreadable shard or tar member counts once, on top of the samples read.
-                batch.update(seen=seen + sum(n for (_, reason), n in rejected_by_shard.items()
-                                             if reason in SHARD_LEVEL_REASONS),
-                             rejected=rejected, rejected_by_shard=rejected_by_shard,
-                             reader_state={"stream": stream_id, "position": stream.state()})
+                batch.update(
+                    seen=seen + sum(n for (_, reason), n in rejected_by_shard.items() if reason in SHARD_LEVEL_REASONS),
+                    rejected=rejected,
+                    rejected_by_shard=rejected_by_shard,
+                    reader_state={"stream": stream_id, "position": stream.state()},
+                )
                 pending, seen = [], 0
                 yield batch
 
@@ -163,14 +186,21 @@ class ShardLoader:
     def __init__(self, setup: ReaderSetup):
         num_streams, world = setup.num_streams, setup.topology.world_size
         if num_streams % world:
-            raise ValleyForgeError(f"{num_streams} data streams cannot be split over {world} ranks: the number of "
-                                   f"ranks must divide data.streams (fixed when the stage first starts)")
+            raise ValleyForgeError(
+                f"{num_streams} data streams cannot be split over {world} ranks: the number of "
+                f"ranks must divide data.streams (fixed when the stage first starts)"
+            )
         self.setup = setup
         self.streams = list(range(setup.topology.rank, num_streams, world))
         self.workers = loader_workers(len(self.streams), setup.config.num_workers)
         if self.workers < setup.config.num_workers:
-            log.warning("rank %d reads %d data streams: %d of data.num_workers %d DataLoader workers share them "
-                        "evenly", setup.topology.rank, len(self.streams), self.workers, setup.config.num_workers)
+            log.warning(
+                "rank %d reads %d data streams: %d of data.num_workers %d DataLoader workers share them evenly",
+                setup.topology.rank,
+                len(self.streams),
+                self.workers,
+                setup.config.num_workers,
+            )
         self.positions: dict[int, dict | None] = {stream: None for stream in self.streams}
         self.taken = 0  # batches this rank handed out
         self._batches = None
@@ -181,8 +211,9 @@ class ShardLoader:
     def __next__(self) -> dict:
         if self._batches is None:
             dataset = StreamDataset(self.setup, self.streams, dict(self.positions), self.taken % len(self.streams))
-            self._batches = iter(DataLoader(dataset, batch_size=None, num_workers=self.workers,
-                                            persistent_workers=self.workers > 0))
+            self._batches = iter(
+                DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=self.workers > 0)
+            )
         batch = next(self._batches)
         state = batch.pop("reader_state")
         assert state["stream"] == self.streams[self.taken % len(self.streams)], "batches out of stream order"
@@ -191,14 +222,21 @@ class ShardLoader:
         return batch
 
     def _fingerprint(self) -> dict:
-        return {"num_streams": self.setup.num_streams, "micro_batch_size": self.setup.config.micro_batch_size,
-                "sources": [list(urls) for urls in self.setup.data.shards], "seed": self.setup.config.seed}
+        return {
+            "num_streams": self.setup.num_streams,
+            "micro_batch_size": self.setup.config.micro_batch_size,
+            "sources": [list(urls) for urls in self.setup.data.shards],
+            "seed": self.setup.config.seed,
+        }
 
     def state_dict(self) -> dict:
         """This rank's part of the stage's reader state (its streams' positions)."""
-        return {"version": STATE_VERSION, **self._fingerprint(),
-                "consumed": self.taken * self.setup.topology.world_size,
-                "positions": {str(stream): position for stream, position in self.positions.items()}}
+        return {
+            "version": STATE_VERSION,
+            **self._fingerprint(),
+            "consumed": self.taken * self.setup.topology.world_size,
+            "positions": {str(stream): position for stream, position in self.positions.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from the stage's reader state (`merge_states` of every rank's), whatever the
@@ -206,22 +244,29 @@ class ShardLoader:
         if self._batches is not None:
             raise RuntimeError("load the reader state before reading the first batch")
         if state.get("version") != STATE_VERSION:
-            raise ValleyForgeError(f"reader state version {state.get('version')!r}, expected {STATE_VERSION} (a "
-                                   f"checkpoint of an older release: start the stage anew)")
+            raise ValleyForgeError(
+                f"reader state version {state.get('version')!r}, expected {STATE_VERSION} (a "
+                f"checkpoint of an older release: start the stage anew)"
+            )
         for field_name, value in self._fingerprint().items():
             if state.get(field_name) != value:
                 shown = value if field_name != "sources" else f"{sum(map(len, value))} shards"
-                raise ValleyForgeError(f"cannot resume the reader: its saved {field_name} differs from this run's "
-                                       f"({shown}); resume with the same data.seed, data.micro_batch_size and "
-                                       f"data sources")
+                raise ValleyForgeError(
+                    f"cannot resume the reader: its saved {field_name} differs from this run's "
+                    f"({shown}); resume with the same data.seed, data.micro_batch_size and "
+                    f"data sources"
+                )
         world = self.setup.topology.world_size
         if state["consumed"] % world:
-            raise ValleyForgeError(f"cannot resume the reader on {world} ranks: {state['consumed']} micro-batches "
-                                   f"were taken, not a whole number per rank")
+            raise ValleyForgeError(
+                f"cannot resume the reader on {world} ranks: {state['consumed']} micro-batches "
+                f"were taken, not a whole number per rank"
+            )
         missing = [stream for stream in self.streams if str(stream) not in state["positions"]]
         if missing:
-            raise ValueError(f"the reader state lacks data streams {missing}: resume from every rank's state "
-                             f"merged (merge_states)")
+            raise ValueError(
+                f"the reader state lacks data streams {missing}: resume from every rank's state merged (merge_states)"
+            )
         self.positions = {stream: state["positions"][str(stream)] for stream in self.streams}
         self.taken = state["consumed"] // world
 
@@ -238,21 +283,34 @@ def merge_states(states: list[dict]) -> dict:
 def shard_lists(data: str | list[DataSource]) -> ShardLists:
     """A stage's data (a split, shard URLs or a mixture) expanded to each source's shard URLs."""
     sources = as_sources(data)
-    return ShardLists(tuple(s.url for s in sources), tuple(s.weight for s in sources),
-                      tuple(tuple(shard_urls(s.url)) for s in sources))
+    return ShardLists(
+        tuple(s.url for s in sources),
+        tuple(s.weight for s in sources),
+        tuple(tuple(shard_urls(s.url)) for s in sources),
+    )
 
 
 def check_enough_shards(data: ShardLists, num_streams: int) -> None:
     """Every stream must get a shard of each source."""
     for name, shards in zip(data.names, data.shards):
         if len(shards) < num_streams:
-            raise ValleyForgeError(f"{name}: {len(shards)} shards cannot feed {num_streams} data streams "
-                                   f"(data.streams; by default cluster.num_workers x data.num_workers); write at "
-                                   f"least {num_streams} shards")
+            raise ValleyForgeError(
+                f"{name}: {len(shards)} shards cannot feed {num_streams} data streams "
+                f"(data.streams; by default cluster.num_workers x data.num_workers); write at "
+                f"least {num_streams} shards"
+            )
 
 
-def build_loader(data: ShardLists | str | list[DataSource], config: ReaderConfig, tokenizer, template: Template,
-                 visual: VisualSpec, topology: Topology, train: bool, num_streams: int | None = None) -> ShardLoader:
+def build_loader(
+    data: ShardLists | str | list[DataSource],
+    config: ReaderConfig,
+    tokenizer,
+    template: Template,
+    visual: VisualSpec,
+    topology: Topology,
+    train: bool,
+    num_streams: int | None = None,
+) -> ShardLoader:
     """Training reads shuffled (and mixed, when several sources); evaluation reads in order.
     Both repeat, so every rank can take the same number of batches whatever its share. `data`
     is expanded here unless it comes as the driver's ShardLists. `num_streams` defaults to one

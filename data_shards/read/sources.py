@@ -7,6 +7,7 @@ A spec is one of
 - `pipe:COMMAND` (the command writes one tar to stdout), braces allowed.
 Remote files are read through fsspec; ranges and globs resolve before training starts.
 """
+
 from __future__ import annotations
 
 import glob
@@ -39,7 +40,7 @@ def expand_braces(pattern: str) -> list[str]:
         if not match:
             return [pattern]
         options = match.group(1).split(",")
-    head, tail = pattern[: match.start()], pattern[match.end():]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
     return [url for option in options for url in expand_braces(head + option + tail)]
 
 
@@ -80,18 +81,25 @@ def shard_urls(spec: str) -> list[str]:
     if _is_manifest_spec(spec):
         return read_manifest(spec).urls
     if not spec.startswith("pipe:") and not is_remote(spec) and Path(spec).is_dir():
-        raise ValleyForgeError(f"{spec}: a directory without {MANIFEST_NAME}; name its shards with a glob "
-                               f"(e.g. {spec.rstrip('/')}/*.tar) or build it with `valleyforge shards build`")
-    urls = [u for pattern in expand_braces(spec) for u in (_expand_glob(pattern) if not pattern.startswith("pipe:")
-                                                            else [pattern])]
+        raise ValleyForgeError(
+            f"{spec}: a directory without {MANIFEST_NAME}; name its shards with a glob "
+            f"(e.g. {spec.rstrip('/')}/*.tar) or build it with `valleyforge shards build`"
+        )
+    urls = [
+        u
+        for pattern in expand_braces(spec)
+        for u in (_expand_glob(pattern) if not pattern.startswith("pipe:") else [pattern])
+    ]
     if not urls:
         raise ValleyForgeError(f"{spec}: matches no shards")
     for protocol in {u.split("://", 1)[0] for u in urls if is_remote(u)}:
         _remote(protocol, fsspec.get_filesystem_class)
     missing = [u for u in urls if not u.startswith("pipe:") and not is_remote(u) and not Path(u).is_file()]
     if missing == [spec]:
-        raise ValleyForgeError(f"{spec}: not found (expected a split directory holding {MANIFEST_NAME}, a shard "
-                               f"file, a glob or brace range of shards, or a URL)")
+        raise ValleyForgeError(
+            f"{spec}: not found (expected a split directory holding {MANIFEST_NAME}, a shard "
+            f"file, a glob or brace range of shards, or a URL)"
+        )
     if missing:
         raise ValleyForgeError(f"{spec}: {len(missing)} shard(s) not found, first {missing[0]}")
     return urls
@@ -139,7 +147,7 @@ def open_shard(url: str, offset: int = 0) -> BinaryIO:
     """A binary stream of `url` positioned at `offset`: seeks where the store allows it (files,
     object stores, HTTP with range requests), else reads forward (pipes, plain HTTP servers)."""
     if url.startswith("pipe:"):
-        return _skip(PipeReader(url[len("pipe:"):]), offset)
+        return _skip(PipeReader(url[len("pipe:") :]), offset)
     if not is_remote(url):
         stream = open(url.removeprefix("file://"), "rb")
         stream.seek(offset)

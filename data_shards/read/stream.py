@@ -10,6 +10,7 @@ byte offset), the mixture's and buffer's draw counts, and where each buffered sa
 Restoring reads the buffered samples back by offset and seeks each source to its byte
 offset; nothing before is replayed.
 """
+
 from __future__ import annotations
 
 import random
@@ -19,10 +20,12 @@ from typing import Callable, Iterator
 from data_shards.errors import ValleyForgeError
 from data_shards.read.tarstream import CorruptShard, RawSample, iter_samples, read_sample_at
 
+
 @dataclass(frozen=True)
 class ShardLists:
     """A stage's data expanded once, on the driver: per source its name, weight and shard URLs.
     Every rank splits these same lists, whatever its node sees of the store."""
+
     names: tuple[str, ...]
     weights: tuple[float, ...]
     shards: tuple[tuple[str, ...], ...]
@@ -31,6 +34,7 @@ class ShardLists:
 @dataclass(frozen=True)
 class StreamSetup:
     """What a stream reads: the shard lists, and which of the stage's streams it is."""
+
     data: ShardLists
     seed: int
     shuffle: bool
@@ -53,7 +57,7 @@ class SourceCursor:
         if self.setup.shuffle:
             random.Random(f"{self.setup.seed}-{self.index}-{epoch}").shuffle(urls)
         # never empty: reader.check_enough_shards made sure of a shard for every stream
-        return urls[self.setup.stream:: self.setup.num_streams]
+        return urls[self.setup.stream :: self.setup.num_streams]
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch, self.shard, self.offset, self.exhausted = epoch, 0, 0, False
@@ -92,8 +96,14 @@ class SourceCursor:
 class SampleStream:
     """Mixture of sources -> shuffle buffer, endless; `state()` between samples resumes it."""
 
-    def __init__(self, setup: StreamSetup, mixing: str, buffer_size: int, on_corrupt: Callable[[CorruptShard], None],
-                 state: dict | None = None):
+    def __init__(
+        self,
+        setup: StreamSetup,
+        mixing: str,
+        buffer_size: int,
+        on_corrupt: Callable[[CorruptShard], None],
+        state: dict | None = None,
+    ):
         self.setup, self.mixing, self.buffer_size = setup, mixing, buffer_size
         self.cursors = [SourceCursor(setup, i, on_corrupt) for i in range(len(setup.data.shards))]
         self.epoch, self.draws, self.pops = 0, 0, 0
@@ -123,8 +133,10 @@ class SampleStream:
             cursor.start_epoch(cursor.epoch + 1)
             sample = cursor.read()
         if sample is None:
-            raise ValleyForgeError(f"source {self.setup.data.names[cursor.index]!r} has no readable sample in "
-                                   f"data stream {self.setup.stream} of {self.setup.num_streams}")
+            raise ValleyForgeError(
+                f"source {self.setup.data.names[cursor.index]!r} has no readable sample in "
+                f"data stream {self.setup.stream} of {self.setup.num_streams}"
+            )
         return sample
 
     def _next_by_epoch(self) -> RawSample:
@@ -139,8 +151,10 @@ class SampleStream:
                 continue
             empty_epochs += 1
             if empty_epochs > 1:
-                raise ValleyForgeError(f"no readable sample in a whole epoch of data stream {self.setup.stream} of "
-                                       f"{self.setup.num_streams} (sources {list(self.setup.data.names)})")
+                raise ValleyForgeError(
+                    f"no readable sample in a whole epoch of data stream {self.setup.stream} of "
+                    f"{self.setup.num_streams} (sources {list(self.setup.data.names)})"
+                )
             self.epoch += 1
             for cursor in self.cursors:
                 cursor.start_epoch(self.epoch)
@@ -160,9 +174,13 @@ class SampleStream:
             yield self.buffer.pop()
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "draws": self.draws, "pops": self.pops,
-                "sources": [c.state() for c in self.cursors],
-                "buffer": [[s.url, s.offset, s.epoch] for s in self.buffer]}
+        return {
+            "epoch": self.epoch,
+            "draws": self.draws,
+            "pops": self.pops,
+            "sources": [c.state() for c in self.cursors],
+            "buffer": [[s.url, s.offset, s.epoch] for s in self.buffer],
+        }
 
 
 # data.mixing: how a stream interleaves its sources

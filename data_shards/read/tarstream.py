@@ -5,6 +5,7 @@ included: `clips/0001.mp4` and `clips/0001.json` form sample `clips/0001`). Ever
 carries the byte offset of its first member, so a reader can start again at any sample, or
 re-read one sample, without going through the members before it.
 """
+
 from __future__ import annotations
 
 import tarfile
@@ -18,10 +19,10 @@ from data_shards.read.sources import open_shard
 class RawSample:
     url: str
     key: str
-    offset: int                 # byte offset of the sample's first member in the tar
-    next_offset: int            # where the next sample starts
+    offset: int  # byte offset of the sample's first member in the tar
+    next_offset: int  # where the next sample starts
     members: dict[str, bytes] = field(default_factory=dict)  # extension -> bytes
-    epoch: int = 0              # the reader's epoch when it read the sample
+    epoch: int = 0  # the reader's epoch when it read the sample
 
 
 class CorruptShard(Exception):

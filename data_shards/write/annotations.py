@@ -9,6 +9,7 @@ Formats (by extension):
 A line that is not JSON or not UTF-8 still becomes a record, carrying its error, so every
 input sample is either written or rejected with a reason.
 """
+
 from __future__ import annotations
 
 import csv
@@ -26,10 +27,10 @@ _SURROGATE = re.compile("[\udc80-\udcff]")
 
 @dataclass
 class Record:
-    index: int                 # position among all input samples
-    source: str                # "file:line" (or "file:#item" for a JSON list)
+    index: int  # position among all input samples
+    source: str  # "file:line" (or "file:#item" for a JSON list)
     fields: dict = field(default_factory=dict)
-    error: tuple[str, str] | None = None   # (reason, detail) when the record is already unusable
+    error: tuple[str, str] | None = None  # (reason, detail) when the record is already unusable
 
     @property
     def id(self) -> str:
@@ -81,8 +82,10 @@ def _read_json_list(path: Path, start: int) -> list[Record]:
     try:
         items = json.loads(_read_text(path))
     except json.JSONDecodeError as err:
-        raise ValleyForgeError(f"{path}: not valid JSON ({err}); a JSON file must hold one list of samples "
-                               f"(write JSONL to keep the good lines of a damaged file)") from err
+        raise ValleyForgeError(
+            f"{path}: not valid JSON ({err}); a JSON file must hold one list of samples "
+            f"(write JSONL to keep the good lines of a damaged file)"
+        ) from err
     if not isinstance(items, list):
         raise ValleyForgeError(f"{path}: expected a JSON list of samples, found {type(items).__name__}")
     return [_checked(start + i, f"{path}:#{i}", item) for i, item in enumerate(items)]
@@ -107,8 +110,9 @@ def _read_csv(path: Path, start: int) -> list[Record]:
     columns = reader.fieldnames or []
     media = next((c for c in MEDIA_COLUMNS if c in columns), None)
     if media is None or "caption" not in columns:
-        raise ValleyForgeError(f"{path}: a caption table needs a header with `caption` and one of "
-                               f"{list(MEDIA_COLUMNS)}; found {columns}")
+        raise ValleyForgeError(
+            f"{path}: a caption table needs a header with `caption` and one of {list(MEDIA_COLUMNS)}; found {columns}"
+        )
     records = []
     for row in reader:
         fields = {k: v for k, v in row.items() if k is not None}

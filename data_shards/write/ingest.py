@@ -6,6 +6,7 @@ placeholder per medium and none without media; not over the token limit; the med
 exists, is not empty and decodes (a video needs frames). Then the media is optionally
 transcoded and the sample assembled: `{key}.mp4|.webm|...|.jpg` + `{key}.json`.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,11 +18,11 @@ from typing import Callable
 
 from PIL import Image
 
-from data_shards.write.annotations import Record
 from data_shards.conversation import PLACEHOLDERS, TEMPLATES, SampleError, render_segments
-from data_shards.write.transcode import TranscodeOptions, shrink_image, transcode_video
 from data_shards.frames import NoFrames, decode_at, index_video
 from data_shards.media import IMAGE_EXTS, MEDIA_ERRORS, VIDEO_EXTS, media_kind
+from data_shards.write.annotations import Record
+from data_shards.write.transcode import TranscodeOptions, shrink_image, transcode_video
 
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 _PLACEHOLDER_RE = re.compile("|".join(map(re.escape, PLACEHOLDERS)))
@@ -58,20 +59,25 @@ def conversation_of(fields: dict, media_kind: str | None) -> list[dict]:
     """The record's turns, roles normalised to human/gpt; a caption becomes one exchange."""
     if "conversations" in fields:
         turns = fields["conversations"]
-        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
-                                                  for t in turns):
+        if not isinstance(turns, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns
+        ):
             raise Rejected("bad conversation", "conversations must be a list of {from, value} objects")
-        return [{"from": ROLE_ALIASES.get(str(t.get("from")).lower(), t.get("from")), "value": t["value"]}
-                for t in turns]
+        return [
+            {"from": ROLE_ALIASES.get(str(t.get("from")).lower(), t.get("from")), "value": t["value"]} for t in turns
+        ]
     caption = fields.get("caption")
     if not isinstance(caption, str) or not caption.strip():
         raise Rejected("no text", "neither conversations nor a caption")
-    return [{"from": "human", "value": f"<{media_kind}>" if media_kind else ""},
-            {"from": "gpt", "value": caption.strip()}]
+    return [
+        {"from": "human", "value": f"<{media_kind}>" if media_kind else ""},
+        {"from": "gpt", "value": caption.strip()},
+    ]
 
 
-def check_conversation(turns: list[dict], media_kind: str | None, count_tokens: Callable[[str], int],
-                       max_tokens: int) -> None:
+def check_conversation(
+    turns: list[dict], media_kind: str | None, count_tokens: Callable[[str], int], max_tokens: int
+) -> None:
     if not any(t["from"] == "gpt" for t in turns):
         raise Rejected("no assistant turn", f"{len(turns)} turn(s), none from gpt")
     try:

@@ -12,6 +12,7 @@ from one build to the next.
     OUT/rejects.jsonl             one line per rejected input sample: source, id, reason, detail
     OUT/manifest.json             shards, counts, bytes, sha256, source statistics, reject counts
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_shards.errors import ValleyForgeError
-from data_shards.write.annotations import Record, read_records
-from data_shards.write.ingest import IngestOptions, Rejected, ingest
 from data_shards.manifest import ShardEntry, sha256_file, write_manifest
 from data_shards.tokenizer import token_counter
+from data_shards.write.annotations import Record, read_records
+from data_shards.write.ingest import IngestOptions, Rejected, ingest
 from data_shards.write.writer import tar_bytes, tar_file_bytes, write_shard
 
 STATE_DIR = ".build"
@@ -93,20 +94,28 @@ def _build_chunk_job(args) -> dict:
 
 
 def _fingerprint(annotations: list[str], options: BuildOptions, num_records: int) -> dict:
-    return {"annotations": [[str(Path(a).absolute()), sha256_file(Path(a))] for a in annotations],
-            "options": asdict(options), "num_records": num_records}
+    return {
+        "annotations": [[str(Path(a).absolute()), sha256_file(Path(a))] for a in annotations],
+        "options": asdict(options),
+        "num_records": num_records,
+    }
 
 
 def _statistics(stats: list[dict]) -> dict:
     kinds = Counter(s["kind"] for s in stats)
     seconds = [s["seconds"] for s in stats if "seconds" in s]
-    return {"samples_by_kind": dict(kinds), "video_seconds_total": round(sum(seconds), 3),
-            "video_seconds_mean": round(sum(seconds) / len(seconds), 3) if seconds else 0.0,
-            "media_bytes_in": sum(s["bytes_in"] for s in stats), "sample_bytes_out": sum(s["bytes_out"] for s in stats)}
+    return {
+        "samples_by_kind": dict(kinds),
+        "video_seconds_total": round(sum(seconds), 3),
+        "video_seconds_mean": round(sum(seconds) / len(seconds), 3) if seconds else 0.0,
+        "media_bytes_in": sum(s["bytes_in"] for s in stats),
+        "sample_bytes_out": sum(s["bytes_out"] for s in stats),
+    }
 
 
-def build_shards(annotations: list[str], out: str | Path, options: BuildOptions, workers: int = 1,
-                 show_progress: bool = True) -> BuildSummary:
+def build_shards(
+    annotations: list[str], out: str | Path, options: BuildOptions, workers: int = 1, show_progress: bool = True
+) -> BuildSummary:
     out = Path(out)
     records = read_records(annotations)
     if not records:
@@ -116,17 +125,20 @@ def build_shards(annotations: list[str], out: str | Path, options: BuildOptions,
     fingerprint = _fingerprint(annotations, options, len(records))  # what this build is of
     fingerprint_file = state_dir / "fingerprint.json"
     if fingerprint_file.is_file() and json.loads(fingerprint_file.read_text()) != json.loads(json.dumps(fingerprint)):
-        raise ValleyForgeError(f"{out}: holds a build of other annotations or options; resume it with the same "
-                               f"command, or build into an empty --out")
+        raise ValleyForgeError(
+            f"{out}: holds a build of other annotations or options; resume it with the same "
+            f"command, or build into an empty --out"
+        )
     _write_json_atomic(fingerprint_file, fingerprint)
 
     size = options.samples_per_shard
-    chunks = [records[i: i + size] for i in range(0, len(records), size)]
+    chunks = [records[i : i + size] for i in range(0, len(records), size)]
     done_files = {i: state_dir / f"chunk-{i:06d}.json" for i in range(len(chunks))}
     pending = [i for i in range(len(chunks)) if not done_files[i].is_file()]
     jobs = [(i, chunks[i], out, options) for i in pending]
-    with tqdm(total=sum(len(chunks[i]) for i in pending), unit="sample", desc=f"building {out}",
-              disable=not show_progress) as bar:
+    with tqdm(
+        total=sum(len(chunks[i]) for i in pending), unit="sample", desc=f"building {out}", disable=not show_progress
+    ) as bar:
         if workers > 1 and len(jobs) > 1:
             with get_context("fork").Pool(min(workers, len(jobs))) as pool:
                 for done in pool.imap_unordered(_build_chunk_job, jobs):
@@ -134,12 +146,19 @@ def build_shards(annotations: list[str], out: str | Path, options: BuildOptions,
         else:
             for job in jobs:
                 bar.update(build_chunk(*job)["records"])
-    return _finish(out, [json.loads(done_files[i].read_text()) for i in range(len(chunks))], len(records),
-                   annotations, options, skipped=len(chunks) - len(pending))
+    return _finish(
+        out,
+        [json.loads(done_files[i].read_text()) for i in range(len(chunks))],
+        len(records),
+        annotations,
+        options,
+        skipped=len(chunks) - len(pending),
+    )
 
 
-def _finish(out: Path, done: list[dict], num_input: int, annotations: list[str], options: BuildOptions,
-            skipped: int) -> BuildSummary:
+def _finish(
+    out: Path, done: list[dict], num_input: int, annotations: list[str], options: BuildOptions, skipped: int
+) -> BuildSummary:
     """rejects.jsonl, then the manifest (last: its presence means the build is complete)."""
     shards = [ShardEntry(**s) for d in done for s in d["shards"]]
     rejects = [r for d in done for r in d["rejects"]]
@@ -151,8 +170,16 @@ def _finish(out: Path, done: list[dict], num_input: int, annotations: list[str],
     assert written + len(rejects) == num_input, "every input sample is written or rejected"
     reject_counts = dict(sorted(Counter(r["reason"] for r in rejects).items()))
     statistics = _statistics(stats)
-    write_manifest(out, shards, {
-        "source": {"annotations": [str(a) for a in annotations], "media_root": options.ingest.media_root},
-        "build_options": asdict(options), "num_input_samples": num_input, "num_rejected": len(rejects),
-        "rejects": reject_counts, "source_statistics": statistics})
+    write_manifest(
+        out,
+        shards,
+        {
+            "source": {"annotations": [str(a) for a in annotations], "media_root": options.ingest.media_root},
+            "build_options": asdict(options),
+            "num_input_samples": num_input,
+            "num_rejected": len(rejects),
+            "rejects": reject_counts,
+            "source_statistics": statistics,
+        },
+    )
     return BuildSummary(out, num_input, written, reject_counts, len(shards), skipped, statistics)

@@ -5,6 +5,7 @@ stage-2 (instruct) samples are multi-turn conversations about a clip, with a few
 and text-only conversations mixed in. Held-out samples carry `probes`: one question per
 attribute with its answer and choices, which evaluation asks and scores.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,15 +30,21 @@ QUESTIONS = {
 }
 DESCRIBE = ("describe the video .", "a {colour} {shape} moving {direction} .")
 DESCRIBE_IMAGE = ("describe the image .", "a {colour} {shape} .")
-CAPTIONS = ("a {colour} {shape} moving {direction} .", "the {colour} {shape} moves {direction} .",
-            "a {colour} {shape} goes {direction} .")
+CAPTIONS = (
+    "a {colour} {shape} moving {direction} .",
+    "the {colour} {shape} moves {direction} .",
+    "a {colour} {shape} goes {direction} .",
+)
 IMAGE_CAPTIONS = ("a {colour} {shape} .", "the {colour} {shape} .")
 TEXT_ONLY = (
-    ("what is the opposite of left ?", "right ."), ("what is the opposite of right ?", "left ."),
-    ("what is the opposite of up ?", "down ."), ("what is the opposite of down ?", "up ."),
+    ("what is the opposite of left ?", "right ."),
+    ("what is the opposite of right ?", "left ."),
+    ("what is the opposite of up ?", "down ."),
+    ("what is the opposite of down ?", "up ."),
     ("how many sides does a square have ?", "four ."),
     ("how many sides does a triangle have ?", "three ."),
-    ("does a circle have corners ?", "no ."), ("does a square have corners ?", "yes ."),
+    ("does a circle have corners ?", "no ."),
+    ("does a square have corners ?", "yes ."),
 )
 ATTRIBUTE_CHOICES = {"colour": list(COLOURS), "shape": list(SHAPES), "direction": list(DIRECTIONS)}
 
@@ -62,8 +69,9 @@ def draw_shape(size: int, shape: str, cx: float, cy: float, radius: float) -> np
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def render_clip(rng: np.random.Generator, spec: SynthSpec, colour: str, shape: str,
-                direction: str | None) -> np.ndarray:
+def render_clip(
+    rng: np.random.Generator, spec: SynthSpec, colour: str, shape: str, direction: str | None
+) -> np.ndarray:
     """uint8 frames [T,H,W,3]; `direction=None` renders a still (one frame)."""
     size = spec.frame_size
     radius = rng.uniform(0.2, 0.27) * size
@@ -95,8 +103,11 @@ def _turns(pairs: list[tuple[str, str]], placeholder: str | None) -> list[dict]:
 def make_sample(index: int, seed: int, kind: str, spec: SynthSpec, with_probes: bool) -> dict[str, bytes]:
     """One sample of `kind` (caption | conversation | image_caption | image_conversation | text)."""
     rng = np.random.default_rng([seed, index])
-    attrs = {"colour": str(rng.choice(list(COLOURS))), "shape": str(rng.choice(SHAPES)),
-             "direction": str(rng.choice(list(DIRECTIONS)))}
+    attrs = {
+        "colour": str(rng.choice(list(COLOURS))),
+        "shape": str(rng.choice(SHAPES)),
+        "direction": str(rng.choice(list(DIRECTIONS))),
+    }
     sample: dict[str, bytes] = {"__key__": f"{kind}-{index:07d}"}
     body: dict = {}
     if kind == "text":
@@ -113,8 +124,9 @@ def make_sample(index: int, seed: int, kind: str, spec: SynthSpec, with_probes: 
             order = rng.permutation(len(asked))[: int(rng.integers(1, 4))]
             body["conversations"] = _turns([(asked[i][0], asked[i][1].format(**attrs)) for i in order], "<image>")
     else:
-        sample["mp4"] = encode_mp4(render_clip(rng, spec, attrs["colour"], attrs["shape"], attrs["direction"]),
-                                   fps=spec.fps)
+        sample["mp4"] = encode_mp4(
+            render_clip(rng, spec, attrs["colour"], attrs["shape"], attrs["direction"]), fps=spec.fps
+        )
         if kind == "caption":
             body["conversations"] = _turns([("", str(rng.choice(CAPTIONS)).format(**attrs))], "<video>")
         else:
@@ -124,8 +136,10 @@ def make_sample(index: int, seed: int, kind: str, spec: SynthSpec, with_probes: 
     if kind in ("caption", "conversation"):
         body["attributes"] = attrs
         if with_probes:
-            body["probes"] = [{"attribute": a, "question": QUESTIONS[a][0], "answer": attrs[a],
-                               "choices": ATTRIBUTE_CHOICES[a]} for a in QUESTIONS]
+            body["probes"] = [
+                {"attribute": a, "question": QUESTIONS[a][0], "answer": attrs[a], "choices": ATTRIBUTE_CHOICES[a]}
+                for a in QUESTIONS
+            ]
     # A caption has no question: the human turn is the placeholder alone.
     for turn in body["conversations"]:
         turn["value"] = turn["value"].strip()
@@ -147,13 +161,23 @@ def _make(args) -> dict[str, bytes]:
     return make_sample(*args)
 
 
-def write_split(directory: Path, stage: str, num_samples: int, seed: int, spec: SynthSpec,
-                samples_per_shard: int, heldout: bool, processes: int = 2) -> Path:
+def write_split(
+    directory: Path,
+    stage: str,
+    num_samples: int,
+    seed: int,
+    spec: SynthSpec,
+    samples_per_shard: int,
+    heldout: bool,
+    processes: int = 2,
+) -> Path:
     """Write one split; held-out splits are video-only and carry probes for evaluation."""
-    kinds = ["caption" if stage == "captions" else "conversation"] * num_samples if heldout \
+    kinds = (
+        ["caption" if stage == "captions" else "conversation"] * num_samples
+        if heldout
         else _sample_kinds(num_samples, stage, seed)
-    writer = SplitWriter(directory, samples_per_shard,
-                         {"source": f"synthetic moving shapes ({stage})", "seed": seed})
+    )
+    writer = SplitWriter(directory, samples_per_shard, {"source": f"synthetic moving shapes ({stage})", "seed": seed})
     jobs = [(i, seed, kind, spec, heldout) for i, kind in enumerate(kinds)]
     with Pool(processes) as pool:
         for sample in pool.imap(_make, jobs, chunksize=16):
@@ -171,9 +195,16 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def write_synthetic_dataset(out: Path, train_samples: int, heldout_samples: int, seed: int = 0,
-                            samples_per_shard: int = 128, spec: SynthSpec = SynthSpec(),
-                            progress=print, processes: int = 2) -> dict[str, Path]:
+def write_synthetic_dataset(
+    out: Path,
+    train_samples: int,
+    heldout_samples: int,
+    seed: int = 0,
+    samples_per_shard: int = 128,
+    spec: SynthSpec = SynthSpec(),
+    progress=print,
+    processes: int = 2,
+) -> dict[str, Path]:
     """Write captions/{train,heldout} and instruct/{train,heldout} splits plus vocab.txt."""
     out = Path(out)
     splits = {}
@@ -184,7 +215,8 @@ def write_synthetic_dataset(out: Path, train_samples: int, heldout_samples: int,
             # Small splits still get several shards, so every rank and loader worker has some.
             per_shard = min(samples_per_shard, max(1, count // 8))
             progress(f"writing {count} {stage}/{split} samples to {directory}")
-            splits[f"{stage}/{split}"] = write_split(directory, stage, count, split_seed, spec,
-                                                     per_shard, heldout, processes)
+            splits[f"{stage}/{split}"] = write_split(
+                directory, stage, count, split_seed, spec, per_shard, heldout, processes
+            )
     (out / "vocab.txt").write_text("\n".join(vocabulary()) + "\n")
     return splits

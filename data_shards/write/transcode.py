@@ -5,6 +5,7 @@ cap the duration, and encode H.264 with a short keyframe interval, so that the r
 keyframe seeks land close to the frames it wants. Images: scale down to a maximum side.
 Both are deterministic (one encoder thread, fixed GOP), so shards stay byte-reproducible.
 """
+
 from __future__ import annotations
 
 import io
@@ -20,11 +21,11 @@ from data_shards.media import encode_mp4
 
 @dataclass(frozen=True)
 class TranscodeOptions:
-    video_size: int | None = None        # short side in pixels; None keeps the source size
-    video_fps: float | None = None       # frames per second kept; None keeps the source rate
-    keyframe_interval: int = 8           # frames between keyframes of the re-encoded video
-    max_seconds: float | None = None     # longer videos are cut
-    image_max_side: int | None = None    # larger images are scaled down (JPEG)
+    video_size: int | None = None  # short side in pixels; None keeps the source size
+    video_fps: float | None = None  # frames per second kept; None keeps the source rate
+    keyframe_interval: int = 8  # frames between keyframes of the re-encoded video
+    max_seconds: float | None = None  # longer videos are cut
+    image_max_side: int | None = None  # larger images are scaled down (JPEG)
 
     @property
     def transcodes_video(self) -> bool:
@@ -64,8 +65,13 @@ def transcode_video(data: bytes, options: TranscodeOptions) -> tuple[bytes, dict
     out_fps = max(1, round(fps))
     encoded = encode_mp4(np.stack(frames), fps=out_fps, keyframe_interval=options.keyframe_interval)
     height, width = frames[0].shape[:2]
-    return encoded, {"frames": len(frames), "fps": out_fps, "width": width, "height": height,
-                     "seconds": len(frames) / out_fps}
+    return encoded, {
+        "frames": len(frames),
+        "fps": out_fps,
+        "width": width,
+        "height": height,
+        "seconds": len(frames) / out_fps,
+    }
 
 
 def shrink_image(data: bytes, max_side: int) -> tuple[bytes, str, tuple[int, int]]:

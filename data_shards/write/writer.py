@@ -1,4 +1,5 @@
 """Write samples into webdataset tar shards, atomically, and the split's manifest last."""
+
 from __future__ import annotations
 
 import io
