@@ -4,7 +4,9 @@ import json
 
 import pytest
 
-from trainer.checkpoint import COMPLETE, prune
+from data_shards.errors import ValleyForgeError
+from trainer.checkpoint import COMPLETE, LAYOUT, Checkpointer, ResumePoint, prune
+from trainer.layout import BatchLayout
 from trainer.storage import Storage
 
 pytestmark = pytest.mark.unit
@@ -28,3 +30,15 @@ def test_prune_keeps_the_lowest_eval_loss_for_register_best(tmp_path):
         storage.write_text(f"step-{step:08d}/{COMPLETE}", json.dumps({"step": step, "eval/loss": eval_loss}))
     assert prune(storage, keep=2, keep_best=True) == ["step-00000001", "step-00000003"]
     assert storage.folders() == ["step-00000002", "step-00000004", "step-00000005"]
+
+
+def test_a_checkpoint_without_parts_is_refused_as_an_older_release(tmp_path):
+    """A tag written before the checkpointer kept its parts in parts.pt (reader.pt and rank-N.pt)
+    is named as an older release's, not as storage this rank cannot see."""
+    storage = Storage(str(tmp_path))
+    layout = BatchLayout(world_size=1, streams=2, micro_batches_per_step=2, micro_batch_size=4)
+    for name in ("reader.pt", "rank-0.pt", LAYOUT):
+        storage.write_text(f"step-00000002/{name}", layout.to_json())
+    checkpointer = Checkpointer(storage, every=1, engine=None, parts={}, layout=layout)
+    with pytest.raises(ValleyForgeError, match="no parts.pt; a checkpoint of an older release cannot be resumed"):
+        checkpointer.restore(ResumePoint(storage, "step-00000002", layout))

@@ -221,6 +221,11 @@ class Checkpointer:
             return 0
         storage, tag = point.storage, point.tag
         blind = [r for r, missing in enumerate(gather(not storage.exists(f"{tag}/{PARTS}"))) if missing]
+        if 0 in blind:  # rank 0 read the tag's layout there
+            raise ValleyForgeError(
+                f"{point.url}: no {PARTS}; a checkpoint of an older release cannot be resumed: start the stage "
+                f"anew (valleyforge run --restart)"
+            )
         if blind:
             raise ValleyForgeError(
                 f"{point.url}: rank(s) {blind} cannot read the checkpoint rank 0 resumes from; every "
