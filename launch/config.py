@@ -53,6 +53,11 @@ class ClusterConfig(Strict):
     peak_flops_per_device: float | None = Field(
         None, gt=0, description="peak FLOP/s of one device for MFU; unset: known GPUs from a table"
     )
+    checkpoint_sources: list[str] = Field(
+        [],
+        description="storage folders (URLs or paths), besides this job's cluster.storage, whose recorded "
+        "checkpoints a stage may start (init_from) or resume (resume_from) from",
+    )
 
     @model_validator(mode="after")
     def _worker_range(self):
@@ -226,7 +231,10 @@ class JobConfig(Strict):
             for s in self.stages
         ]
         evaluation = self.evaluation and self.evaluation.model_copy(update={"data": absolute(self.evaluation.data)})
-        return self.model_copy(update={"model": model, "stages": stages, "evaluation": evaluation})
+        cluster = self.cluster.model_copy(
+            update={"checkpoint_sources": [absolute(source) for source in self.cluster.checkpoint_sources]}
+        )
+        return self.model_copy(update={"model": model, "stages": stages, "evaluation": evaluation, "cluster": cluster})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

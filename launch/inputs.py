@@ -84,16 +84,36 @@ def stage_start(client: MlflowClient, stage: StageConfig, previous_model: str | 
     return StageStart(str(Path(source).absolute()), source)
 
 
+def checkpoint_to_load(client: MlflowClient, cfg: JobConfig, uri: str) -> Storage:
+    """Where the recorded checkpoint `uri` (models:/m-...) lies, refused unless under the job's
+    cluster.storage or one of cluster.checkpoint_sources: a record in the tracking store does not
+    make a folder one this job may load (DeepSpeed unpickles checkpoint files in full)."""
+    location = checkpoint_location(client, uri)
+    roots = [cfg.resolved_storage(), *cfg.cluster.checkpoint_sources]
+    if not any(is_under(location, root) for root in roots):
+        raise ValleyForgeError(
+            f"{uri}: its files lie at {location}, outside cluster.storage ({roots[0]}); add that folder to "
+            f"cluster.checkpoint_sources to load checkpoints from it"
+        )
+    return Storage(location)
+
+
+def is_under(location: str, root: str) -> bool:
+    """Whether the URL or absolute path `location` names something inside the folder `root`."""
+    if ".." in location.split("/"):
+        return False
+    return location.rstrip("/").startswith(root.rstrip("/") + "/")
+
+
 def put_start_in_storage(
-    client: MlflowClient, tracking_uri: str, storage: Storage, stage_name: str, source: str
+    client: MlflowClient, cfg: JobConfig, tracking_uri: str, storage: Storage, stage_name: str, source: str
 ) -> Storage:
     """The stage's starting export, put into storage once for every worker: from the registry
     (downloaded here, the only MLflow client), a recorded checkpoint (made into an export here)
     or a folder on this machine."""
     target = storage.child("inits", stage_name)
     if is_checkpoint_uri(source):
-        with Storage(checkpoint_location(client, source)).fetched() as folder:
-            export_checkpoint(folder, target)
+        export_checkpoint(checkpoint_to_load(client, cfg, source), target)
         return target
     with tempfile.TemporaryDirectory(prefix="valleyforge-init-") as tmp:
         target.upload(fetch_model(source, tracking_uri, Path(tmp) / "export"))

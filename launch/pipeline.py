@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 
 from data_shards.config import as_sources
 from data_shards.read.sources import data_digest
-from launch.checkpoint_registry import CheckpointRegistry, checkpoint_location
+from launch.checkpoint_registry import CheckpointRegistry
 from launch.config import JobConfig, save_resolved
-from launch.inputs import put_start_in_storage, resolve_inputs, stage_job, stage_start
+from launch.inputs import checkpoint_to_load, put_start_in_storage, resolve_inputs, stage_job, stage_start
 from launch.progress import ProgressLine
 from launch.stage_on_ray import start_ray, train_on_ray
 from launch.stage_registry import RegisteredStage, StageRegistry, registration_tags
@@ -107,17 +107,17 @@ class Pipeline:
             if reuse
             else None
         )
+        resume_url = checkpoint_to_load(self.client, self.cfg, stage.resume_from).url if stage.resume_from else None
         with mlflow.start_run(run_id=continued, run_name=stage.name, nested=True, tags=stage_tags) as run:
             if continued:
                 self.console(f"[{stage.name}] continuing stage run {continued}")
             else:
                 mlflow.log_params({**_flatten(stage.model_dump(mode="json"), "stage"), "init_from": start.description})
             init = (
-                put_start_in_storage(self.client, self.tracking_uri, self.storage, stage.name, start.source)
+                put_start_in_storage(self.client, self.cfg, self.tracking_uri, self.storage, stage.name, start.source)
                 if start.source
                 else None
             )
-            resume_url = checkpoint_location(self.client, stage.resume_from) if stage.resume_from else None
             job = stage_job(self.cfg, index, stage, self.shards[stage.name], self.storage, init, resume_url)
             export_url, chosen = self.train(job, run.info.run_id)
             with Storage(export_url).fetched() as folder:

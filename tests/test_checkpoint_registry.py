@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 from test_worker_loss import one_stage
 
+from data_shards.errors import ValleyForgeError
 from launch.checkpoint_registry import KEPT, REMOVED, recorded_checkpoints
 from launch.pipeline import Pipeline
 
@@ -83,11 +84,17 @@ def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(
     assert len(marked) == 1 and marked[0].split()[0] == str(best) and f"models:/{held.model_id}" in marked[0]
     assert f"{first.model_name} version 1 (lowest eval/loss)" in marked[0]
 
-    # Another run continues from a recorded checkpoint: step STEPS as the first run trained it.
+    # Another run continues from a recorded checkpoint: step STEPS as the first run trained it. Its
+    # files lie in the first job's storage: loaded only once the config names that folder.
     source = next(m for m in records if int(m.params["step"]) == STEPS - 1)
+    resume = f"stages.pretrain.resume_from=models:/{source.model_id}"
+    with pytest.raises(
+        ValleyForgeError, match="outside cluster.storage .* add that folder to cluster.checkpoint_sources"
+    ):
+        Pipeline(best_stage(synth_data, tmp_path / "refused", "refused", resume), console=lambda _: None).run()
+    first_storage = f"cluster.checkpoint_sources=[{tmp_path / 'a'}]"
     (second,) = Pipeline(
-        best_stage(synth_data, tmp_path / "b", "resumed", f"stages.pretrain.resume_from=models:/{source.model_id}"),
-        console=lambda _: None,
+        best_stage(synth_data, tmp_path / "b", "resumed", resume, first_storage), console=lambda _: None
     ).run()
     first_losses = {m.step: m.value for m in client.get_metric_history(first.run_id, "train/loss")}
     second_losses = {m.step: m.value for m in client.get_metric_history(second.run_id, "train/loss")}
@@ -105,6 +112,7 @@ def test_checkpoints_are_recorded_listed_registered_by_eval_loss_and_resumable(
             "stages.pretrain.trainable=[llm]",
             "stages.pretrain.steps=1",
             f"stages.pretrain.init_from=models:/{held.model_id}",
+            first_storage,
         ),
         console=lambda _: None,
     ).run()

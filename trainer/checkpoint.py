@@ -33,7 +33,8 @@ from typing import Callable, Protocol
 import torch
 
 from data_shards.errors import ValleyForgeError
-from trainer.checkpoint_universal import ensure_universal, universal_loading
+from trainer.checkpoint_integrity import FileList, check_files, files_under, list_files
+from trainer.checkpoint_universal import CONVERTED, ensure_universal, universal_loading
 from trainer.layout import BatchLayout, describe_change
 from trainer.ranks import barrier, from_rank0, gather, rank, world_size
 from trainer.storage import Storage
@@ -53,11 +54,13 @@ def tag_name(step: int) -> str:
 
 @dataclass(frozen=True)
 class ResumePoint:
-    """The checkpoint a stage continues from: a tag in some storage and the layout it was saved with."""
+    """A checkpoint to load: a tag in some storage, the layout it was saved with and the files its
+    writer listed (trainer/checkpoint_integrity.py)."""
 
     storage: Storage
     tag: str
     layout: BatchLayout
+    files: FileList
 
     @property
     def url(self) -> str:
@@ -76,19 +79,29 @@ def find_resume_point(storage: Storage, resume_from: str | None) -> ResumePoint 
     if rank() == 0:
         pointer = storage.read_text(LATEST)
         if pointer or resume_from:
-            where, tag = (storage, pointer.strip()) if pointer else _tag_at(resume_from)
-            found = (bool(pointer), tag, where.read_text(f"{tag}/{LAYOUT}"))
+            found = (True, pointer.strip()) if pointer else (False, _tag_at(resume_from)[1])
     found = from_rank0(found)
     if found is None:
         return None
-    own, tag, layout = found
-    where = storage if own else _tag_at(resume_from)[0]
-    if layout is None:
+    own, tag = found
+    return resume_point(storage if own else _tag_at(resume_from)[0], tag)
+
+
+def resume_point(storage: Storage, tag: str) -> ResumePoint:
+    """The complete tag `tag` of `storage` as rank 0 reads it, on every rank."""
+    marks = from_rank0(
+        (storage.read_text(f"{tag}/{LAYOUT}"), storage.read_text(f"{tag}/{COMPLETE}")) if rank() == 0 else None
+    )
+    layout, mark = marks
+    if mark is None:
+        raise ValleyForgeError(f"{storage.child(tag).url}: no {COMPLETE} marker: not a complete checkpoint")
+    files = json.loads(mark).get("files")
+    if layout is None or files is None:
         raise ValleyForgeError(
-            f"{where.child(tag).url}: no {LAYOUT} file; a checkpoint of an older release cannot be "
+            f"{storage.child(tag).url}: no {LAYOUT} file or file list; a checkpoint of an older release cannot be "
             f"resumed: start the stage anew (valleyforge run --restart)"
         )
-    return ResumePoint(where, tag, BatchLayout.from_json(layout))
+    return ResumePoint(storage, tag, BatchLayout.from_json(layout), files)
 
 
 @dataclass
@@ -200,9 +213,12 @@ class Checkpointer:
                 torch.save(states, folder / PARTS)
                 (folder / LAYOUT).write_text(self.layout.to_json())
                 self.write_model_files(folder / MODEL_FILES)
+            own = list_files(folder, [name for name in files_under(folder) if written_by_rank(name, rank())])
+        files = {name: size_digest for listed in gather(own) for name, size_digest in listed.items()}
         barrier()  # every rank's files are in storage (flushed) before the tag is marked and the pointer moves
         if rank() == 0:
-            self.storage.write_text(f"{tag}/{COMPLETE}", json.dumps({"step": step, **scores}) + "\n")
+            mark = {"step": step, **scores, "files": files}
+            self.storage.write_text(f"{tag}/{COMPLETE}", json.dumps(mark) + "\n")
             self.storage.write_text(LATEST, tag)
             removed = prune(self.storage, self.keep, self.keep_best)
             self.on_saved(
@@ -221,11 +237,8 @@ class Checkpointer:
             return 0
         storage, tag = point.storage, point.tag
         blind = [r for r, missing in enumerate(gather(not storage.exists(f"{tag}/{PARTS}"))) if missing]
-        if 0 in blind:  # rank 0 read the tag's layout there
-            raise ValleyForgeError(
-                f"{point.url}: no {PARTS}; a checkpoint of an older release cannot be resumed: start the stage "
-                f"anew (valleyforge run --restart)"
-            )
+        if 0 in blind:  # rank 0 read the tag's marker there
+            raise ValleyForgeError(f"{point.url}/{PARTS}: listed by this checkpoint's writer but missing")
         if blind:
             raise ValleyForgeError(
                 f"{point.url}: rank(s) {blind} cannot read the checkpoint rank 0 resumes from; every "
@@ -233,8 +246,9 @@ class Checkpointer:
             )
         if point.layout.world_size != self.layout.world_size:
             print(describe_change(point.layout, self.layout), flush=True)
-        client_state = self._load_engine(storage, tag, point.layout)
+        client_state = self._load_engine(point)
         with storage.fetched(tag, keep=lambda name: name == PARTS) as folder:
+            check_files(folder, point.files, lambda name: name == PARTS, point.url)
             states = torch.load(folder / PARTS, weights_only=True)
         own_stage = storage == self.storage
         for name, part in self.parts.items():
@@ -251,23 +265,27 @@ class Checkpointer:
 
     def load_weights(self, tag: str) -> None:
         """The engine's state as of this stage's checkpoint `tag` (the data position stays)."""
-        layout = BatchLayout.from_json(from_rank0(self.storage.read_text(f"{tag}/{LAYOUT}") if rank() == 0 else None))
-        self._load_engine(self.storage, tag, layout)
+        self._load_engine(resume_point(self.storage, tag))
 
-    def _load_engine(self, storage: Storage, tag: str, saved: BatchLayout) -> dict:
-        """DeepSpeed's state of `tag`, saved on `saved.world_size` ranks: each rank's own ZeRO files
-        when that is this run's count too, else the tag's universal form (made once)."""
+    def _load_engine(self, point: ResumePoint) -> dict:
+        """DeepSpeed's state of the point's tag: each rank's own ZeRO files when it was saved on as
+        many ranks as this run has, else the tag's universal form (made once). Every file is
+        checked against the writer's list before DeepSpeed unpickles it."""
+        storage, tag, saved = point.storage, point.tag, point.layout
         if saved.world_size == world_size():
-            with storage.fetched(tag, keep=lambda name: belongs_to_rank(name, rank())) as folder:
-                return self._engine_state(folder, storage.child(tag).url)
+            own = lambda name: belongs_to_rank(name, rank()) and name != COMPLETE  # noqa: E731
+            with storage.fetched(tag, keep=own) as folder:
+                check_files(folder, point.files, own, point.url)
+                return self._engine_state(folder, point.url)
         if self.engine.zero_optimization_stage() != 3:
             raise ValleyForgeError(
-                f"{storage.child(tag).url}: saved on {saved.world_size} rank(s), resumed on "
+                f"{point.url}: saved on {saved.world_size} rank(s), resumed on "
                 f"{world_size()}: resuming on another number of ranks needs engine.zero_stage 3"
             )
-        name = ensure_universal(storage, tag)
+        name, files = ensure_universal(storage, tag, point.files)
         with storage.fetched(name) as folder, universal_loading(self.engine):
-            return self._engine_state(folder, storage.child(tag).url)
+            check_files(folder, files, lambda file: file != CONVERTED, storage.child(name).url)
+            return self._engine_state(folder, point.url)
 
     def _engine_state(self, folder: Path, url: str) -> dict:
         path, client_state = self.engine.load_checkpoint(str(folder.parent), tag=folder.name)

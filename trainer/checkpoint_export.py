@@ -4,17 +4,37 @@ blueprint rebuilds, written as an export (trainer/export.py). One process holds 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from data_shards.errors import ValleyForgeError
 from trainer.blueprint import blueprint_from_export, build_model, read_export_spec
-from trainer.checkpoint import MODEL_FILES
+from trainer.checkpoint import COMPLETE, MODEL_FILES
+from trainer.checkpoint_integrity import check_files
+from trainer.checkpoint_universal import UNIVERSAL
 from trainer.export import export_model
 from trainer.storage import Storage
 
 
-def export_checkpoint(tag_folder: Path, storage: Storage) -> None:
-    """Writes the export of the checkpoint in the local folder `tag_folder` into `storage`."""
+def export_checkpoint(checkpoint: Storage, storage: Storage) -> None:
+    """Writes the export of the checkpoint tag `checkpoint` into `storage`, once its files are
+    checked against its writer's list."""
+    with checkpoint.fetched(keep=lambda name: not name.startswith(f"{UNIVERSAL}/")) as folder:
+        mark = json.loads((folder / COMPLETE).read_text()) if (folder / COMPLETE).is_file() else {}
+        if "files" not in mark:
+            raise ValleyForgeError(
+                f"{checkpoint.url}: no {COMPLETE} marker with a file list: not a complete checkpoint of this release"
+            )
+        check_files(
+            folder,
+            mark["files"],
+            lambda name: name != COMPLETE and not name.startswith(f"{UNIVERSAL}/"),
+            checkpoint.url,
+        )
+        _export(folder, storage)
+
+
+def _export(tag_folder: Path, storage: Storage) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     spec = read_export_spec(

@@ -9,6 +9,7 @@ conversion runs once per tag, on rank 0, into the tag's `universal/` folder.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -18,19 +19,21 @@ from typing import Iterator
 
 import torch
 
-from trainer.ranks import barrier, rank
+from trainer.checkpoint_integrity import FileList, check_files, files_under, list_files
+from trainer.ranks import barrier, from_rank0, rank
 from trainer.storage import Storage
 
 UNIVERSAL = "universal"
-CONVERTED = "converted"  # written into universal/ once the conversion is all in storage
+CONVERTED = "converted"  # written into universal/ once the conversion is all in storage: its file list, JSON
 
 
 def _zero_file(name: str) -> bool:
     return "/" not in name and name.endswith(("_model_states.pt", "_optim_states.pt"))
 
 
-def ensure_universal(storage: Storage, tag: str) -> str:
-    """The folder name (in `storage`) of `tag`'s universal form, converted by rank 0 unless a
+def ensure_universal(storage: Storage, tag: str, files: FileList) -> tuple[str, FileList]:
+    """The folder name (in `storage`) of `tag`'s universal form and the files it holds, converted
+    by rank 0 from the tag's ZeRO files (checked against `files`, the tag's list) unless a
     finished conversion is there; every rank returns once it is."""
     name = f"{tag}/{UNIVERSAL}"
     if rank() == 0 and not storage.exists(f"{name}/{CONVERTED}"):
@@ -38,6 +41,7 @@ def ensure_universal(storage: Storage, tag: str) -> str:
 
         print(f"converting {storage.child(tag).url} to a universal checkpoint", flush=True)
         with storage.fetched(tag, keep=_zero_file) as folder, tempfile.TemporaryDirectory() as tmp:
+            check_files(folder, files, _zero_file, storage.child(tag).url)
             output = Path(tmp) / "checkpoint"  # ds_to_universal also writes a pointer file beside it
             ds_to_universal(
                 SimpleNamespace(
@@ -50,11 +54,12 @@ def ensure_universal(storage: Storage, tag: str) -> str:
                     inject_missing_state=False,
                 )
             )
+            converted = list_files(output, files_under(output))
             with storage.replaced(name) as target:
                 shutil.copytree(output, target, dirs_exist_ok=True)
-        storage.write_text(f"{name}/{CONVERTED}", "ds_to_universal\n")
+        storage.write_text(f"{name}/{CONVERTED}", json.dumps(converted) + "\n")
     barrier()
-    return name
+    return name, json.loads(from_rank0(storage.read_text(f"{name}/{CONVERTED}") if rank() == 0 else None))
 
 
 @contextmanager
