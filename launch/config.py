@@ -53,6 +53,13 @@ class ClusterConfig(Strict):
     peak_flops_per_device: float | None = Field(
         None, gt=0, description="peak FLOP/s of one device for MFU; unset: known GPUs from a table"
     )
+    preemption_grace_s: int = Field(
+        60,
+        ge=1,
+        description="how long a node has between a preemption notice and its end: a KubeRay worker pod's "
+        "terminationGracePeriodSeconds, its preStop hook draining its Ray node with what is left as the deadline; "
+        "must cover finishing a step and writing a checkpoint",
+    )
     checkpoint_sources: list[str] = Field(
         [],
         description="storage folders (URLs or paths), besides this job's cluster.storage, whose recorded "

@@ -1,7 +1,8 @@
 """`valleyforge submit --kuberay`: a KubeRay RayJob (ray.io/v1) that runs a config on a Ray
 cluster KubeRay creates for it and shuts down after. Two documents: a ConfigMap holding the
 resolved config, mounted into the head pod, and the RayJob (head group, one worker group sized
-from `cluster`, token authentication, tracking as environment, credentials from a Secret)."""
+from `cluster`, token authentication, tracking as environment, credentials from a Secret; worker
+pods drain their Ray node when Kubernetes stops them)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,23 @@ def _container(
     if mounts_config:
         container["volumeMounts"] = [{"name": "valleyforge-config", "mountPath": CONFIG_DIR, "readOnly": True}]
     return container
+
+
+def drain_on_stop(grace_s: int) -> str:
+    """A worker pod's preStop hook: drains the pod's Ray node as Ray's autoscaler does on a spot
+    reclaim (reason PREEMPTION, deadline: what is left of the pod's grace period), so the ranks on
+    it learn at their next step boundary, then waits out the grace period (the container's end,
+    once the drained node is idle, ends the wait sooner). Kubernetes sends SIGTERM only after it."""
+    node_id = (
+        'python -c \'import ray; ray.init(address="auto", logging_level="ERROR"); '
+        "print(ray.get_runtime_context().get_node_id())'"
+    )
+    return (
+        f"end=$(( $(date +%s) + {grace_s} )); node=$({node_id}) && "
+        f'ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION --reason-message "pod $HOSTNAME is stopping" '
+        f'--deadline-remaining-seconds $(( end - $(date +%s) )) --node-id "$node"; '
+        f"sleep $(( end - $(date +%s) ))"
+    )
 
 
 def rayjob_manifest(
@@ -98,6 +116,10 @@ def rayjob_manifest(
             }
         },
     }
+    worker = _container("ray-worker", image, worker_resources, env, secret, False)
+    worker["lifecycle"] = {
+        "preStop": {"exec": {"command": ["/bin/sh", "-c", drain_on_stop(cluster.preemption_grace_s)]}}
+    }
     replicas = math.ceil(high / per_pod)  # an elastic job may go on with fewer (as few as min's pods)
     workers = {
         "groupName": "workers",
@@ -105,7 +127,7 @@ def rayjob_manifest(
         "minReplicas": math.ceil(low / per_pod),
         "maxReplicas": replicas,
         "rayStartParams": {},
-        "template": {"spec": {"containers": [_container("ray-worker", image, worker_resources, env, secret, False)]}},
+        "template": {"spec": {"terminationGracePeriodSeconds": cluster.preemption_grace_s, "containers": [worker]}},
     }
     rayjob = {
         "apiVersion": "ray.io/v1",

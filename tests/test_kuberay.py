@@ -64,6 +64,26 @@ def test_uneven_workers_fractional_cpus_and_names_kubernetes_accepts():
     assert resource_name("x" * 60 + "-") == "x" * 47 and resource_name("___") == "valleyforge"
 
 
+def test_worker_pods_drain_their_ray_node_within_the_preemption_grace_period():
+    """Kubernetes stops a pod by running its preStop hook, then SIGTERM, then SIGKILL once
+    terminationGracePeriodSeconds have passed since the hook began: the hook drains the pod's Ray
+    node as Ray's autoscaler does on a spot reclaim, with what is left of that period as the
+    deadline, and waits it out."""
+    _, _, rayjob = manifest(["cluster.preemption_grace_s=90"])
+    (workers,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert workers["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+    (container,) = workers["template"]["spec"]["containers"]
+    shell, flag, hook = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert (shell, flag) == ("/bin/sh", "-c") and hook.startswith("end=$(( $(date +%s) + 90 ))")
+    assert "ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION" in hook
+    assert '--deadline-remaining-seconds $(( end - $(date +%s) )) --node-id "$node"' in hook
+    assert hook.endswith("sleep $(( end - $(date +%s) ))")
+    syntax = subprocess.run(["/bin/sh", "-n", "-c", hook], capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+    head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    assert "lifecycle" not in head["containers"][0]  # the head holds no training worker
+
+
 @pytest.mark.parametrize(
     "overrides,tracking,field",
     [
