@@ -10,7 +10,16 @@ import torch
 
 from data_shards.errors import ValleyForgeError
 from launch.inputs import is_under
-from trainer.checkpoint import COMPLETE, LATEST, LAYOUT, PARTS, Checkpointer, find_resume_point, prune
+from trainer.checkpoint import (
+    COMPLETE,
+    LATEST,
+    LAYOUT,
+    PARTS,
+    Checkpointer,
+    complete_tags,
+    find_resume_point,
+    prune,
+)
 from trainer.checkpoint_integrity import files_under, list_files
 from trainer.layout import BatchLayout
 from trainer.storage import Storage
@@ -91,6 +100,7 @@ def test_a_tampered_file_is_refused_before_anything_is_unpickled(tmp_path):
     with pytest.raises(ValleyForgeError, match=f"{rank_file}: listed by this checkpoint's writer but missing"):
         checkpointer.restore(find_resume_point(storage, None))
     assert not proof.exists()
+    assert complete_tags(storage) == {tag: {"step": 2}}  # marks as the driver records them: no file list
 
 
 def test_a_checkpoint_is_loaded_only_from_the_job_storage_or_named_sources():

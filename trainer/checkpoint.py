@@ -43,6 +43,7 @@ LATEST = "latest"
 COMPLETE = "complete"
 MODEL_FILES = "model"
 PARTS = "parts.pt"
+FILES = "files"  # the complete marker's list of the tag's files (trainer/checkpoint_integrity.py)
 LAYOUT = "layout"
 # DeepSpeed names each data-parallel rank's files zero_pp_rank_<r>_mp_rank_<m>_...
 _RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_")
@@ -95,7 +96,7 @@ def resume_point(storage: Storage, tag: str) -> ResumePoint:
     layout, mark = marks
     if mark is None:
         raise ValleyForgeError(f"{storage.child(tag).url}: no {COMPLETE} marker: not a complete checkpoint")
-    files = json.loads(mark).get("files")
+    files = json.loads(mark).get(FILES)
     if layout is None or files is None:
         raise ValleyForgeError(
             f"{storage.child(tag).url}: no {LAYOUT} file or file list; a checkpoint of an older release cannot be "
@@ -120,10 +121,14 @@ def step_tags(storage: Storage) -> list[str]:
 
 
 def complete_tags(storage: Storage, tags: list[str] | None = None) -> dict[str, dict]:
-    """The complete ones of `tags` (default: all in `storage`), oldest first, each with its mark
-    (step and scores)."""
+    """The complete ones of `tags` (default: all in `storage`), oldest first, each with its mark's
+    step and scores (not its file list)."""
     marks = {tag: storage.read_text(f"{tag}/{COMPLETE}") for tag in (step_tags(storage) if tags is None else tags)}
-    return {tag: json.loads(mark) for tag, mark in marks.items() if mark is not None}
+    return {
+        tag: {key: value for key, value in json.loads(mark).items() if key != FILES}
+        for tag, mark in marks.items()
+        if mark is not None
+    }
 
 
 def best_tag(marks: dict[str, dict]) -> str | None:
@@ -217,7 +222,7 @@ class Checkpointer:
         files = {name: size_digest for listed in gather(own) for name, size_digest in listed.items()}
         barrier()  # every rank's files are in storage (flushed) before the tag is marked and the pointer moves
         if rank() == 0:
-            mark = {"step": step, **scores, "files": files}
+            mark = {"step": step, **scores, FILES: files}
             self.storage.write_text(f"{tag}/{COMPLETE}", json.dumps(mark) + "\n")
             self.storage.write_text(LATEST, tag)
             removed = prune(self.storage, self.keep, self.keep_best)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from data_shards.errors import ValleyForgeError
 from trainer.blueprint import blueprint_from_export, build_model, read_export_spec
-from trainer.checkpoint import COMPLETE, MODEL_FILES
+from trainer.checkpoint import COMPLETE, FILES, MODEL_FILES
 from trainer.checkpoint_integrity import check_files
 from trainer.checkpoint_universal import UNIVERSAL
 from trainer.export import export_model
@@ -21,13 +21,13 @@ def export_checkpoint(checkpoint: Storage, storage: Storage) -> None:
     checked against its writer's list."""
     with checkpoint.fetched(keep=lambda name: not name.startswith(f"{UNIVERSAL}/")) as folder:
         mark = json.loads((folder / COMPLETE).read_text()) if (folder / COMPLETE).is_file() else {}
-        if "files" not in mark:
+        if FILES not in mark:
             raise ValleyForgeError(
                 f"{checkpoint.url}: no {COMPLETE} marker with a file list: not a complete checkpoint of this release"
             )
         check_files(
             folder,
-            mark["files"],
+            mark[FILES],
             lambda name: name != COMPLETE and not name.startswith(f"{UNIVERSAL}/"),
             checkpoint.url,
         )
