@@ -50,6 +50,7 @@ class CheckpointRegistry:
                 "step": str(record.step),
                 "location": record.url,
                 **{key.replace("/", "_"): f"{value:.6g}" for key, value in record.scores.items()},
+                **({"saved_for": record.why} if record.why else {}),
             }
             model = self.client.create_logged_model(
                 self.experiment_id,

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from data_shards.errors import ValleyForgeError
+from launch.stop_request import Stopped
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DEMO_CONFIG = CONFIGS / "demo.yaml"
@@ -134,9 +135,11 @@ def _run(config_path: str, overrides: list[str], restart: bool = False) -> int:
 
     cfg = load_config(config_path, overrides)
     from launch.pipeline import Pipeline  # imported first: the libraries install their log handlers on import
+    from launch.stop_request import StopRequest
 
     quiet_libraries(cfg.resolved_output_dir() / "logs" / "driver.log")
-    registered = Pipeline(cfg).run(restart)
+    with StopRequest().listening() as stop:
+        registered = Pipeline(cfg, stop=stop).run(restart)
     print("\nRegistered models:")
     for stage in registered:
         print(
@@ -322,12 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return commands[args.command]()
+    except Stopped as err:  # on request: where, in one line
+        print(f"valleyforge: {err}", file=sys.stderr)
+        return err.exit_code
     except ValleyForgeError as err:  # the user's to fix: told in one line; anything else keeps its traceback
         print(f"valleyforge: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print(
-            "valleyforge: interrupted"
+            "valleyforge: stopped at once"
             + (": a rerun resumes each stage from its newest checkpoint" if args.command in ("run", "demo") else ""),
             file=sys.stderr,
         )

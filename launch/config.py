@@ -58,7 +58,8 @@ class ClusterConfig(Strict):
         ge=1,
         description="how long a node has between a preemption notice and its end: a KubeRay worker pod's "
         "terminationGracePeriodSeconds, its preStop hook draining its Ray node with what is left as the deadline; "
-        "must cover finishing a step and writing a checkpoint",
+        "also how long a submitted job's driver has after `jobs stop` before SIGKILL; must cover finishing a step "
+        "and writing a checkpoint",
     )
     checkpoint_sources: list[str] = Field(
         [],

@@ -1,5 +1,6 @@
 """What the workers of a running stage send the driver, through one Ray actor: metrics, notes,
-log text, where each rank runs and where the export went. The driver takes it all each second
+log text, where each rank runs and where the export went (or the step a stop ended it at); and
+the one thing the driver tells them: to stop. The driver takes it all each second
 and is the one that prints, writes logs and talks to MLflow."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Mail:
     placement: dict[int, tuple[str, str, int]] = field(default_factory=dict)  # rank -> (node id, host, pid)
     export: str | None = None  # where rank 0 wrote the export (a storage URL)
     chosen: dict = field(default_factory=dict)  # which weights it holds: step, scores, selected_by, checkpoint
+    stopped_at: int | None = None  # the step rank 0 stopped at when the driver asked the stage to stop
 
 
 @ray.remote(num_cpus=0)
@@ -34,6 +36,8 @@ class DriverInbox:
         self.export: str | None = None
         self.chosen: dict = {}
         self.stored = -1  # the newest step whose metrics the driver has in the tracking store
+        self.stop = False  # the driver asks the stage to stop after the step in progress
+        self.stopped_at: int | None = None
 
     def hello(self, rank: int, node_id: str, host: str, pid: int) -> None:
         """Where the rank's process runs (again, after a restart of the worker group)."""
@@ -61,7 +65,17 @@ class DriverInbox:
     def exported(self, url: str, chosen: dict) -> None:
         self.export, self.chosen = url, chosen
 
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
+
+    def stopped(self, step: int) -> None:
+        self.stopped_at = step
+
     def take(self) -> Mail:
         mail, self.pending = self.pending, Mail()
         mail.placement, mail.export, mail.chosen = dict(self.placement), self.export, self.chosen
+        mail.stopped_at = self.stopped_at
         return mail

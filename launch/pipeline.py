@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import mlflow
 from mlflow import MlflowClient
@@ -21,6 +23,7 @@ from launch.progress import ProgressLine
 from launch.stage_on_ray import start_ray, train_on_ray
 from launch.stage_registry import RegisteredStage, StageRegistry, registration_tags
 from launch.stage_relay import StageRelay
+from launch.stop_request import Stopped, StopRequest
 from launch.tracking import RunWriter, fetch_model, git_commit, resolve_tracking_uri, ui_link, unfinished_run
 from launch.tracking_queue import TrackingQueue
 from launch.worker_logs import StageLogs
@@ -37,9 +40,10 @@ EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_develop
 
 
 class Pipeline:
-    def __init__(self, cfg: JobConfig, console=print):
+    def __init__(self, cfg: JobConfig, console=print, stop: StopRequest | None = None):
         self.cfg = cfg.with_absolute_paths()
         self.console = console
+        self.stop = stop or StopRequest()  # set by the driver's signals (launch/stop_request.py)
         self.out = cfg.resolved_output_dir()
         self.storage = Storage(cfg.resolved_storage())
         self.tracking_uri = resolve_tracking_uri(cfg.tracking)
@@ -58,12 +62,13 @@ class Pipeline:
         if EXPERIMENT_KIND not in self.client.get_experiment(self.experiment_id).tags:  # a kind set by hand stays
             self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         start_ray(self.cfg)
+        self.stop.listen()  # SIGTERM back from ray.init
         registered: list[RegisteredStage] = []
         tags = {"config_hash": self.cfg.digest(), "git_commit": git_commit()}
         continued = (
             None if restart else unfinished_run(self.client, self.experiment_id, self.cfg.name, tags["config_hash"])
         )
-        with mlflow.start_run(run_id=continued, run_name=self.cfg.name, tags=tags) as parent:
+        with mlflow.start_run(run_id=continued, run_name=self.cfg.name, tags=tags) as parent, _killed_when_stopped():
             mlflow.log_artifact(str(cfg_path))
             if not continued:
                 mlflow.log_params(_flatten(self.cfg.model_dump(mode="json", exclude={"stages"})))
@@ -73,6 +78,8 @@ class Pipeline:
             )
             self.console(f"UI: {ui_link(self.tracking_uri, self.experiment_id, parent.info.run_id)}")
             for index, stage in enumerate(self.cfg.stages):
+                if self.stop.requested:
+                    raise Stopped(f"stopped before stage {stage.name!r}", self.stop.signal)
                 if restart:
                     stage = stage.model_copy(update={"resume": False})
                 previous = registered[-1].model_name if registered else None
@@ -108,7 +115,10 @@ class Pipeline:
             else None
         )
         resume_url = checkpoint_to_load(self.client, self.cfg, stage.resume_from).url if stage.resume_from else None
-        with mlflow.start_run(run_id=continued, run_name=stage.name, nested=True, tags=stage_tags) as run:
+        with (
+            mlflow.start_run(run_id=continued, run_name=stage.name, nested=True, tags=stage_tags) as run,
+            _killed_when_stopped(),
+        ):
             if continued:
                 self.console(f"[{stage.name}] continuing stage run {continued}")
             else:
@@ -146,7 +156,7 @@ class Pipeline:
             checkpoints,
             Storage(job.checkpoint_dir),
         )
-        mail = train_on_ray(self.cfg, job, run_id, self.storage, relay)
+        mail = train_on_ray(self.cfg, job, run_id, self.storage, relay, self.stop)
         return mail.export, registration_tags(mail.chosen, checkpoints)
 
     def run_evaluation(self, stage: RegisteredStage, parent_run_id: str) -> dict:
@@ -179,6 +189,16 @@ class Pipeline:
             f"({per_attribute}; chance {metrics['eval/attribute_chance']:.2f})"
         )
         return metrics
+
+
+@contextmanager
+def _killed_when_stopped() -> Iterator[None]:
+    """The active MLflow run ends KILLED, not FAILED, when the block is stopped on request."""
+    try:
+        yield
+    except Stopped:
+        mlflow.end_run("KILLED")
+        raise
 
 
 def _flatten(doc, prefix: str = "") -> dict:

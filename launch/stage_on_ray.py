@@ -17,7 +17,9 @@ from data_shards.errors import ValleyForgeError
 from launch.config import JobConfig
 from launch.inbox import DriverInbox, Mail
 from launch.stage_relay import StageRelay
+from launch.stop_request import Stopped, StopRequest
 from launch.worker import StageWorker, StorageMarker
+from trainer.checkpoint import tag_name
 from trainer.job import StageJob
 from trainer.storage import Storage
 
@@ -52,9 +54,12 @@ def start_ray(cfg: JobConfig) -> None:
         )
 
 
-def train_on_ray(cfg: JobConfig, job: StageJob, run_id: str, storage: Storage, relay: StageRelay) -> Mail:
+def train_on_ray(
+    cfg: JobConfig, job: StageJob, run_id: str, storage: Storage, relay: StageRelay, stop: StopRequest
+) -> Mail:
     """Trains the stage on Ray workers, relaying their mail meanwhile; returns the last mail, which
-    says where rank 0 wrote the export and which weights it holds."""
+    says where rank 0 wrote the export and which weights it holds. A `stop` requested meanwhile
+    is passed on to the workers; a stage they stop early raises Stopped once its mail is stored."""
     cluster = cfg.cluster
     # On the driver's node: the inbox must outlive any lost worker node (as Ray Train's controller does).
     inbox = DriverInbox.options(
@@ -83,9 +88,13 @@ def train_on_ray(cfg: JobConfig, job: StageJob, run_id: str, storage: Storage, r
         ),
     )
     outcome: dict = {}
+    stop_passed_on = False
     fit = threading.Thread(target=lambda: outcome.update(result=_capture(trainer.fit)), daemon=True)
     fit.start()
     while fit.is_alive():
+        if stop.requested and not stop_passed_on:
+            inbox.request_stop.remote()
+            stop_passed_on = True
         relay.receive(ray.get(inbox.take.remote()))
         if relay.tracking.error is not None:  # the checkpoints keep the metrics it could not store
             raise relay.tracking.error
@@ -102,6 +111,10 @@ def train_on_ray(cfg: JobConfig, job: StageJob, run_id: str, storage: Storage, r
         raise StageFailed(job.stage.name, error, relay)
     if relay.tracking.error is not None:
         raise relay.tracking.error
+    if mail.stopped_at is not None:
+        relay.line.finish(f"stopped at step {mail.stopped_at}")
+        saved = Storage(job.checkpoint_dir).child(tag_name(mail.stopped_at)).url
+        raise Stopped(f"stage {job.stage.name!r} stopped at step {mail.stopped_at}, saved in {saved}", stop.signal)
     relay.finish()
     if mail.export is None:
         raise StageFailed(job.stage.name, RuntimeError("rank 0 reported no export"), relay)

@@ -64,7 +64,8 @@ class StageRelay:
             )
             self.queued_through = step
         for record in mail.checkpoints:
-            self.line.print_above(f"[{self.name}] checkpoint at step {record.step}: {record.url}")
+            why = f" ({record.why})" if record.why else ""
+            self.line.print_above(f"[{self.name}] checkpoint at step {record.step}{why}: {record.url}")
             self.tracking.put(f"recording checkpoint step {record.step}", partial(self.registry.record, record))
         if mail.placement != self.placement:
             self.placement = mail.placement

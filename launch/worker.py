@@ -19,6 +19,7 @@ import ray.train
 import torch
 
 from data_shards.errors import ValleyForgeError
+from trainer.interruption import Notice
 from trainer.job import StageJob
 from trainer.storage import Storage
 
@@ -87,16 +88,30 @@ class StageWorker:
             if rank == 0:
                 print(runner.trainable_table, flush=True)
                 self.inbox.note.remote(runner.trainable_table, "trainable_parameters.txt")
-            runner.train(self._metric_log() if rank == 0 else lambda metrics, step: None)
-            export, chosen = runner.export()
-            if export is not None:
-                self.inbox.exported.remote(export.url, chosen)
+            runner.train(self._metric_log() if rank == 0 else lambda metrics, step: None, notices=self._notices)
+            if runner.stopped_at is not None:
+                if rank == 0:
+                    self.inbox.stopped.remote(runner.stopped_at)
+            else:
+                export, chosen = runner.export()
+                if export is not None:
+                    self.inbox.exported.remote(export.url, chosen)
         except BaseException:
             traceback.print_exc()  # into this rank's log, which the driver quotes
             raise
         finally:
             shipper.stop()
         log_file.unlink(missing_ok=True)  # the driver has it all
+
+    def _notices(self) -> Notice:
+        """Asked on every rank after each step: Ray Train's preemption notice (a barrier over the
+        ranks) and, on rank 0, whether the driver asks the stage to stop."""
+        preemption = ray.train.get_preemption_info()
+        stop = ray.train.get_context().get_world_rank() == 0 and ray.get(self.inbox.stop_requested.remote())
+        if preemption is None:
+            return Notice(stop)
+        deadline = preemption.deadline_ms / 1000 if preemption.deadline_ms else None
+        return Notice(stop, tuple(preemption.preempted_node_ids), deadline)
 
     def _metric_log(self):
         from trainer.metric_log import MetricLog

@@ -161,6 +161,29 @@ class TwoNodeCluster:
                 pass
         node.wait()
 
+    def drain_second_node(self, deadline_s: int) -> str:
+        """What Ray's autoscaler does on a spot reclaim of the second node: a drain for preemption
+        with a deadline, after which the node is to be killed (by the caller: lose_second_node).
+        Returns the node's id."""
+        probe = (
+            f"import ray; ray.init(address='{self.address}', log_to_driver=False, configure_logging=False); "
+            f"print([n['NodeID'] for n in ray.nodes() if n['Alive'] and "
+            f"'node:__internal_head__' not in n['Resources']][0])"
+        )
+        found = subprocess.run([sys.executable, "-c", probe], env=self.node_env, capture_output=True, text=True)
+        assert found.returncode == 0, found.stderr
+        node_id = found.stdout.split()[-1]
+        drain = subprocess.run(
+            [str(BIN / "ray"), "drain-node", f"--address={self.address}", f"--node-id={node_id}"]
+            + ["--reason=DRAIN_NODE_REASON_PREEMPTION", "--reason-message=spot reclaim"]
+            + [f"--deadline-remaining-seconds={deadline_s}"],
+            env=self.node_env,
+            capture_output=True,
+            text=True,
+        )
+        assert drain.returncode == 0, drain.stdout + drain.stderr
+        return node_id
+
     def stop(self) -> None:
         for node in reversed(self.nodes):
             stop_group(node)

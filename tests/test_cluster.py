@@ -1,9 +1,9 @@
 """Two stages on a Ray cluster of two nodes that share no disk: data, checkpoints and exports in
 an S3-compatible store, tracking on an `mlflow server` (artifacts in the store), one rank per
-node. The job is stopped after a checkpoint and rerun: both ranks resume from the same step,
-under the same MLflow runs, every step's metrics logged once; the stages register; `valleyforge
-generate` answers from the registered model. An elastic job that loses a node goes on with the
-worker left."""
+node. The job is stopped with Ctrl-C after a checkpoint (the step in progress is saved) and
+rerun: both ranks resume at that step, under the same MLflow runs, every step's metrics logged
+once; the stages register; `valleyforge generate` answers from the registered model. An elastic
+job whose node is drained for preemption saves, waits and goes on with the worker left."""
 
 from __future__ import annotations
 
@@ -92,6 +92,12 @@ def wait_for_a_checkpoint(job: subprocess.Popen, timeout_s: float = 300) -> str:
     return printed.decode()
 
 
+# Seconds between the drain notice and the node's end: room for a few steps and saves on these
+# CPUs, with Ray Train's preemption watcher polling every 5 s.
+DRAIN_DEADLINE_S = 25
+DRAINED_STEPS = 250  # steps of about 0.2 s: the deadline passes mid-stage
+
+
 def last_section(log: Path) -> str:
     """The part of a driver-side rank log written by the newest run (each run adds a header)."""
     return log.read_text().rsplit("=====\n", 1)[-1]
@@ -119,9 +125,16 @@ def test_two_nodes_resume_from_the_store_register_and_generate(
     assert (
         f"[pretrain] checkpoint at step 3: {storage.child('checkpoints', 'pretrain', 'step-00000003').url}" in printed
     ), printed
-    first.send_signal(signal.SIGINT)
-    _, err = first.communicate(timeout=120)
+    first.send_signal(signal.SIGINT)  # Ctrl-C: the workers save the step in progress and stop
+    out, err = first.communicate(timeout=180)
     assert first.returncode == 130, err
+    stopped = re.search(
+        r"valleyforge: stage 'pretrain' stopped at step (\d+), saved in (\S+); the same command resumes there", err
+    )
+    assert stopped, err
+    stopped_at, saved = int(stopped.group(1)), stopped.group(2)
+    assert saved == storage.child("checkpoints", "pretrain", f"step-{stopped_at:08d}").url
+    assert f"[pretrain] checkpoint at step {stopped_at} (stop requested): {saved}" in printed + out
 
     rerun = valleyforge(*command, env=env)
     out, err = rerun.communicate(timeout=900)
@@ -135,7 +148,7 @@ def test_two_nodes_resume_from_the_store_register_and_generate(
     }
     assert resumed[0] and resumed[0] == resumed[1], resumed
     ((tag_url, step),) = resumed[0]
-    assert tag_url.startswith(storage.url) and 3 <= int(step) < 30
+    assert tag_url == saved and int(step) == stopped_at  # resumed at the step the stop saved: none trained twice
 
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("valleyforge-demo").experiment_id
@@ -202,24 +215,24 @@ def test_a_local_storage_path_that_a_node_cannot_see_stops_the_run(
     assert "last lines of" in err  # the failing rank's log, quoted from the driver's copy
 
 
-def test_an_elastic_stage_goes_on_with_the_worker_left_when_a_node_is_lost(
+def test_a_drained_node_loses_no_step_and_the_elastic_stage_goes_on_with_the_worker_left(
     two_node_cluster, object_store, mlflow_server, synth_data, store_data, monkeypatch, tmp_path
 ):
-    """cluster.num_workers [1, 2]: the second node is lost after the first checkpoint; Ray Train
-    restarts the stage on the one worker the cluster has room for, which resumes that checkpoint
-    on 1 rank (grad_accum doubled), and the stage completes, every step logged once."""
+    """cluster.num_workers [1, 2]: after the first checkpoint the second node is drained for
+    preemption with a deadline (as Ray's autoscaler does on a spot reclaim) and killed once the
+    deadline has passed. Every rank learns it at a step boundary: a checkpoint of that step at
+    once, training on while the deadline leaves room, then a checkpoint of the last step that
+    fits and a wait; Ray Train restarts the stage on the one worker the cluster has room for,
+    which resumes that last checkpoint on 1 rank (grad_accum doubled): no step is trained twice,
+    and the stage completes, every step logged once."""
     for key, value in object_store.env.items():
         monkeypatch.setenv(key, value)
     cluster, name = two_node_cluster, "elastic"
     config = demo_stages(tmp_path, "pretrain")
     storage = Storage(f"s3://{object_store.bucket}/runs/{name}")
     overrides = [o for o in cluster_overrides(cluster, synth_data, store_data, name) if not o.startswith("stages.inst")]
-    overrides += [
-        f"cluster.storage={storage.url}",
-        "cluster.num_workers=[1, 2]",
-        "cluster.max_failures=1",
-        "stages.pretrain.steps=12",
-    ]
+    overrides += [f"cluster.storage={storage.url}", "cluster.num_workers=[1, 2]"]
+    overrides += [f"stages.pretrain.steps={DRAINED_STEPS}", "stages.pretrain.checkpoint_every=50"]
     job = valleyforge(
         "run",
         str(config),
@@ -228,21 +241,36 @@ def test_an_elastic_stage_goes_on_with_the_worker_left_when_a_node_is_lost(
     )
     checkpoints = storage.child("checkpoints", "pretrain")
     try:
-        wait_for_a_checkpoint(job)
+        printed = wait_for_a_checkpoint(job)
+        node = cluster.drain_second_node(DRAIN_DEADLINE_S)
+        time.sleep(DRAIN_DEADLINE_S + 2)
         cluster.lose_second_node()
         out, err = job.communicate(timeout=600)
     finally:
         if job.poll() is None:
             job.kill()
         cluster.start_second_node()  # for the tests after this one
-    assert job.returncode == 0, out + err
-    rank0 = last_section(cluster.run_dir / name / "logs" / "pretrain-rank0.log")
+    assert job.returncode == 0, printed + out + err
+    # at the notice, and (unless that was already too late for another step) at the last step that fits
+    for_preemption = re.findall(rf"\[pretrain\] checkpoint at step (\d+) \(node {node[:8]} preempted in [^)]*\): ", out)
+    assert 1 <= len(for_preemption) <= 2, printed + out
+    logs = cluster.run_dir / name / "logs"
+    saved_and_waited = r"step (\d+) saved \(node \w+ preempted in -?\d+ s, too soon for another step\): waiting"
+    waited = {rank: re.findall(saved_and_waited, (logs / f"pretrain-rank{rank}.log").read_text()) for rank in (0, 1)}
+    assert waited[0] and waited[0] == waited[1], waited  # every rank saved the same last step, then waited
+    (last_saved,) = waited[0]
+    assert for_preemption[-1] == last_saved
+    rank0 = last_section(logs / "pretrain-rank0.log")
     assert "resuming a checkpoint of 2 rank(s) on 1: grad_accum 1 -> 2" in rank0, rank0[-3000:]
     ((tag_url, step),) = re.findall(r"resumed from (\S+) at step (\d+)", rank0)
-    assert tag_url.startswith(checkpoints.url) and 3 <= int(step) < 12
+    assert tag_url == checkpoints.child(f"step-{int(last_saved):08d}").url and step == last_saved  # none trained twice
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("valleyforge-demo").experiment_id
     (parent,) = client.search_runs([experiment], f"attributes.run_name = '{name}'")
     (run,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     history = client.get_metric_history(run.info.run_id, "train/loss")
-    assert [m.step for m in history] == list(range(1, 13))
+    assert [m.step for m in history] == list(range(1, DRAINED_STEPS + 1))
+    recorded = [m for m in client.search_logged_models([experiment]) if m.source_run_id == run.info.run_id]
+    assert sorted(m.params["step"] for m in recorded if "preempted" in m.params.get("saved_for", "")) == sorted(
+        for_preemption
+    )

@@ -7,6 +7,7 @@ jobs go with --no-install; the requirements that would be installed are checked 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -121,15 +122,16 @@ def test_the_job_carries_the_project_the_config_and_the_pinned_requirements(tmp_
     assert cfg.model.word_vocab == str(synth_data / "vocab.txt") and Path(cfg.stages[0].train_data).is_absolute()
     assert cfg.output_dir == "~/valleyforge/runs/{name}"  # on the head node, outside Ray's working directory
 
-    env = runtime_env(package, ROOT, "http://mlflow:5000", install=True)
+    env = runtime_env(package, ROOT, "http://mlflow:5000", install=True, stop_wait_s=90)
+    assert env["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "90"  # `jobs stop` leaves the driver time to save
     packages = env["pip"]["packages"]
     assert not [p for p in packages if p.split("==")[0].lower() in ("torch", "ray")]
     assert "deepspeed==0.19.8" in packages and "mlflow==3.17.2" in packages
     assert "py_modules" not in env  # this project is ValleyForge's own tree
-    assert runtime_env(package, tmp_path, "http://mlflow:5000", install=True)["py_modules"] == [
+    assert runtime_env(package, tmp_path, "http://mlflow:5000", True, 60)["py_modules"] == [
         str(ROOT / p) for p in ("data_shards", "trainer", "launch")
     ]
-    assert "pip" not in runtime_env(package, ROOT, "http://mlflow:5000", install=False)
+    assert "pip" not in runtime_env(package, ROOT, "http://mlflow:5000", False, 60)
     assert len(packages) == len(pinned_requirements())
 
 
@@ -163,6 +165,8 @@ def test_jobs_stop_stops_a_running_job_and_its_follower_exits_non_zero(
     assert stop.returncode == 0 and out.strip() == f"{job_id}: STOPPED", out + err
     out, err = follower.communicate(timeout=120)
     assert follower.returncode == 3 and f"job {job_id}: STOPPED" in err, out + err
+    # the driver had the time to save the step in progress and say so (SIGTERM, then Ray's wait)
+    assert re.search(r"stage 'pretrain' stopped at step \d+, saved in \S+; the same command resumes there", out), out
     for command, expected in ((["status", job_id], f"{job_id}: STOPPED"), (["list"], job_id)):
         listing = valleyforge("jobs", "--address", cluster.dashboard, *command, env=env)
         out, err = listing.communicate(timeout=120)

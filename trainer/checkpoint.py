@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -113,6 +114,7 @@ class CheckpointRecord:
     step: int
     scores: dict  # train/loss, and eval/loss when the stage has evaluated by then
     removed: list[str]  # URLs of the tags this save's pruning removed
+    why: str = ""  # what asked for it besides the schedule (a stop, a preemption)
 
 
 def step_tags(storage: Storage) -> list[str]:
@@ -199,14 +201,15 @@ class Checkpointer:
         self.engine, self.parts, self.layout = engine, parts, layout
         self.on_saved = on_saved or (lambda record: None)
         self.write_model_files = write_model_files  # rank 0, into each tag's `model/`
+        self.save_s = 0.0  # how long the last save took
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.every) and (step % self.every == 0 or last)
 
-    def save(self, step: int, scores: dict) -> str:
+    def save(self, step: int, scores: dict, why: str = "") -> str:
         """Every rank's files under one tag, its `complete` mark, then the `latest` pointer;
-        returns the tag."""
-        tag = tag_name(step)
+        returns the tag. `why`: what asked for it besides the schedule."""
+        started, tag = time.perf_counter(), tag_name(step)
         if rank() == 0:  # what a crashed save of this tag left (a resumed run saves it again)
             self.storage.remove(tag)
         states = {name: part.state.state_dict() for name, part in self.parts.items()}  # on every rank: they gather
@@ -228,10 +231,11 @@ class Checkpointer:
             removed = prune(self.storage, self.keep, self.keep_best)
             self.on_saved(
                 CheckpointRecord(
-                    self.storage.child(tag).url, step, scores, [self.storage.child(t).url for t in removed]
+                    self.storage.child(tag).url, step, scores, [self.storage.child(t).url for t in removed], why
                 )
             )
         barrier()
+        self.save_s = time.perf_counter() - started
         return tag
 
     def restore(self, point: ResumePoint | None) -> int:

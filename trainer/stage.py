@@ -28,6 +28,7 @@ from trainer.contrastive import retrieval_metrics
 from trainer.engine import build_engine, uses_bf16
 from trainer.evaluation import sharded_attribute_accuracy
 from trainer.export import export_model, write_blueprint
+from trainer.interruption import Action, InterruptionPolicy, Notice, wait_to_be_restarted
 from trainer.job import StageJob
 from trainer.layout import plan_layout
 from trainer.metric_log import MetricLog, Send, as_metric_log
@@ -98,6 +99,8 @@ class StageRunner:
             on_saved=on_checkpoint,
             write_model_files=lambda folder: write_blueprint(self.model, self.tokenizer, folder, job.stage.template),
         )
+        self.interruptions = InterruptionPolicy()
+        self.stopped_at: int | None = None  # the step a stop request ended training at
         self.system = SystemSampler()
         self.meter = StepMeter(
             FlopCounter(self.model, job.stage.trainable, self.contrastive),
@@ -105,10 +108,15 @@ class StageRunner:
             peak_flops(job.peak_flops_per_device, uses_bf16(job.engine)),
         )
 
-    def train(self, log: MetricLog | Send, batches: Iterator[dict] | None = None) -> dict:
+    def train(
+        self, log: MetricLog | Send, batches: Iterator[dict] | None = None, notices: Callable[[], Notice] | None = None
+    ) -> dict:
         """Optimizer steps up to `stage.steps`, each of the layout's `grad_accum` micro-batches per
         rank, from the stage's own stream or `batches`, from the checkpoint the stage resumes;
-        returns the last step's metrics. Every rank sees the same read health and stops together."""
+        returns the last step's metrics. Every rank sees the same read health and stops together.
+
+        `notices`, called on every rank after each step, says whether the run is being stopped or
+        a node preempted (trainer/interruption.py); a stop ends training early, at `stopped_at`."""
         stage = self.job.stage
         batches = batches if batches is not None else self.train_batches
         log = as_metric_log(log)
@@ -142,7 +150,21 @@ class StageRunner:
             scores = {**scores, **{k: metrics[k] for k in ("train/loss", "eval/loss") if k in metrics}}
             if checkpoint:
                 self.checkpointer.save(step, scores)
+            action = self._interrupted(notices(), time.perf_counter() - started) if notices else Action()
+            if action.save and not checkpoint:
+                self.checkpointer.save(step, scores, action.why)
+            if action.then == "stop" and not last:
+                self.stopped_at = step
+                break
+            if action.then == "wait":
+                print(f"step {step} saved ({action.why}): waiting for Ray Train to restart the workers", flush=True)
+                wait_to_be_restarted(action.deadline)
         return metrics
+
+    def _interrupted(self, notice: Notice, step_s: float) -> Action:
+        """Rank 0's decision on the notice, on every rank."""
+        decision = self.interruptions.decide(notice, step_s, self.checkpointer.save_s) if rank() == 0 else None
+        return from_rank0(decision)
 
     def _fetch(self, batches: Iterator[dict]) -> list[tuple[dict, float]]:
         """This rank's micro-batches of a step, each with the seconds waited for it."""
