@@ -20,6 +20,7 @@ from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoin
 from ray.train import TrainingFailedError
 from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
+from trainer.checkpoint_upload import Upload
 from trainer.stage import StageRunner
 
 pytestmark = pytest.mark.ray
@@ -42,8 +43,22 @@ class DiesWhileSaving:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def die_while_uploading(tag: str) -> None:
+    """This process is SIGKILLed once its upload of `tag` has put one file into storage."""
+    put = Upload._put
+
+    def put_then_die(upload, name):
+        size_digest = put(upload, name)
+        if upload.tag == tag:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return size_digest
+
+    Upload._put = put_then_die
+
+
 def resume_worker(config):
     """Trains the job; each rank writes what it trained on (keys with grad_accum 1) and rank 0's log."""
+    os.environ.update(config.get("env", {}))  # what the checkpoint storage needs
     topology = worker_topology()
     mode, job = config["mode"], config["job"]
     if mode == "blind" and topology.rank == 1:  # as on a node that does not see the run's disk
@@ -51,6 +66,8 @@ def resume_worker(config):
     runner = StageRunner(job, topology)
     if mode == "die_saving" and topology.rank == 1:
         runner.checkpointer.engine = DiesWhileSaving(runner.engine, f"step-{STEPS:08d}")
+    if mode == "die_uploading" and topology.rank == 1:
+        die_while_uploading(f"step-{STEPS:08d}")
     keys, logged, pending = {}, {}, []
 
     def recorded():
@@ -76,11 +93,14 @@ def run(
     ranks: int = 2,
     every: int = 3,
     resume_tag: Path | None = None,
+    storage: str | None = None,
+    env: dict | None = None,
     **data,
 ) -> list[dict]:
-    """`job` on `ranks` ranks with checkpoints in `folder/name`, resuming a copy of `resume_tag`;
-    what each rank wrote, steps as numbers."""
-    checkpoints = folder / name
+    """`job` on `ranks` ranks with checkpoints in `folder/name` (or the storage URL `storage`, which
+    the workers reach with `env`), resuming a copy of `resume_tag`; what each rank wrote, steps as
+    numbers."""
+    checkpoints = storage or folder / name
     if resume_tag:
         shutil.copytree(resume_tag, checkpoints / resume_tag.name)
         (checkpoints / "latest").write_text(resume_tag.name)
@@ -91,7 +111,10 @@ def run(
         stage=job.stage.model_copy(update={"checkpoint_every": every}),
     )
     fit_on_ranks(
-        resume_worker, {"job": job, "mode": mode, "name": name, "out": str(folder)}, folder / "ray", num_workers=ranks
+        resume_worker,
+        {"job": job, "mode": mode, "name": name, "out": str(folder), "env": env or {}},
+        folder / "ray",
+        num_workers=ranks,
     )
     records = [json.loads((folder / f"{name}-rank{r}.json").read_text()) for r in range(ranks)]
     return [{**r, **{k: {int(step): v for step, v in r[k].items()} for k in ("keys", "logged")}} for r in records]

@@ -13,11 +13,15 @@ yet: trainer/stage.py names them).
         universal/            made when the tag resumes on another number of ranks
                               (trainer/checkpoint_universal.py)
         complete              written once every rank's files are in storage: the step, its
-                              train loss and the latest eval loss, as JSON
+                              train loss, the latest eval loss and every file's size and
+                              sha256, as JSON
 
-A crash while saving leaves `latest` naming the previous complete checkpoint, and a tag without
-`complete` is never resumed from nor kept. Each rank writes and reads only its own files (and
-the ones all share); on an object store through a local folder of its own. Our files load with
+A save writes each rank's files locally (in place on a local path; on an object store into a
+local folder of the rank's own) and training goes on while they go into storage in the
+background; the tag is marked `complete` and `latest` moves only once every rank's files are
+there. A crash before that leaves `latest` naming the previous complete checkpoint, and a tag
+without `complete` is never resumed from nor kept. Each rank writes and reads only its own files
+(and the ones all share). Our files load with
 torch's weights-only unpickler; DeepSpeed's own files still go through its full unpickler (see
 README).
 """
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +39,11 @@ from typing import Callable, Protocol
 import torch
 
 from data_shards.errors import ValleyForgeError
-from trainer.checkpoint_integrity import FileList, check_files, files_under, list_files
+from trainer.checkpoint_integrity import FileList, check_files, files_under
 from trainer.checkpoint_universal import CONVERTED, ensure_universal, universal_loading
+from trainer.checkpoint_upload import Upload
 from trainer.layout import BatchLayout, describe_change
-from trainer.ranks import barrier, from_rank0, gather, rank, world_size
+from trainer.ranks import barrier, from_rank0, gather, rank, sum_across_ranks, world_size
 from trainer.storage import Storage
 
 LATEST = "latest"
@@ -180,6 +186,16 @@ class Part:
     own_stage_only: bool = False
 
 
+@dataclass(frozen=True)
+class PendingSave:
+    tag: str
+    step: int
+    scores: dict
+    why: str
+    started: float  # perf_counter at its start
+    upload: Upload  # this rank's files
+
+
 class Checkpointer:
     """Saves the engine and `parts` every `every` steps and after the last (never when `every` is
     0), keeping `keep` tags (and with `keep_best` the one of lowest eval/loss); rank 0 hands each
@@ -201,42 +217,75 @@ class Checkpointer:
         self.engine, self.parts, self.layout = engine, parts, layout
         self.on_saved = on_saved or (lambda record: None)
         self.write_model_files = write_model_files  # rank 0, into each tag's `model/`
-        self.save_s = 0.0  # how long the last save took
+        self.pending: PendingSave | None = None  # the save whose files are on their way to storage
+        self.save_s = 0.0  # how long the last save took, from its start until it was complete
 
     def due(self, step: int, last: bool) -> bool:
         return bool(self.every) and (step % self.every == 0 or last)
 
-    def save(self, step: int, scores: dict, why: str = "") -> str:
-        """Every rank's files under one tag, its `complete` mark, then the `latest` pointer;
-        returns the tag. `why`: what asked for it besides the schedule."""
+    def save(self, step: int, scores: dict, why: str = "", wait: bool = False) -> str:
+        """Writes every rank's files of one tag locally (in place on a local path), then lets them
+        go into storage in the background (trainer/checkpoint_upload.py) and returns the tag; the
+        tag is marked `complete` and `latest` moves once every rank's upload is done: at a later
+        `poll`, at the next save (at most one in flight), or before returning with `wait`. `why`:
+        what asked for it besides the schedule."""
+        self.finish()
         started, tag = time.perf_counter(), tag_name(step)
         if rank() == 0:  # what a crashed save of this tag left (a resumed run saves it again)
             self.storage.remove(tag)
         states = {name: part.state.state_dict() for name, part in self.parts.items()}  # on every rank: they gather
-        with self.storage.staged(tag, written_here=lambda name: written_by_rank(name, rank())) as folder:
-            self.engine.save_checkpoint(
-                str(folder.parent), tag=folder.name, save_latest=False, client_state={"step": step}
-            )
-            if rank() == 0:
-                torch.save(states, folder / PARTS)
-                (folder / LAYOUT).write_text(self.layout.to_json())
-                self.write_model_files(folder / MODEL_FILES)
-            own = list_files(folder, [name for name in files_under(folder) if written_by_rank(name, rank())])
-        files = {name: size_digest for listed in gather(own) for name, size_digest in listed.items()}
-        barrier()  # every rank's files are in storage (flushed) before the tag is marked and the pointer moves
+        if self.storage.is_local:
+            folder = Path(self.storage.root) / tag
+        else:  # named as the tag: DeepSpeed checks that every rank saves under the same one
+            folder = Path(tempfile.mkdtemp(prefix="valleyforge-save-")) / tag
+        self.engine.save_checkpoint(str(folder.parent), tag=tag, save_latest=False, client_state={"step": step})
         if rank() == 0:
-            mark = {"step": step, **scores, FILES: files}
-            self.storage.write_text(f"{tag}/{COMPLETE}", json.dumps(mark) + "\n")
-            self.storage.write_text(LATEST, tag)
+            torch.save(states, folder / PARTS)
+            (folder / LAYOUT).write_text(self.layout.to_json())
+            self.write_model_files(folder / MODEL_FILES)
+        own = [name for name in files_under(folder) if written_by_rank(name, rank())]
+        upload = Upload(self.storage, tag, folder if self.storage.is_local else folder.parent / tag, own)
+        self.pending = PendingSave(tag, step, scores, why, started, upload)
+        if wait:
+            self.finish()
+        return tag
+
+    def poll(self) -> None:
+        """Called by every rank at each step boundary: marks the pending save complete once every
+        rank's upload is done (asking the ranks costs one small collective while one is pending)."""
+        if self.pending is not None:
+            (uploading,) = sum_across_ranks([0.0 if self.pending.upload.done() else 1.0])
+            if not uploading:
+                self.finish()
+
+    def finish(self) -> None:
+        """Waits for this rank's upload of the pending save, then with every rank marks the tag
+        `complete` (with every rank's file list), moves `latest`, prunes and reports it."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        try:
+            own, error = pending.upload.files(), None
+        except Exception as err:  # noqa: BLE001 - every rank raises it below, named
+            own, error = {}, f"{type(err).__name__}: {err}"
+        listed = gather((own, error))
+        url = self.storage.child(pending.tag).url
+        failed = [(r, error) for r, (_, error) in enumerate(listed) if error]
+        if failed:
+            raise ValleyForgeError(f"{url}: rank {failed[0][0]} could not write its checkpoint files: {failed[0][1]}")
+        if rank() == 0:
+            files = {name: size_digest for own, _ in listed for name, size_digest in own.items()}
+            mark = {"step": pending.step, **pending.scores, FILES: files}
+            self.storage.write_text(f"{pending.tag}/{COMPLETE}", json.dumps(mark) + "\n")
+            self.storage.write_text(LATEST, pending.tag)
             removed = prune(self.storage, self.keep, self.keep_best)
             self.on_saved(
                 CheckpointRecord(
-                    self.storage.child(tag).url, step, scores, [self.storage.child(t).url for t in removed], why
+                    url, pending.step, pending.scores, [self.storage.child(t).url for t in removed], pending.why
                 )
             )
         barrier()
-        self.save_s = time.perf_counter() - started
-        return tag
+        self.save_s = time.perf_counter() - pending.started
 
     def restore(self, point: ResumePoint | None) -> int:
         """Load `point` on every rank; returns the step it was taken at (0: no point). A rank that

@@ -148,11 +148,10 @@ class StageRunner:
             log(metrics, step)
             self.health.check()
             scores = {**scores, **{k: metrics[k] for k in ("train/loss", "eval/loss") if k in metrics}}
-            if checkpoint:
-                self.checkpointer.save(step, scores)
+            self.checkpointer.poll()  # the previous save is complete once every rank's upload is
             action = self._interrupted(notices(), time.perf_counter() - started) if notices else Action()
-            if action.save and not checkpoint:
-                self.checkpointer.save(step, scores, action.why)
+            if checkpoint or action.save:  # complete before training ends, stops or waits
+                self.checkpointer.save(step, scores, action.why if action.save else "", wait=last or action.save)
             if action.then == "stop" and not last:
                 self.stopped_at = step
                 break

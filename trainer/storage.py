@@ -2,9 +2,9 @@
 an fsspec filesystem reaches (s3://, gs://, ...) or a path: on one machine, or a shared mount.
 
 Code that writes or reads many files (DeepSpeed checkpoints, exports) works on a local folder:
-`staged` gives one whose files end up in storage, `fetched` one holding storage's files. On a
-local path both are the storage folder itself; on an object store they are temporary folders,
-uploaded or downloaded and then removed.
+`replaced` gives one whose files replace a folder of storage, `fetched` one holding storage's
+files. On an object store they are temporary folders, uploaded or downloaded and then removed.
+(Checkpoints go up in the background: trainer/checkpoint_upload.py.)
 """
 
 from __future__ import annotations
@@ -76,6 +76,10 @@ class Storage:
         else:
             self.fs.pipe_file(self._path(name), text.encode())
 
+    def open(self, name: str, mode: str = "rb"):
+        """The file as a file object (on an object store, a write goes up in parts as it is written)."""
+        return self.fs.open(self._path(name), mode)
+
     def folders(self) -> list[str]:
         """Names of the folders directly inside this one (none when it does not exist)."""
         if not self.exists():
@@ -89,24 +93,6 @@ class Storage:
         """Removes the file or folder, if there is one."""
         if self.exists(name):
             self.fs.rm(self._path(name), recursive=True)
-
-    @contextmanager
-    def staged(self, name: str = "", written_here: Callable[[str], bool] = lambda _: True) -> Iterator[Path]:
-        """A local folder whose files end up in this storage's folder `name` when the block exits
-        without an error. On a local path, where several processes may write into the same
-        folder, the files `written_here` accepts (by path relative to it) are flushed to disk by
-        then. Files already there stay unless overwritten."""
-        if self.is_local:
-            folder = Path(self._path(name))
-            folder.mkdir(parents=True, exist_ok=True)
-            yield folder
-            for file in folder.rglob("*"):
-                if file.is_file() and written_here(file.relative_to(folder).as_posix()):
-                    _fsync(file)
-            return
-        with tempfile.TemporaryDirectory(prefix="valleyforge-stage-") as tmp:
-            yield Path(tmp)
-            self._put_files(Path(tmp), name)
 
     @contextmanager
     def replaced(self, name: str = "") -> Iterator[Path]:
