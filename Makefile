@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/valleyforge demo
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 test-unit: lint
 	$(PY) -m pytest -q -m unit tests
