@@ -94,8 +94,8 @@ def wait_for_a_checkpoint(job: subprocess.Popen, timeout_s: float = 300) -> str:
 
 # Seconds between the drain notice and the node's end: room for a few steps and saves on these
 # CPUs, with Ray Train's preemption watcher polling every 5 s.
-DRAIN_DEADLINE_S = 25
-DRAINED_STEPS = 250  # steps of about 0.2 s: the deadline passes mid-stage
+DRAIN_DEADLINE_S = 15
+DRAINED_STEPS = 200  # steps of about 0.2 s: the deadline passes mid-stage
 
 
 def last_section(log: Path) -> str:
@@ -232,7 +232,7 @@ def test_a_drained_node_loses_no_step_and_the_elastic_stage_goes_on_with_the_wor
     storage = Storage(f"s3://{object_store.bucket}/runs/{name}")
     overrides = [o for o in cluster_overrides(cluster, synth_data, store_data, name) if not o.startswith("stages.inst")]
     overrides += [f"cluster.storage={storage.url}", "cluster.num_workers=[1, 2]"]
-    overrides += [f"stages.pretrain.steps={DRAINED_STEPS}", "stages.pretrain.checkpoint_every=50"]
+    overrides += [f"stages.pretrain.steps={DRAINED_STEPS}", "stages.pretrain.checkpoint_every=30"]
     job = valleyforge(
         "run",
         str(config),

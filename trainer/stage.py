@@ -148,11 +148,13 @@ class StageRunner:
             log(metrics, step)
             self.health.check()
             scores = {**scores, **{k: metrics[k] for k in ("train/loss", "eval/loss") if k in metrics}}
-            self.checkpointer.poll()  # the previous save is complete once every rank's upload is
+            self.checkpointer.poll()  # a save whose uploads have all ended is marked complete
             action = self._interrupted(notices(), time.perf_counter() - started) if notices else Action()
-            if checkpoint or action.save:  # complete before training ends, stops or waits
+            if checkpoint or action.save:  # the last step's and an interruption's: complete before going on
                 self.checkpointer.save(step, scores, action.why if action.save else "", wait=last or action.save)
-            if action.then == "stop" and not last:
+            if last:  # done: a stop or a preemption notice changes nothing now
+                break
+            if action.then == "stop":
                 self.stopped_at = step
                 break
             if action.then == "wait":
