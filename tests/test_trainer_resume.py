@@ -1,7 +1,8 @@
 """The trainer's checkpoints on ZeRO-3 ranks under Ray, against a 2-rank run that never stopped:
-- from its step-3 checkpoint, a run whose rank is SIGKILLed while writing the step-6 checkpoint
-  leaves step 3 the latest; new worker processes resume from it and train steps 4-6 on the same
-  batches with the same losses; a rank that cannot see the checkpoint stops the run;
+- from its step-3 checkpoint in an S3 store (moto's server), a run whose rank is SIGKILLed while
+  its files of the step-6 checkpoint go up in the background leaves step 3 the latest; new worker
+  processes resume from it, train steps 4-6 on the same batches with the same losses and write
+  step 6 in full; a rank that cannot see the checkpoint stops the run;
 - the same checkpoint resumes on 1 rank reading with 2 loader workers instead of 1, and a
   checkpoint that rank wrote resumes on 2 again: the universal conversion happens on its own,
   grad_accum is recomputed so the global batch stays, and every resumed step trains on the same
@@ -22,25 +23,9 @@ from two_ranks import fit_on_ranks, tiny_job, worker_topology
 
 from trainer.checkpoint_upload import Upload
 from trainer.stage import StageRunner
+from trainer.storage import Storage
 
-pytestmark = pytest.mark.ray
 STEPS = 6
-
-
-class DiesWhileSaving:
-    """The real engine, except that saving `tag` kills this process once DeepSpeed wrote its files:
-    before the checkpoint is marked complete and `latest` moves."""
-
-    def __init__(self, engine, tag: str):
-        self.engine, self.tag = engine, tag
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def save_checkpoint(self, save_dir, tag, **kwargs):
-        self.engine.save_checkpoint(save_dir, tag=tag, **kwargs)
-        if tag == self.tag:
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def die_while_uploading(tag: str) -> None:
@@ -64,8 +49,6 @@ def resume_worker(config):
     if mode == "blind" and topology.rank == 1:  # as on a node that does not see the run's disk
         job = dataclasses.replace(job, checkpoint_dir=str(Path(config["out"]) / "elsewhere"))
     runner = StageRunner(job, topology)
-    if mode == "die_saving" and topology.rank == 1:
-        runner.checkpointer.engine = DiesWhileSaving(runner.engine, f"step-{STEPS:08d}")
     if mode == "die_uploading" and topology.rank == 1:
         die_while_uploading(f"step-{STEPS:08d}")
     keys, logged, pending = {}, {}, []
@@ -149,27 +132,31 @@ def uninterrupted(ray_local, job, tmp_path_factory):
     return run(job, folder, "full"), folder / "full"
 
 
-def test_a_rank_killed_while_saving_leaves_the_previous_checkpoint_to_resume(job, uninterrupted, tmp_path):
+@pytest.mark.cluster
+def test_a_rank_killed_mid_upload_leaves_the_previous_checkpoint_to_resume(
+    job, uninterrupted, object_store, tmp_path, monkeypatch
+):
+    for key, value in object_store.env.items():  # this process reads the store too
+        monkeypatch.setenv(key, value)
     full, full_checkpoints = uninterrupted
-    step3 = full_checkpoints / "step-00000003"
-    checkpoints = tmp_path / "resumed"
+    storage = Storage(f"s3://{object_store.bucket}/upload-kill")
+    storage.upload(full_checkpoints / "step-00000003", "step-00000003")
+    storage.write_text("latest", "step-00000003")
     with pytest.raises(TrainingFailedError):  # the worker group fails with its SIGKILLed rank
-        run(job, tmp_path, "resumed", mode="die_saving", resume_tag=step3)
-    assert (checkpoints / "latest").read_text() == "step-00000003"
-    assert (
-        list((checkpoints / "step-00000006").rglob("*.pt"))
-        and not (checkpoints / "step-00000006" / "complete").exists()
-    )
-    resumed = run(job, tmp_path, "resumed")
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-00000003", "step-00000006"]
-    assert json.loads((checkpoints / "step-00000006" / "complete").read_text())["step"] == 6
+        run(job, tmp_path, "resumed", mode="die_uploading", storage=storage.url, env=object_store.env)
+    assert storage.read_text("latest") == "step-00000003"
+    assert storage.exists("step-00000006") and not storage.exists("step-00000006/complete")
+    resumed = run(job, tmp_path, "resumed", storage=storage.url, env=object_store.env)
+    assert storage.folders() == ["step-00000003", "step-00000006"]
+    complete = json.loads(storage.read_text("step-00000006/complete"))
+    assert complete["step"] == 6 and any("zero_pp_rank_1_" in name for name in complete["files"])
     for rank in range(2):
         assert sorted(resumed[rank]["logged"]) == [4, 5, 6]
         for step in (4, 5, 6):
             assert resumed[rank]["keys"][step] == full[rank]["keys"][step]
             assert abs(resumed[rank]["logged"][step][0] - full[rank]["logged"][step][0]) < 1e-5
     with pytest.raises(Exception) as failure:  # rank 1 never starts from step 0 on its own
-        run(job, tmp_path, "resumed", mode="blind")
+        run(job, tmp_path, "resumed", mode="blind", storage=storage.url, env=object_store.env)
     assert "rank(s) [1] cannot read the checkpoint rank 0 resumes from" in str(failure.value)
 
 
@@ -181,6 +168,7 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+@pytest.mark.ray
 def test_a_checkpoint_resumes_on_another_number_of_ranks(job, uninterrupted, tmp_path):
     full, full_checkpoints = uninterrupted
     assert full[0]["grad_accum"] == 1
