@@ -40,9 +40,9 @@ class ReaderConfig(Strict):
         ge=1,
         description="streams a stage's training data is split into, fixed when the stage first starts: "
         "the sample order depends on them, the seed and the data, not on the ranks and "
-        "workers reading them; every rank count the stage runs on must divide it. Default: "
-        "data.num_workers x the least common multiple of the rank counts cluster.num_workers "
-        "allows",
+        "workers reading them; at least one per loader worker of each of the most ranks, and a multiple of "
+        "the stage's global batch (grad_accum x the most ranks) or of each rank count. Each keeps its own "
+        "shuffle buffer. Default: the fewest that do",
     )
     shuffle_buffer: int = Field(256, ge=1, description="samples held for shuffling; 1 disables")
     max_length: int = Field(512, ge=8, description="tokens per sample after placeholder expansion")

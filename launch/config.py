@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from data_shards.config import ReaderConfig, Strict, TemplateName
 from data_shards.errors import ValleyForgeError
 from trainer.config import EngineConfig, ModelConfig, StageConfig
+from trainer.layout import check_layout, default_streams
 
 
 class ConfigError(ValleyForgeError):
@@ -85,10 +85,10 @@ class ClusterConfig(Strict):
         return self.worker_range[1]
 
     @property
-    def worker_counts_lcm(self) -> int:
-        """The least common multiple of every rank count a stage may run on."""
+    def worker_counts(self) -> range:
+        """Every rank count a stage may run on."""
         low, high = self.worker_range
-        return math.lcm(*range(low, high + 1))
+        return range(low, high + 1)
 
 
 class TrackingConfig(Strict):
@@ -161,28 +161,28 @@ class JobConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _batches_split_over_every_rank_count(self):
-        """Every rank count a stage may run on must divide its data streams and its global batch."""
-        lcm, counts = self.cluster.worker_counts_lcm, list(self.cluster.worker_range)
-        if self.data_streams() % lcm:
-            raise ValueError(
-                f"data.streams {self.data.streams} must be a multiple of {lcm} to split over every rank "
-                f"count cluster.num_workers {counts} allows"
-            )
+    def _layouts_run_on_every_rank_count(self):
+        """Each stage's data streams and global batch run on every rank count the cluster allows
+        (trainer/layout.py, the rule the workers apply to a resumed layout too)."""
         for stage in self.stages:
-            if self.micro_batches_per_step(stage) % lcm:
-                raise ValueError(
-                    f"stages.{stage.name}.grad_accum: a global batch of {self.micro_batches_per_step(stage)} "
-                    f"micro-batches (grad_accum {stage.grad_accum} x {self.cluster.max_workers} ranks) does not split "
-                    f"over every rank count cluster.num_workers {counts} allows; make grad_accum x "
-                    f"{self.cluster.max_workers} a multiple of {lcm}"
-                )
+            for world in self.cluster.worker_counts:
+                try:
+                    check_layout(
+                        stage.name,
+                        self.data_streams(stage),
+                        self.micro_batches_per_step(stage),
+                        world,
+                        self.data.num_workers,
+                    )
+                except ValleyForgeError as err:
+                    raise ValueError(str(err)) from None
         return self
 
-    def data_streams(self) -> int:
-        """`data.streams`, or its default: one per DataLoader worker of each rank, times every rank
-        count the cluster allows (their least common multiple)."""
-        return self.data.streams or self.cluster.worker_counts_lcm * max(self.data.num_workers, 1)
+    def data_streams(self, stage: StageConfig) -> int:
+        """`data.streams`, or the fewest that run the stage on every rank count the cluster allows."""
+        return self.data.streams or default_streams(
+            self.micro_batches_per_step(stage), self.cluster.worker_counts, self.data.num_workers
+        )
 
     def micro_batches_per_step(self, stage: StageConfig) -> int:
         """A stage's global batch in micro-batches: its grad_accum on each of the most ranks."""

@@ -45,7 +45,7 @@ def resolve_inputs(cfg: JobConfig) -> dict[str, StageShards]:
                 shard_lists(evaluation) if evaluation else None,
                 shard_lists(probes.data) if probes else None,
             )
-            check_enough_shards(lists[stage.name].train, cfg.data_streams())
+            check_enough_shards(lists[stage.name].train, cfg.data_streams(stage))
             if evaluation:  # read by each rank's DataLoader workers, on as many ranks as there may be
                 check_enough_shards(lists[stage.name].eval, cfg.cluster.max_workers * max(cfg.data.num_workers, 1))
         except ValleyForgeError as err:
@@ -133,7 +133,7 @@ def stage_job(
     return StageJob(
         model=cfg.model,
         engine=cfg.engine,
-        data=cfg.data.model_copy(update={"streams": cfg.data_streams()}),
+        data=cfg.data.model_copy(update={"streams": cfg.data_streams(stage)}),
         stage=stage,
         train_shards=shards.train,
         eval_shards=shards.eval,

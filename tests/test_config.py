@@ -44,12 +44,10 @@ def run_cli(*args):
             "cluster: num_workers: [3, 1]: a count >= 1, or [min, max] with 1 <= min <= max",
         ),
         (
-            "cluster.num_workers=[2, 4]",
-            "stages.contrastive.grad_accum: a global batch of 4 micro-batches (grad_accum 1 x 4 "
-            "ranks) does not split over every rank count cluster.num_workers [2, 4] allows; "
-            "make grad_accum x 4 a multiple of 12",
+            "data.streams=3",
+            "stages.contrastive: a global batch of 2 micro-batches from 3 data streams does not split step by "
+            "step over 2 ranks: data.streams must be a multiple of 2",
         ),
-        ("data.streams=3", "data.streams 3 must be a multiple of 2 to split over every rank count"),
     ],
 )
 def test_bad_override_is_one_line_naming_the_key(override, expected):
@@ -116,8 +114,34 @@ def test_elastic_worker_range_sets_streams_and_global_batch():
         ],
     )
     assert cfg.cluster.worker_range == (2, 3)
-    assert cfg.data_streams() == 6 * cfg.data.num_workers  # every count of 2..3 divides it
     assert [cfg.micro_batches_per_step(stage) for stage in cfg.stages] == [6, 6, 6]  # grad_accum x the most ranks
+    assert [cfg.data_streams(stage) for stage in cfg.stages] == [6, 6, 6]  # 2 and 3 both divide it
+
+
+@pytest.mark.parametrize(
+    ("workers", "loader_workers", "streams"),
+    [("[8, 16]", 1, 16), ("[3, 5]", 1, 5), ("[3, 5]", 2, 10), ("[8, 16]", 6, 96)],
+)
+def test_any_elastic_range_is_accepted_with_the_fewest_streams_that_split_step_by_step(
+    workers, loader_workers, streams
+):
+    """No rank count needs to divide the global batch: the default streams are a multiple of it
+    (or of every count), at least one per loader worker of each of the most ranks."""
+    cfg = load_config(DEMO, [f"cluster.num_workers={workers}", f"data.num_workers={loader_workers}"])
+    assert {cfg.data_streams(stage) for stage in cfg.stages} == {streams}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["cluster.num_workers=[3, 5]", "data.streams=7"], "from 7 data streams does not split step by step over 3"),
+        (["cluster.num_workers=[2, 4]", "data.num_workers=2", "data.streams=4"], "cannot feed 3 ranks of 2 loader"),
+    ],
+)
+def test_a_layout_that_cannot_run_on_some_rank_count_is_refused_naming_the_fix(overrides, message):
+    with pytest.raises(ConfigError, match=message) as refused:
+        load_config(DEMO, overrides)
+    assert "data.streams" in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -13,9 +13,8 @@ import torch
 
 from data_shards.config import DataSource, ReaderConfig
 from data_shards.conversation import get_template
-from data_shards.errors import ValleyForgeError
 from data_shards.media import VisualSpec
-from data_shards.read.reader import Topology, build_loader, merge_states
+from data_shards.read.reader import Topology, build_loader, merge_states, micro_batches_of
 from data_shards.tokenizer import build_word_tokenizer
 from data_shards.write.synth import vocabulary
 
@@ -86,33 +85,40 @@ def test_reader_resume_in_new_process_gives_the_same_next_batches(synth_data, tm
     assert max(epochs) >= 1 if mixing == "resampled" else all(s["epoch"] == 0 for s in positions)
 
 
-def interleaved(per_rank: list[list]) -> list:
-    """The stage's micro-batch order from each rank's batches: rank r's n-th is micro-batch n x ranks + r."""
-    return [batch for step in zip(*per_rank) for batch in step]
+def in_stage_order(per_rank: list[list], first: int, count: int) -> list:
+    """The stage's micro-batches `first` .. from each rank's batches, in the stage's order."""
+    world, taken = len(per_rank), [iter(batches) for batches in per_rank]
+    owners = {j: r for r in range(world) for j in micro_batches_of(r, world, STREAMS, first, count)}
+    return [next(taken[owners[j]]) for j in range(first, first + count)]
 
 
 def test_micro_batch_sequence_and_resume_do_not_depend_on_ranks_or_workers(synth_data):
     root = str(synth_data)
-    # 12 micro-batches in the stage's order: one rank reading all 4 streams with 2 loader workers
-    reference = read(make_loader(root, "epoch", rank=0, world_size=1, workers=2), 12)
+    # 16 micro-batches in the stage's order: one rank reading all 4 streams with 2 loader workers
+    reference = read(make_loader(root, "epoch", rank=0, world_size=1, workers=2), 16)
     # 2 ranks x 2 workers take 3 each, the first 6; their merged state resumes on 1 rank x 1 worker
     ranks = [make_loader(root, "epoch", rank=r) for r in range(2)]
-    assert interleaved([read(loader, 3) for loader in ranks]) == reference[:6]
+    assert in_stage_order([read(loader, 3) for loader in ranks], 0, 6) == reference[:6]
     merged = merge_states([loader.state_dict() for loader in ranks])
     assert merged["consumed"] == 6
     one = make_loader(root, "epoch", rank=0, world_size=1, workers=1)
     one.load_state_dict(merged)
     assert read(one, 2) == reference[6:8]
-    # ... and 1 rank's state after 8 resumes on 4 ranks of 1 stream each
+    # ... 1 rank's state after 8 on 3 ranks, which 4 streams do not divide: rank 0 reads streams
+    # 0 and 3 (with 2 loader workers), ranks 1 and 2 one each; micro-batches 8-11 fall 2, 1, 1
+    three = [make_loader(root, "epoch", rank=r, world_size=3, workers=2) for r in range(3)]
+    for loader in three:
+        loader.load_state_dict(merge_states([one.state_dict()]))
+    shares = [len(micro_batches_of(r, 3, STREAMS, 8, 4)) for r in range(3)]
+    assert shares == [2, 1, 1]
+    assert three[0].peek()["keys"] == reference[8][0]  # looked at, not taken: read next
+    assert in_stage_order([read(loader, n) for loader, n in zip(three, shares)], 8, 4) == reference[8:12]
+    # ... and their merged state after 12 on 4 ranks of 1 stream each
     four = [make_loader(root, "epoch", rank=r, world_size=4, workers=1) for r in range(4)]
+    after_twelve = merge_states([loader.state_dict() for loader in three])
     for loader in four:
-        loader.load_state_dict(one.state_dict())
-    assert interleaved([read(loader, 1) for loader in four]) == reference[8:12]
-
-
-def test_reader_refuses_a_rank_count_that_does_not_divide_the_streams(synth_data):
-    with pytest.raises(ValleyForgeError, match="4 data streams cannot be split over 3 ranks"):
-        make_loader(str(synth_data), "epoch", rank=0, world_size=3)
+        loader.load_state_dict(after_twelve)
+    assert in_stage_order([read(loader, 1) for loader in four], 12, 4) == reference[12:16]
 
 
 if __name__ == "__main__":
@@ -122,6 +128,7 @@ if __name__ == "__main__":
     if command == "save":
         read(reader, int(count))
         Path(sys.argv[5]).write_text(json.dumps(reader.state_dict()))
-    else:
-        reader.load_state_dict(json.loads(Path(sys.argv[5]).read_text()))
+    else:  # rank 1's streams, and the stage's count: both ranks took as many
+        state = json.loads(Path(sys.argv[5]).read_text())
+        reader.load_state_dict({**state, "consumed": 2 * state.pop("taken")})
         Path(sys.argv[6]).write_text(json.dumps(read(reader, int(count))))

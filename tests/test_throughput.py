@@ -92,7 +92,7 @@ def test_a_packed_batch_counts_its_samples_not_its_rows():
 
     meter = StepMeter(NoFlops(), visual_id, None)
     meter.add(batch, 1.0, 0.0)
-    metrics = meter.metrics(meter.local(), micro_batches=1, world=1, elapsed=2.0)
+    metrics = meter.metrics(meter.local(), loss_parts=1, world=1, elapsed=2.0)
     assert metrics["train/samples_per_s"] == 3.0
     assert metrics["train/visual_tokens_per_sample"] == 4.0
     assert metrics["train/tokens_per_s"] == sum(len(s["input_ids"]) for s in samples) / 2.0

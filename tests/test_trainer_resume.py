@@ -3,10 +3,12 @@
   its files of the step-6 checkpoint go up in the background leaves step 3 the latest; new worker
   processes resume from it, train steps 4-6 on the same batches with the same losses and write
   step 6 in full; a rank that cannot see the checkpoint stops the run;
-- the same checkpoint resumes on 1 rank reading with 2 loader workers instead of 1, and a
-  checkpoint that rank wrote resumes on 2 again: the universal conversion happens on its own,
-  grad_accum is recomputed so the global batch stays, and every resumed step trains on the same
-  micro-batches with the same loss, ending with the same weights."""
+- the same checkpoint resumes on 3 ranks, which its global batch of 2 micro-batches does not
+  divide (each step one rank has none and takes part at weight zero), and a checkpoint those 3
+  wrote resumes on 2 again; a 3-rank run of 4 micro-batches a step (grad_accum 2: one rank takes
+  2, two take 1 and a pass at weight zero) resumes on 2. The universal conversion happens on its
+  own (once per tag, and not when the rank count is the same), and every resumed step trains on
+  the same micro-batches with the same loss, ending with the same weights."""
 
 import dataclasses
 import json
@@ -42,7 +44,7 @@ def die_while_uploading(tag: str) -> None:
 
 
 def resume_worker(config):
-    """Trains the job; each rank writes what it trained on (keys with grad_accum 1) and rank 0's log."""
+    """Trains the job; each rank writes its layout's grad_accum and the loss and batch digest it logged."""
     os.environ.update(config.get("env", {}))  # what the checkpoint storage needs
     topology = worker_topology()
     mode, job = config["mode"], config["job"]
@@ -51,20 +53,9 @@ def resume_worker(config):
     runner = StageRunner(job, topology)
     if mode == "die_uploading" and topology.rank == 1:
         die_while_uploading(f"step-{STEPS:08d}")
-    keys, logged, pending = {}, {}, []
-
-    def recorded():
-        while True:
-            batch = next(runner.train_batches)
-            pending.append(batch["keys"])
-            yield batch
-
-    def log(metrics, step):
-        keys[step] = pending.pop()
-        logged[step] = [metrics["train/loss"], metrics["data/batch_digest"]]
-
-    runner.train(log, recorded())
-    out = {"grad_accum": runner.layout.grad_accum, "keys": keys, "logged": logged}
+    logged = {}
+    runner.train(lambda metrics, step: logged.__setitem__(step, [metrics["train/loss"], metrics["data/batch_digest"]]))
+    out = {"grad_accum": runner.layout.grad_accum, "logged": logged}
     Path(config["out"], f"{config['name']}-rank{topology.rank}.json").write_text(json.dumps(out))
 
 
@@ -78,11 +69,12 @@ def run(
     resume_tag: Path | None = None,
     storage: str | None = None,
     env: dict | None = None,
+    per_step: int | None = None,
     **data,
 ) -> list[dict]:
     """`job` on `ranks` ranks with checkpoints in `folder/name` (or the storage URL `storage`, which
-    the workers reach with `env`), resuming a copy of `resume_tag`; what each rank wrote, steps as
-    numbers."""
+    the workers reach with `env`), resuming a copy of `resume_tag`, with `per_step` micro-batches a
+    step (unset: 1 per rank) and `data` changed as given; what each rank wrote, steps as numbers."""
     checkpoints = storage or folder / name
     if resume_tag:
         shutil.copytree(resume_tag, checkpoints / resume_tag.name)
@@ -92,6 +84,7 @@ def run(
         checkpoint_dir=str(checkpoints),
         data=job.data.model_copy(update=data),
         stage=job.stage.model_copy(update={"checkpoint_every": every}),
+        micro_batches_per_step=per_step,
     )
     fit_on_ranks(
         resume_worker,
@@ -100,7 +93,7 @@ def run(
         num_workers=ranks,
     )
     records = [json.loads((folder / f"{name}-rank{r}.json").read_text()) for r in range(ranks)]
-    return [{**r, **{k: {int(step): v for step, v in r[k].items()} for k in ("keys", "logged")}} for r in records]
+    return [{**r, "logged": {int(step): v for step, v in r["logged"].items()}} for r in records]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +111,7 @@ def job(synth_data, tmp_path_factory):
         data={
             "micro_batch_size": 4,
             "num_workers": 1,
+            "streams": 6,  # 2 and 3 ranks, 1 loader worker each: 2 and 3 divide it
             "max_length": 256,
             "shuffle_buffer": 32,
             "frame_sampling": "random_segment",
@@ -148,13 +142,11 @@ def test_a_rank_killed_mid_upload_leaves_the_previous_checkpoint_to_resume(
     assert storage.exists("step-00000006") and not storage.exists("step-00000006/complete")
     resumed = run(job, tmp_path, "resumed", storage=storage.url, env=object_store.env)
     assert storage.folders() == ["step-00000003", "step-00000006"]
+    assert not storage.exists("step-00000003/universal")  # resumed on as many ranks as wrote it
     complete = json.loads(storage.read_text("step-00000006/complete"))
     assert complete["step"] == 6 and any("zero_pp_rank_1_" in name for name in complete["files"])
-    for rank in range(2):
-        assert sorted(resumed[rank]["logged"]) == [4, 5, 6]
-        for step in (4, 5, 6):
-            assert resumed[rank]["keys"][step] == full[rank]["keys"][step]
-            assert abs(resumed[rank]["logged"][step][0] - full[rank]["logged"][step][0]) < 1e-5
+    assert sorted(resumed[0]["logged"]) == [4, 5, 6]
+    same_steps(resumed[0], full[0])
     with pytest.raises(Exception) as failure:  # rank 1 never starts from step 0 on its own
         run(job, tmp_path, "resumed", mode="blind", storage=storage.url, env=object_store.env)
     assert "rank(s) [1] cannot read the checkpoint rank 0 resumes from" in str(failure.value)
@@ -168,21 +160,37 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
+def same_steps(resumed: dict, full: dict) -> None:
+    """Every step `resumed` logged trained on the micro-batches `full` did, with its loss."""
+    for step, (loss, digest) in resumed["logged"].items():
+        assert digest == full["logged"][step][1], f"step {step} trained on other micro-batches"
+        assert abs(loss - full["logged"][step][0]) < 1e-5, f"step {step}: {loss} vs {full['logged'][step][0]}"
+
+
 @pytest.mark.ray
-def test_a_checkpoint_resumes_on_another_number_of_ranks(job, uninterrupted, tmp_path):
+def test_a_checkpoint_resumes_on_a_rank_count_that_does_not_divide_its_global_batch(job, uninterrupted, tmp_path):
     full, full_checkpoints = uninterrupted
     assert full[0]["grad_accum"] == 1
-    # 2 -> 1: the step-3 checkpoint of 2 ranks on 1 rank reading both data streams with 2 workers
-    (one,) = run(job, tmp_path, "one", ranks=1, every=1, resume_tag=full_checkpoints / "step-00000003", num_workers=2)
-    assert one["grad_accum"] == 2 and sorted(one["logged"]) == [4, 5, 6]
-    # 1 -> 2: the step-5 checkpoint that rank wrote, on 2 ranks again
-    two, _ = run(job, tmp_path, "two", resume_tag=tmp_path / "one" / "step-00000005")
-    assert two["grad_accum"] == 1 and sorted(two["logged"]) == [6]
+    # 2 -> 3: the step-3 checkpoint; 2 micro-batches a step on 3 ranks
+    three = run(job, tmp_path, "three", ranks=3, every=1, resume_tag=full_checkpoints / "step-00000003")
+    assert three[0]["grad_accum"] == 1 and sorted(three[0]["logged"]) == [4, 5, 6]
+    # 3 -> 2: the step-5 checkpoint the 3 ranks wrote
+    two, _ = run(job, tmp_path, "two", resume_tag=tmp_path / "three" / "step-00000005")
+    assert sorted(two["logged"]) == [6]
     assert (tmp_path / "two" / "step-00000005" / "universal" / "converted").is_file()
-    for resumed in (one, two):
-        for step, (loss, digest) in resumed["logged"].items():
-            assert digest == full[0]["logged"][step][1], f"step {step} trained on other micro-batches"
-            assert abs(loss - full[0]["logged"][step][0]) < 1e-5, f"step {step}: {loss} vs {full[0]['logged'][step][0]}"
+    for resumed in (three[0], two):
+        same_steps(resumed, full[0])
     final = weights(full_checkpoints / "step-00000006")
-    assert same_weights(weights(tmp_path / "one" / "step-00000006"), final)
+    assert same_weights(weights(tmp_path / "three" / "step-00000006"), final)
     assert same_weights(weights(tmp_path / "two" / "step-00000006"), final)
+
+
+@pytest.mark.ray
+def test_an_uneven_run_with_grad_accum_2_resumes_on_an_even_count(job, tmp_path):
+    """4 micro-batches a step on 3 ranks, uninterrupted; its step-3 checkpoint on 2 ranks."""
+    full = run(job, tmp_path, "full", ranks=3, per_step=4)
+    assert full[0]["grad_accum"] == 2 and sorted(full[0]["logged"]) == list(range(1, STEPS + 1))
+    two, _ = run(job, tmp_path, "two", resume_tag=tmp_path / "full" / "step-00000003", per_step=4)
+    assert two["grad_accum"] == 2 and sorted(two["logged"]) == [4, 5, 6]
+    same_steps(two, full[0])
+    assert same_weights(weights(tmp_path / "two" / "step-00000006"), weights(tmp_path / "full" / "step-00000006"))

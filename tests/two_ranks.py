@@ -16,12 +16,13 @@ from trainer.job import StageJob
 
 
 def fit_on_ranks(worker, config: dict, storage, timeout_s: int = 1800, num_workers: int = 2) -> None:
-    """`worker(config)` on `num_workers` CPU ranks; a collective that waits past `timeout_s` fails the run."""
+    """`worker(config)` on `num_workers` CPU ranks (sharing the 2 CPUs of `ray_local`); a collective
+    that waits past `timeout_s` fails the run."""
     TorchTrainer(
         worker,
         train_loop_config=config,
         torch_config=TorchConfig(backend="gloo", timeout_s=timeout_s),
-        scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=num_workers, resources_per_worker={"CPU": min(1, 2 / num_workers)}),
         run_config=ray.train.RunConfig(storage_path=str(storage)),
     ).fit()
 

@@ -13,7 +13,7 @@ import torch
 from data_shards.conversation import get_template
 from data_shards.errors import ValleyForgeError
 from data_shards.read.health import ReadHealth
-from data_shards.read.reader import Topology, build_loader
+from data_shards.read.reader import Topology, build_loader, micro_batches_of
 from trainer.blueprint import blueprint_from_config, blueprint_from_export
 from trainer.checkpoint import (
     Checkpointer,
@@ -60,7 +60,15 @@ class StageRunner:
         torch.manual_seed(job.seed)
         storage = Storage(job.checkpoint_dir)
         self.resume_point = find_resume_point(storage, job.resume_checkpoint_url) if job.stage.resume else None
-        self.layout = plan_layout(job, topology.world_size, self.resume_point and self.resume_point.layout)
+        self.layout = plan_layout(
+            job.stage.name,
+            topology.world_size,
+            job.data.streams,
+            job.micro_batches_per_step or job.stage.grad_accum * topology.world_size,
+            job.data.micro_batch_size,
+            job.data.num_workers,
+            self.resume_point and self.resume_point.layout,
+        )
         blueprint = blueprint_from_export(init_folder) if init_folder else blueprint_from_config(job.model)
         self.engine, self.trainable_table = build_engine(job, blueprint, self.layout.grad_accum)
         self.model = self.engine.module
@@ -111,9 +119,11 @@ class StageRunner:
     def train(
         self, log: MetricLog | Send, batches: Iterator[dict] | None = None, notices: Callable[[], Notice] | None = None
     ) -> dict:
-        """Optimizer steps up to `stage.steps`, each of the layout's `grad_accum` micro-batches per
-        rank, from the stage's own stream or `batches`, from the checkpoint the stage resumes;
-        returns the last step's metrics. Every rank sees the same read health and stops together.
+        """Optimizer steps up to `stage.steps`, from the checkpoint the stage resumes; returns the
+        last step's metrics. Each step is this rank's share of the global batch (trainer/layout.py)
+        from the stage's reader or `batches` (an iterator of this rank's micro-batches; with a
+        `peek()` where a rank may have none in a step), and a pass at weight zero where the share is
+        one short. Every rank sees the same read health and stops together.
 
         `notices`, called on every rank after each step, says whether the run is being stopped or
         a node preempted (trainer/interruption.py); a stop ends training early, at `stopped_at`."""
@@ -128,14 +138,20 @@ class StageRunner:
         for step in range(start + 1, stage.steps + 1):
             started = time.perf_counter()
             self.meter.begin()
-            micro_batches = self._fetch(batches)
+            indices = self._share(step)
+            micro_batches = self._fetch(batches, len(indices))
             objective = self._objective([batch for batch, _ in micro_batches])
             for batch, data_wait in micro_batches:
                 output = self.engine(**model_inputs(batch, self.engine.device), **objective)
                 self.engine.backward(output.loss)
                 self.engine.step()
                 self.meter.add(batch, float(output.loss.detach()), data_wait)
-            metrics = self._step_metrics([batch for batch, _ in micro_batches], time.perf_counter() - started)
+            if len(micro_batches) < self.layout.grad_accum:  # one short: a pass at weight zero
+                filler = micro_batches[0][0] if micro_batches else batches.peek()
+                output = self.engine(**model_inputs(filler, self.engine.device), **objective)
+                self.engine.backward(output.loss * 0.0)
+                self.engine.step()
+            metrics = self._step_metrics(micro_batches, indices, time.perf_counter() - started)
             if self.contrastive:
                 metrics["train/logit_scale"] = float(output.logit_scale)
             last = step == stage.steps
@@ -167,10 +183,15 @@ class StageRunner:
         decision = self.interruptions.decide(notice, step_s, self.checkpointer.save_s) if rank() == 0 else None
         return from_rank0(decision)
 
-    def _fetch(self, batches: Iterator[dict]) -> list[tuple[dict, float]]:
-        """This rank's micro-batches of a step, each with the seconds waited for it."""
+    def _share(self, step: int) -> list[int]:
+        """Which of the stage's micro-batches this rank trains on in `step`."""
+        per_step = self.layout.micro_batches_per_step
+        return micro_batches_of(rank(), world_size(), self.layout.streams, (step - 1) * per_step, per_step)
+
+    def _fetch(self, batches: Iterator[dict], count: int) -> list[tuple[dict, float]]:
+        """This rank's `count` micro-batches of a step, each with the seconds waited for it."""
         fetched = []
-        for _ in range(self.layout.grad_accum):
+        for _ in range(count):
             begin = time.perf_counter()
             batch = next(batches)
             fetched.append((batch, time.perf_counter() - begin))
@@ -186,29 +207,33 @@ class StageRunner:
         """What each micro-batch's summed token losses are divided by, so that a step's gradient is
         that of the mean over every supervised token of the global batch, whichever rank and
         micro-batch holds it: DeepSpeed divides each micro-batch's loss by grad_accum and ZeRO
-        averages gradients over the ranks, so the global count over ranks x grad_accum. The
-        logged train/loss, the mean of the micro-batch losses, is then that token mean too."""
+        averages gradients over the ranks, so the global count over ranks x grad_accum (a pass
+        at weight zero adds nothing). The logged train/loss, the micro-batch losses summed over
+        ranks x grad_accum, is then that token mean too."""
         (total,) = sum_across_ranks([sum(supervised_tokens(batch) for batch in micro_batches)])
         return total / (world_size() * self.layout.grad_accum)
 
-    def _step_metrics(self, micro_batches: list[dict], elapsed: float) -> dict:
-        step_reads, step_keys = ReadHealth(), [batch["keys"] for batch in micro_batches]
-        for batch in micro_batches:
+    def _step_metrics(self, micro_batches: list[tuple[dict, float]], indices: list[int], elapsed: float) -> dict:
+        step_reads = ReadHealth()
+        for batch, _ in micro_batches:
             step_reads.add_batch(batch)
-        keys_by_rank, system_samples = [], []
+        step_keys = dict(zip(indices, (batch["keys"] for batch, _ in micro_batches)))
+        keys_by_index, system_samples = {}, []
         for seen, by_reason, by_shard, keys, system in gather(
             (step_reads.seen, dict(step_reads.by_reason), dict(step_reads.by_shard), step_keys, self.system.sample())
         ):
             self.health.add(seen, by_reason, by_shard)
-            keys_by_rank.append(keys)
+            keys_by_index.update(keys)
             system_samples.append(system)
+        # what the logged loss is the mean of: the token mean's parts (_token_share), or the micro-batches' losses
+        loss_parts = self.layout.micro_batches_per_step if self.contrastive else world_size() * self.layout.grad_accum
         return {
             **system_metrics(system_samples),
-            **self.meter.metrics(sum_across_ranks(self.meter.local()), self.layout.grad_accum, world_size(), elapsed),
+            **self.meter.metrics(sum_across_ranks(self.meter.local()), loss_parts, world_size(), elapsed),
             "train/lr": self.engine.get_lr()[0],
             "train/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
             **self.health.metrics(),
-            "data/batch_digest": batch_digest(keys_by_rank),
+            "data/batch_digest": batch_digest([keys_by_index[j] for j in sorted(keys_by_index)]),
         }
 
     def heldout_loss(self) -> float:
@@ -281,9 +306,8 @@ class StageRunner:
         return export, chosen
 
 
-def batch_digest(keys_by_rank: list[list[list[str]]]) -> float:
-    """A 24-bit CRC of the step's sample keys in the stage's micro-batch order (accumulation
-    micro-batch a of rank r is the step's micro-batch a x ranks + r): two runs that trained a step
-    on the same micro-batches log the same number (exact as a float), on any number of ranks."""
-    in_order = [micro for by_accumulation in zip(*keys_by_rank) for micro in by_accumulation]
-    return float(zlib.crc32("\n".join("\t".join(keys) for keys in in_order).encode()) & 0xFFFFFF)
+def batch_digest(keys_in_order: list[list[str]]) -> float:
+    """A 24-bit CRC of the step's sample keys, micro-batch by micro-batch in the stage's order: two
+    runs that trained a step on the same micro-batches log the same number (exact as a float), on
+    any number of ranks."""
+    return float(zlib.crc32("\n".join("\t".join(keys) for keys in keys_in_order).encode()) & 0xFFFFFF)

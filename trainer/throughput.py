@@ -126,11 +126,12 @@ class StepMeter:
     def local(self) -> list[float]:
         return [self.counts[f] for f in self.FIELDS]
 
-    def metrics(self, summed: list[float], micro_batches: int, world: int, elapsed: float) -> dict[str, float]:
+    def metrics(self, summed: list[float], loss_parts: int, world: int, elapsed: float) -> dict[str, float]:
+        """From the counts summed over ranks: train/loss is the summed losses over `loss_parts`."""
         total = dict(zip(self.FIELDS, summed))
         flops_per_device = total["flops"] / world / elapsed
         metrics = {
-            "train/loss": total["loss"] / micro_batches / world,
+            "train/loss": total["loss"] / loss_parts,
             "train/tokens_per_s": total["tokens"] / elapsed,
             "train/samples_per_s": total["samples"] / elapsed,
             "train/visual_tokens_per_sample": total["visual_tokens"] / max(total["samples"], 1),

@@ -14,11 +14,10 @@ the counts since the previous batch of its worker, and its stream's state after 
 from __future__ import annotations
 
 import json
-import logging
 import random
 from dataclasses import dataclass
 
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
 from data_shards.config import DataSource, ReaderConfig, as_sources
 from data_shards.conversation import SampleError, Template, conversations_of, encode_conversation
@@ -31,7 +30,6 @@ from data_shards.read.sources import shard_urls
 from data_shards.read.stream import SampleStream, ShardLists, StreamSetup
 from data_shards.read.tarstream import RawSample
 
-log = logging.getLogger(__name__)
 STATE_VERSION = 2
 SHARD_LEVEL_REASONS = ("corrupt tar member", "unreadable shard")
 
@@ -99,34 +97,22 @@ class ReaderSetup:
     num_streams: int
 
 
-def loader_workers(streams_per_rank: int, configured: int) -> int:
-    """DataLoader worker processes for a rank reading `streams_per_rank` streams: the most, up to
-    `configured`, that share its streams evenly (the DataLoader takes batches from its workers in
-    turn, so each must serve the same number of streams); 0 stays 0 (read in the training process)."""
-    if configured == 0:
-        return 0
-    return max(d for d in range(1, min(configured, streams_per_rank) + 1) if streams_per_rank % d == 0)
+def micro_batches_of(rank: int, world: int, num_streams: int, first: int, count: int) -> list[int]:
+    """Which of the stage's micro-batches `first` .. `first + count - 1` rank `rank` of `world`
+    reads: micro-batch j comes from stream j mod S, and rank r reads the streams v with v mod W == r."""
+    return [j for j in range(first, first + count) if j % num_streams % world == rank]
 
 
 class StreamDataset(IterableDataset):
-    """What each DataLoader worker runs: its share of the rank's streams, each decoded and batched,
-    one batch from each in turn.
+    """What one loader worker runs: its streams, each decoded and batched, one batch from each in
+    turn, `streams[0]` first."""
 
-    The rank takes its streams in turn, starting with `streams[first]`; the DataLoader takes
-    batches from its workers in turn, worker 0 first. So worker `w` of `n` serves the streams at
-    `first + w`, `first + w + n`, ... of the rank's list.
-    """
-
-    def __init__(self, setup: ReaderSetup, streams: list[int], positions: dict[int, dict | None], first: int):
-        self.setup, self.streams, self.positions, self.first = setup, streams, positions, first
+    def __init__(self, setup: ReaderSetup, streams: list[int], positions: dict[int, dict | None]):
+        self.setup, self.streams, self.positions = setup, streams, positions
 
     def __iter__(self):
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        count = len(self.streams)
-        served = [self.streams[(self.first + worker_id + t * num_workers) % count] for t in range(count // num_workers)]
         rejects = ReadHealth()  # this worker's skips, handed out with the batch they were met for
-        batches = [self._batches(stream, rejects) for stream in served]
+        batches = [self._batches(stream, rejects) for stream in self.streams]
         while True:
             for stream_batches in batches:
                 yield next(stream_batches)
@@ -174,52 +160,73 @@ class StreamDataset(IterableDataset):
 
 class ShardLoader:
     """An endless iterator of one rank's batches with a `state_dict()` that resumes it, on these
-    or any other numbers of ranks and DataLoader workers.
+    or any other numbers of ranks and loader workers.
 
-    The stage's micro-batch j comes from stream j mod S; rank r of W takes j = r, r + W, r + 2W,
-    ...: its own streams (those with v mod W == r) in turn. So the sequence of micro-batches
-    depends on the data, the seed and S only. The state holds how many micro-batches all ranks
-    took and, per stream, its position after its last batch taken; `merge_states` joins the
-    ranks' states into the stage's.
+    The stage's micro-batch j comes from stream j mod S; rank r of W reads the streams v with
+    v mod W == r (`micro_batches_of`), in turn. So the sequence of micro-batches depends on the
+    data, the seed and S only. Its `data.num_workers` loader workers (each its own DataLoader
+    with one worker process, so that any number of streams shares them) take the rank's streams
+    in turn. A rank's state holds how many batches it took and its streams' positions after
+    them; `merge_states` joins the ranks' states into the stage's.
     """
 
     def __init__(self, setup: ReaderSetup):
-        num_streams, world = setup.num_streams, setup.topology.world_size
-        if num_streams % world:
-            raise ValleyForgeError(
-                f"{num_streams} data streams cannot be split over {world} ranks: the number of "
-                f"ranks must divide data.streams (fixed when the stage first starts)"
-            )
         self.setup = setup
-        self.streams = list(range(setup.topology.rank, num_streams, world))
-        self.workers = loader_workers(len(self.streams), setup.config.num_workers)
-        if self.workers < setup.config.num_workers:
-            log.warning(
-                "rank %d reads %d data streams: %d of data.num_workers %d DataLoader workers share them evenly",
-                setup.topology.rank,
-                len(self.streams),
-                self.workers,
-                setup.config.num_workers,
-            )
+        self.streams = list(range(setup.topology.rank, setup.num_streams, setup.topology.world_size))
         self.positions: dict[int, dict | None] = {stream: None for stream in self.streams}
         self.taken = 0  # batches this rank handed out
-        self._batches = None
+        self._workers: list | None = None
+        self._peeked: dict | None = None
 
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict:
-        if self._batches is None:
-            dataset = StreamDataset(self.setup, self.streams, dict(self.positions), self.taken % len(self.streams))
-            self._batches = iter(
-                DataLoader(dataset, batch_size=None, num_workers=self.workers, persistent_workers=self.workers > 0)
+    def _open(self) -> None:
+        """One DataLoader per loader worker (none: read in this process), the rank's streams dealt
+        out in turn: worker w serves the streams at w, w + n, ... of the rank's list, each in the
+        order the rank takes them from its next one on."""
+        count, first = len(self.streams), self.taken % len(self.streams)
+        processes = min(self.setup.config.num_workers, count)
+        self._workers = []
+        for worker in range(max(processes, 1)):
+            own = sorted(range(worker, count, max(processes, 1)), key=lambda i: (i - first) % count)
+            dataset = StreamDataset(
+                self.setup,
+                [self.streams[i] for i in own],
+                {self.streams[i]: self.positions[self.streams[i]] for i in own},
             )
-        batch = next(self._batches)
+            self._workers.append(
+                iter(
+                    DataLoader(
+                        dataset, batch_size=None, num_workers=min(processes, 1), persistent_workers=processes > 0
+                    )
+                )
+            )
+
+    def _read(self) -> dict:
+        """The rank's next batch as read, its stream's position after it included."""
+        if self._peeked is not None:
+            batch, self._peeked = self._peeked, None
+            return batch
+        if self._workers is None:
+            self._open()
+        index = self.taken % len(self.streams)
+        batch = next(self._workers[index % len(self._workers)])
+        assert batch["reader_state"]["stream"] == self.streams[index], "batches out of stream order"
+        return batch
+
+    def __next__(self) -> dict:
+        batch = self._read()
         state = batch.pop("reader_state")
-        assert state["stream"] == self.streams[self.taken % len(self.streams)], "batches out of stream order"
         self.positions[state["stream"]] = state["position"]
         self.taken += 1
         return batch
+
+    def peek(self) -> dict:
+        """The batch `next` returns next, without taking it: the state stays before it."""
+        if self._peeked is None:
+            self._peeked = self._read()
+        return {key: value for key, value in self._peeked.items() if key != "reader_state"}
 
     def _fingerprint(self) -> dict:
         return {
@@ -230,18 +237,18 @@ class ShardLoader:
         }
 
     def state_dict(self) -> dict:
-        """This rank's part of the stage's reader state (its streams' positions)."""
+        """This rank's part of the stage's reader state: what it took, its streams' positions."""
         return {
             "version": STATE_VERSION,
             **self._fingerprint(),
-            "consumed": self.taken * self.setup.topology.world_size,
+            "taken": self.taken,
             "positions": {str(stream): position for stream, position in self.positions.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume from the stage's reader state (`merge_states` of every rank's), whatever the
         ranks and workers that saved it."""
-        if self._batches is not None:
+        if self._workers is not None or self._peeked is not None:
             raise RuntimeError("load the reader state before reading the first batch")
         if state.get("version") != STATE_VERSION:
             raise ValleyForgeError(
@@ -256,27 +263,23 @@ class ShardLoader:
                     f"({shown}); resume with the same data.seed, data.micro_batch_size and "
                     f"data sources"
                 )
-        world = self.setup.topology.world_size
-        if state["consumed"] % world:
-            raise ValleyForgeError(
-                f"cannot resume the reader on {world} ranks: {state['consumed']} micro-batches "
-                f"were taken, not a whole number per rank"
-            )
         missing = [stream for stream in self.streams if str(stream) not in state["positions"]]
         if missing:
             raise ValueError(
                 f"the reader state lacks data streams {missing}: resume from every rank's state merged (merge_states)"
             )
         self.positions = {stream: state["positions"][str(stream)] for stream in self.streams}
-        self.taken = state["consumed"] // world
+        cycles, rest = divmod(state["consumed"], self.setup.num_streams)
+        topology = self.setup.topology
+        self.taken = cycles * len(self.streams) + len(range(topology.rank, rest, topology.world_size))
 
 
 def merge_states(states: list[dict]) -> dict:
-    """The stage's reader state from every rank's `state_dict()`."""
-    merged = {**states[0], "positions": {}}
-    for state in states:
-        assert state["consumed"] == merged["consumed"], "ranks saved reader states of different steps"
-        merged["positions"].update(state["positions"])
+    """The stage's reader state from every rank's `state_dict()`: every stream's position, and how
+    many of the stage's micro-batches were consumed (the ranks take them in order)."""
+    merged = {key: value for key, value in states[0].items() if key != "taken"}
+    merged["consumed"] = sum(state["taken"] for state in states)
+    merged["positions"] = {stream: p for state in states for stream, p in state["positions"].items()}
     return merged
 
 
