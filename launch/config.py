@@ -46,6 +46,13 @@ class ClusterConfig(Strict):
         "after a lost node its first try may still count the node's workers (its view of the "
         "cluster is up to 20 s old), so this bounds how long an elastic stage waits for them",
     )
+    resize_check_s: float = Field(
+        60,
+        ge=0,
+        description="elastic: how often Ray Train looks for room for more workers while a stage runs on fewer "
+        "than the most (a lost node back, a new one joined); it then restarts the stage's group larger, "
+        "from the newest checkpoint",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     num_cpus: int | None = Field(None, ge=1, description="CPUs an embedded Ray may use (default: all)")

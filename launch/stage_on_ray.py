@@ -77,6 +77,7 @@ def train_on_ray(
             num_workers=cluster.num_workers,
             use_gpu=cluster.use_gpu,
             resources_per_worker={"CPU": cluster.cpus_per_worker},
+            elastic_resize_monitor_interval_s=cluster.resize_check_s,
         ),
         run_config=RunConfig(
             name=f"{cfg.name}-{job.stage.name}-{int(time.time())}",

@@ -21,6 +21,7 @@ from trainer.checkpoint import (
     prune,
 )
 from trainer.checkpoint_integrity import files_under, list_files
+from trainer.checkpoint_universal import conversion_workers
 from trainer.layout import BatchLayout
 from trainer.storage import Storage
 
@@ -109,3 +110,16 @@ def test_a_checkpoint_is_loaded_only_from_the_job_storage_or_named_sources():
     assert not is_under("s3://bucket/jobber/checkpoints/pretrain/step-00000004", "s3://bucket/job")
     assert not is_under("s3://bucket/job/../other/step-00000004", "s3://bucket/job")
     assert not is_under("/runs/a", "/runs/a")
+
+
+@pytest.mark.parametrize(
+    ("files", "free", "cpus", "workers"),
+    [
+        ([100] * 4, 10_000, 16, (4, 16)),  # one extract worker per rank's file
+        ([100] * 8, 10_000, 2, (2, 2)),  # as many as the CPUs
+        ([100] * 4, 450, 16, (2, 16)),  # each holds twice its file: free memory for 2
+        ([100] * 4, 50, 16, (1, 16)),  # at least one
+    ],
+)
+def test_the_universal_conversion_spreads_over_the_cpus_and_memory_it_has(files, free, cpus, workers):
+    assert conversion_workers(files, free, cpus) == workers

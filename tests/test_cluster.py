@@ -3,7 +3,8 @@ an S3-compatible store, tracking on an `mlflow server` (artifacts in the store),
 node. The job is stopped with Ctrl-C after a checkpoint (the step in progress is saved) and
 rerun: both ranks resume at that step, under the same MLflow runs, every step's metrics logged
 once; the stages register; `valleyforge generate` answers from the registered model. An elastic
-job whose node is drained for preemption saves, waits and goes on with the worker left."""
+job whose node is drained for preemption saves, waits and goes on with the worker left, and grows
+back to 2 ranks when the node returns."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -95,7 +97,16 @@ def wait_for_a_checkpoint(job: subprocess.Popen, timeout_s: float = 300) -> str:
 # Seconds between the drain notice and the node's end: room for a few steps and saves on these
 # CPUs, with Ray Train's preemption watcher polling every 5 s.
 DRAIN_DEADLINE_S = 15
-DRAINED_STEPS = 200  # steps of about 0.2 s: the deadline passes mid-stage
+DRAINED_STEPS = 260  # steps of about 0.2 s: the deadline passes, and the node returns, mid-stage
+
+
+def wait_for_text(log: Path, text: str, job: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Until the driver-side rank log `log` of the running `job` holds `text`."""
+    deadline = time.monotonic() + timeout_s
+    while not (log.is_file() and text in log.read_text()):
+        assert job.poll() is None, f"the job ended before {log.name} said {text!r}"
+        assert time.monotonic() < deadline, f"{log.name} did not say {text!r} within {timeout_s} s"
+        time.sleep(1)
 
 
 def last_section(log: Path) -> str:
@@ -215,7 +226,7 @@ def test_a_local_storage_path_that_a_node_cannot_see_stops_the_run(
     assert "last lines of" in err  # the failing rank's log, quoted from the driver's copy
 
 
-def test_a_drained_node_loses_no_step_and_the_elastic_stage_goes_on_with_the_worker_left(
+def test_a_drained_node_loses_no_step_and_the_elastic_stage_goes_on_and_grows_back_when_it_returns(
     two_node_cluster, object_store, mlflow_server, synth_data, store_data, monkeypatch, tmp_path
 ):
     """cluster.num_workers [1, 2]: after the first checkpoint the second node is drained for
@@ -223,16 +234,18 @@ def test_a_drained_node_loses_no_step_and_the_elastic_stage_goes_on_with_the_wor
     deadline has passed. Every rank learns it at a step boundary: a checkpoint of that step at
     once, training on while the deadline leaves room, then a checkpoint of the last step that
     fits and a wait; Ray Train restarts the stage on the one worker the cluster has room for,
-    which resumes that last checkpoint on 1 rank (grad_accum doubled): no step is trained twice,
-    and the stage completes, every step logged once."""
+    which resumes that last checkpoint on 1 rank (grad_accum doubled): no step is trained twice.
+    Then the node comes back: Ray Train finds room for 2 workers again (cluster.resize_check_s)
+    and restarts the group larger, which resumes the newest checkpoint the 1 rank wrote; the
+    stage completes on 2 ranks, every step logged once."""
     for key, value in object_store.env.items():
         monkeypatch.setenv(key, value)
     cluster, name = two_node_cluster, "elastic"
     config = demo_stages(tmp_path, "pretrain")
     storage = Storage(f"s3://{object_store.bucket}/runs/{name}")
     overrides = [o for o in cluster_overrides(cluster, synth_data, store_data, name) if not o.startswith("stages.inst")]
-    overrides += [f"cluster.storage={storage.url}", "cluster.num_workers=[1, 2]"]
-    overrides += [f"stages.pretrain.steps={DRAINED_STEPS}", "stages.pretrain.checkpoint_every=30"]
+    overrides += [f"cluster.storage={storage.url}", "cluster.num_workers=[1, 2]", "cluster.resize_check_s=5"]
+    overrides += [f"stages.pretrain.steps={DRAINED_STEPS}", "stages.pretrain.checkpoint_every=10"]
     job = valleyforge(
         "run",
         str(config),
@@ -240,30 +253,43 @@ def test_a_drained_node_loses_no_step_and_the_elastic_stage_goes_on_with_the_wor
         env={**cluster.env, **object_store.env, "MLFLOW_TRACKING_URI": mlflow_server},
     )
     checkpoints = storage.child("checkpoints", "pretrain")
+    logs = cluster.run_dir / name / "logs"
+    rest: dict = {}  # the job's output after the first checkpoint, read meanwhile: a full pipe stalls its driver
     try:
         printed = wait_for_a_checkpoint(job)
+        reader = threading.Thread(target=lambda: rest.update(zip(("out", "err"), job.communicate(timeout=900))))
+        reader.start()
         node = cluster.drain_second_node(DRAIN_DEADLINE_S)
         time.sleep(DRAIN_DEADLINE_S + 2)
         cluster.lose_second_node()
-        out, err = job.communicate(timeout=600)
+        wait_for_text(logs / "pretrain-rank0.log", "resuming a checkpoint of 2 rank(s) on 1", job)
+        cluster.start_second_node()
+        reader.join(timeout=900)
     finally:
         if job.poll() is None:
             job.kill()
-        cluster.start_second_node()  # for the tests after this one
-    assert job.returncode == 0, printed + out + err
+        if len(cluster.nodes) < 2:
+            cluster.start_second_node()  # for the tests after this one
+    out, err = printed + rest["out"], rest["err"]
+    assert job.returncode == 0, out + err
     # at the notice, and (unless that was already too late for another step) at the last step that fits
     for_preemption = re.findall(rf"\[pretrain\] checkpoint at step (\d+) \(node {node[:8]} preempted in [^)]*\): ", out)
-    assert 1 <= len(for_preemption) <= 2, printed + out
-    logs = cluster.run_dir / name / "logs"
+    assert 1 <= len(for_preemption) <= 2, out
     saved_and_waited = r"step (\d+) saved \(node \w+ preempted in -?\d+ s, too soon for another step\): waiting"
     waited = {rank: re.findall(saved_and_waited, (logs / f"pretrain-rank{rank}.log").read_text()) for rank in (0, 1)}
     assert waited[0] and waited[0] == waited[1], waited  # every rank saved the same last step, then waited
     (last_saved,) = waited[0]
     assert for_preemption[-1] == last_saved
-    rank0 = last_section(logs / "pretrain-rank0.log")
-    assert "resuming a checkpoint of 2 rank(s) on 1: grad_accum 1 -> 2" in rank0, rank0[-3000:]
-    ((tag_url, step),) = re.findall(r"resumed from (\S+) at step (\d+)", rank0)
+    rank0 = (logs / "pretrain-rank0.log").read_text()
+    shrunk = rank0.index("resuming a checkpoint of 2 rank(s) on 1: grad_accum 1 -> 2")
+    grew = rank0.index("resuming a checkpoint of 1 rank(s) on 2: grad_accum 2 -> 1", shrunk)
+    alone, grown = rank0[shrunk:grew], rank0[grew:]  # the one rank's log, and the grown group's
+    ((tag_url, step),) = re.findall(r"resumed from (\S+) at step (\d+)", alone)
     assert tag_url == checkpoints.child(f"step-{int(last_saved):08d}").url and step == last_saved  # none trained twice
+    ((tag_url, step),) = re.findall(r"resumed from (\S+) at step (\d+)", grown)
+    assert int(step) > int(last_saved) and int(step) % 10 == 0  # a checkpoint the one rank wrote
+    resumed_by_rank1 = re.findall(r"resumed from \S+ at step \d+", (logs / "pretrain-rank1.log").read_text())
+    assert resumed_by_rank1[-1] == f"resumed from {tag_url} at step {step}"
     client = MlflowClient(mlflow_server)
     experiment = client.get_experiment_by_name("valleyforge-demo").experiment_id
     (parent,) = client.search_runs([experiment], f"attributes.run_name = '{name}'")

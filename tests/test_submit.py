@@ -95,7 +95,7 @@ def test_a_bad_config_submits_nothing_and_a_wrong_token_is_refused(two_node_clus
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2 and err.splitlines() == [
         f"valleyforge: error: {TINY}: cluster.workerz: unknown key (allowed here: address, storage, num_workers, "
-        f"max_failures, worker_start_timeout_s, use_gpu, cpus_per_worker, num_cpus, torch_threads, "
+        f"max_failures, worker_start_timeout_s, resize_check_s, use_gpu, cpus_per_worker, num_cpus, torch_threads, "
         f"peak_flops_per_device, preemption_grace_s, checkpoint_sources)"
     ], err
     assert submitted_ids(job_server) == before

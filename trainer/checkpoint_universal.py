@@ -4,23 +4,29 @@ DeepSpeed's ZeRO files hold each rank's slice of the flat optimizer partitions a
 as many ranks as wrote them. Its `ds_to_universal` rewrites them as one file per parameter and
 optimizer state (`zero/NAME/fp32.pt`, `exp_avg.pt`, ...), from which an engine built with
 `"checkpoint": {"load_universal": true}` takes its own slices on any number of ranks. The
-conversion runs once per tag, on rank 0, into the tag's `universal/` folder.
+conversion runs once per tag, into the tag's `universal/` folder, on the rank whose node has the
+most free memory (the others wait), with DeepSpeed's extract and merge steps spread over worker
+processes: as many as the CPUs allow, and for the extract step (each worker holds one rank's
+optimizer file) as many as the free memory allows.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
+import psutil
 import torch
 
 from trainer.checkpoint_integrity import FileList, check_files, files_under, list_files
-from trainer.ranks import barrier, from_rank0, rank
+from trainer.ranks import barrier, from_rank0, gather, rank
 from trainer.storage import Storage
 
 UNIVERSAL = "universal"
@@ -33,33 +39,51 @@ def _zero_file(name: str) -> bool:
 
 def ensure_universal(storage: Storage, tag: str, files: FileList) -> tuple[str, FileList]:
     """The folder name (in `storage`) of `tag`'s universal form and the files it holds, converted
-    by rank 0 from the tag's ZeRO files (checked against `files`, the tag's list) unless a
-    finished conversion is there; every rank returns once it is."""
+    from the tag's ZeRO files (checked against `files`, the tag's list) unless a finished
+    conversion is there; every rank returns once it is."""
     name = f"{tag}/{UNIVERSAL}"
-    if rank() == 0 and not storage.exists(f"{name}/{CONVERTED}"):
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
-        print(f"converting {storage.child(tag).url} to a universal checkpoint", flush=True)
-        with storage.fetched(tag, keep=_zero_file) as folder, tempfile.TemporaryDirectory() as tmp:
-            check_files(folder, files, _zero_file, storage.child(tag).url)
-            output = Path(tmp) / "checkpoint"  # ds_to_universal also writes a pointer file beside it
-            ds_to_universal(
-                SimpleNamespace(
-                    input_folder=str(folder),
-                    output_folder=str(output),
-                    num_extract_workers=1,
-                    num_merge_workers=1,
-                    keep_temp_folder=False,
-                    strict=True,
-                    inject_missing_state=False,
-                )
-            )
-            converted = list_files(output, files_under(output))
-            with storage.replaced(name) as target:
-                shutil.copytree(output, target, dirs_exist_ok=True)
-        storage.write_text(f"{name}/{CONVERTED}", json.dumps(converted) + "\n")
+    free = gather(psutil.virtual_memory().available)
+    converter = free.index(max(free))
+    if rank() == converter and not storage.exists(f"{name}/{CONVERTED}"):
+        _convert(storage, tag, files, name)
     barrier()
     return name, json.loads(from_rank0(storage.read_text(f"{name}/{CONVERTED}") if rank() == 0 else None))
+
+
+def conversion_workers(optimizer_files: list[int], free_bytes: int, cpus: int) -> tuple[int, int]:
+    """Extract and merge worker processes for a checkpoint of one optimizer file per rank (their
+    sizes): an extract worker holds one file and the slices it cuts from it (twice its size); a
+    merge worker one parameter's slices."""
+    extract = min(len(optimizer_files), cpus, free_bytes // (2 * max(optimizer_files)))
+    return max(extract, 1), max(cpus, 1)
+
+
+def _convert(storage: Storage, tag: str, files: FileList, name: str) -> None:
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    started, url = time.perf_counter(), storage.child(tag).url
+    with storage.fetched(tag, keep=_zero_file) as folder, tempfile.TemporaryDirectory() as tmp:
+        check_files(folder, files, _zero_file, url)
+        sizes = [path.stat().st_size for path in folder.glob("*_optim_states.pt")]
+        extract, merge = conversion_workers(sizes, psutil.virtual_memory().available, len(os.sched_getaffinity(0)))
+        print(f"converting {url} to a universal checkpoint ({extract} extract, {merge} merge workers)", flush=True)
+        output = Path(tmp) / "checkpoint"  # ds_to_universal also writes a pointer file beside it
+        ds_to_universal(
+            SimpleNamespace(
+                input_folder=str(folder),
+                output_folder=str(output),
+                num_extract_workers=extract,
+                num_merge_workers=merge,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=False,
+            )
+        )
+        converted = list_files(output, files_under(output))
+        with storage.replaced(name) as target:
+            shutil.copytree(output, target, dirs_exist_ok=True)
+    storage.write_text(f"{name}/{CONVERTED}", json.dumps(converted) + "\n")
+    print(f"converted {url} in {time.perf_counter() - started:.1f} s on rank {rank()}", flush=True)
 
 
 @contextmanager
