@@ -5,8 +5,9 @@
 Llama of 8 layers at each `--widths` (fp32 weights and Adam moments: 12 bytes a parameter) and
 checkpoint it in a local folder. This process then converts each checkpoint as a resume on
 another number of ranks does (trainer/checkpoint_universal.py), `--runs` times each way:
-  serial    one extract and one merge process (what the conversion did before)
-  parallel  the workers `conversion_workers` picks for this machine's CPUs and free memory
+  serial    one extract and one merge process (what the conversion did before, and does below
+            PARALLEL_FROM_BYTES)
+  parallel  the workers `conversion_workers` picks for this machine's CPUs and free memory above it
 
     python bench/bench_conversion.py --work /tmp/vf-conversion --widths 512 1024 --runs 2
 """
@@ -66,18 +67,19 @@ def write_checkpoint(width: int, data: Path, work: Path) -> Path:
 
 
 def convert(checkpoints: Path, parallel: bool) -> float:
-    """Seconds to convert the tag afresh, with the chosen workers."""
+    """Seconds to convert the tag afresh, with one extract and one merge process or with the
+    workers `conversion_workers` picks above its size threshold."""
     storage = Storage(str(checkpoints))
     shutil.rmtree(checkpoints / TAG / checkpoint_universal.UNIVERSAL, ignore_errors=True)
     point = resume_point(storage, TAG)
-    pick = checkpoint_universal.conversion_workers
-    checkpoint_universal.conversion_workers = pick if parallel else (lambda *_: (1, 1))
+    threshold = checkpoint_universal.PARALLEL_FROM_BYTES
+    checkpoint_universal.PARALLEL_FROM_BYTES = 0 if parallel else float("inf")
     try:
         started = time.perf_counter()
         checkpoint_universal.ensure_universal(storage, TAG, point.files)
         return time.perf_counter() - started
     finally:
-        checkpoint_universal.conversion_workers = pick
+        checkpoint_universal.PARALLEL_FROM_BYTES = threshold
 
 
 def main() -> None:

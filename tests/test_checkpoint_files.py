@@ -112,13 +112,17 @@ def test_a_checkpoint_is_loaded_only_from_the_job_storage_or_named_sources():
     assert not is_under("/runs/a", "/runs/a")
 
 
+GIB = 2**30
+
+
 @pytest.mark.parametrize(
     ("files", "free", "cpus", "workers"),
     [
-        ([100] * 4, 10_000, 16, (4, 16)),  # one extract worker per rank's file
-        ([100] * 8, 10_000, 2, (2, 2)),  # as many as the CPUs
-        ([100] * 4, 450, 16, (2, 16)),  # each holds twice its file: free memory for 2
-        ([100] * 4, 50, 16, (1, 16)),  # at least one
+        ([GIB] * 4, 100 * GIB, 16, (4, 16)),  # one extract worker per rank's file
+        ([GIB] * 8, 100 * GIB, 2, (2, 2)),  # as many as the CPUs
+        ([GIB] * 4, 5 * GIB, 16, (2, 16)),  # each holds twice its file: free memory for 2
+        ([GIB] * 4, GIB, 16, (1, 16)),  # at least one
+        ([GIB // 8] * 4, 100 * GIB, 16, (1, 1)),  # 0.5 GiB: starting workers costs more than they save
     ],
 )
 def test_the_universal_conversion_spreads_over_the_cpus_and_memory_it_has(files, free, cpus, workers):

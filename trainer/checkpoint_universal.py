@@ -6,18 +6,22 @@ optimizer state (`zero/NAME/fp32.pt`, `exp_avg.pt`, ...), from which an engine b
 `"checkpoint": {"load_universal": true}` takes its own slices on any number of ranks. The
 conversion runs once per tag, into the tag's `universal/` folder, on the rank whose node has the
 most free memory (the others wait), with DeepSpeed's extract and merge steps spread over worker
-processes: as many as the CPUs allow, and for the extract step (each worker holds one rank's
-optimizer file) as many as the free memory allows.
+processes when the checkpoint is large enough to gain from them: as many as the CPUs allow, and
+for the extract step (each worker holds one rank's optimizer file) as many as the free memory
+allows.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
@@ -50,16 +54,30 @@ def ensure_universal(storage: Storage, tag: str, files: FileList) -> tuple[str, 
     return name, json.loads(from_rank0(storage.read_text(f"{name}/{CONVERTED}") if rank() == 0 else None))
 
 
+# Below this size the worker processes cost more to start than they save (BENCHMARKS.md, "Recovery").
+PARALLEL_FROM_BYTES = 2**30
+
+
 def conversion_workers(optimizer_files: list[int], free_bytes: int, cpus: int) -> tuple[int, int]:
     """Extract and merge worker processes for a checkpoint of one optimizer file per rank (their
-    sizes): an extract worker holds one file and the slices it cuts from it (twice its size); a
-    merge worker one parameter's slices."""
+    sizes): one of each for a small checkpoint; else an extract worker per file as the CPUs and
+    free memory allow (each holds one file and the slices it cuts from it: twice its size), and a
+    merge worker (one parameter's slices at a time) per CPU."""
+    if sum(optimizer_files) < PARALLEL_FROM_BYTES:
+        return 1, 1
     extract = min(len(optimizer_files), cpus, free_bytes // (2 * max(optimizer_files)))
     return max(extract, 1), max(cpus, 1)
 
 
 def _convert(storage: Storage, tag: str, files: FileList, name: str) -> None:
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+    from deepspeed.checkpoint import ds_to_universal as converter
+
+    # Its worker pools fork this process by default, and a fork of a process whose torch has run
+    # parallel work can hang in the child (its OpenMP pool): they fork a fresh server process
+    # instead, which imports the converter once.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([converter.__name__])
+    converter.ProcessPoolExecutor = partial(ProcessPoolExecutor, mp_context=context)
 
     started, url = time.perf_counter(), storage.child(tag).url
     with storage.fetched(tag, keep=_zero_file) as folder, tempfile.TemporaryDirectory() as tmp:
@@ -68,7 +86,7 @@ def _convert(storage: Storage, tag: str, files: FileList, name: str) -> None:
         extract, merge = conversion_workers(sizes, psutil.virtual_memory().available, len(os.sched_getaffinity(0)))
         print(f"converting {url} to a universal checkpoint ({extract} extract, {merge} merge workers)", flush=True)
         output = Path(tmp) / "checkpoint"  # ds_to_universal also writes a pointer file beside it
-        ds_to_universal(
+        converter.main(
             SimpleNamespace(
                 input_folder=str(folder),
                 output_folder=str(output),
