@@ -7,7 +7,9 @@ Once the stage run has `--kill-after` steps logged:
   --elastic  on a Ray cluster of two 1-CPU nodes (tests/cluster_parts.py: the second in a mount
              namespace of its own, so this needs root) with `cluster.num_workers: [1, 2]`, every
              process of the second node is SIGKILLed; Ray Train goes on with 1 worker, which
-             resumes the 2-rank checkpoint through its universal form with grad_accum 2
+             resumes the 2-rank checkpoint through its universal form with grad_accum 2;
+             with --grow-back the node is then started again and Ray Train (cluster.resize_check_s
+             10) restarts the group on 2 ranks from the one rank's newest checkpoint
 Measured from the kill, on the driver's side (its logs and MLflow; the driver takes what the
 workers send once a second, so each time is late by up to a second):
   restarted  a new worker process has started (Ray Train noticed the loss, made a new group)
@@ -17,6 +19,7 @@ and the work lost: the steps between that checkpoint and the kill, trained again
 
     python bench/bench_recovery.py --work /tmp/vf-recovery --runs 2
     python bench/bench_recovery.py --work /tmp/vf-recovery --runs 2 --elastic
+    python bench/bench_recovery.py --work /tmp/vf-recovery --runs 2 --elastic --grow-back --steps 200
 """
 
 from __future__ import annotations
@@ -125,7 +128,7 @@ def worker_kill_run(data: Path, out: Path, name: str, steps: int, every: int, ki
     return watch.result(killed_at, restarted, restored)
 
 
-def node_loss_run(data: Path, out: Path, name: str, steps: int, every: int, kill_after: int) -> dict:
+def node_loss_run(data: Path, out: Path, name: str, steps: int, every: int, kill_after: int, grow_back: bool) -> dict:
     import yaml
     from cluster_parts import start_two_node_cluster
 
@@ -135,6 +138,7 @@ def node_loss_run(data: Path, out: Path, name: str, steps: int, every: int, kill
     config["stages"] = [stage for stage in config["stages"] if stage["name"] == "instruct"]
     (out / "config.yaml").write_text(yaml.safe_dump(config))
     sets = [*overrides(data, out, name, steps, every), "cluster.num_workers=[1, 2]", f"cluster.storage={out}/storage"]
+    sets.append("cluster.resize_check_s=10")
     for folder in ("unseen", "cluster-logs"):
         (out / folder).mkdir()
     cluster = start_two_node_cluster(
@@ -161,13 +165,23 @@ def node_loss_run(data: Path, out: Path, name: str, steps: int, every: int, kill
         killed_at = time.time()
         restarted = wait_for(lambda: len(watch.pids(0)) == 2, "a new group's rank 0")
         restored = wait_for(lambda: RESUMED.search(watch.log(0).rsplit("rank 0: pid", 1)[-1]), "restore")
+        grown = {}
+        if grow_back:
+            cluster.start_second_node()
+            joined = time.time()
+            wait_for(lambda: len(watch.pids(0)) == 3, "a grown group's rank 0")
+            regrown = wait_for(lambda: RESUMED.search(watch.log(0).rsplit("rank 0: pid", 1)[-1]), "restore on 2")
+            grown = {
+                "grown_s": regrown - joined,
+                "grown_from": int(RESUMED.search(watch.log(0).rsplit("rank 0: pid", 1)[-1]).group(2)),
+            }
         if driver.wait() != 0:
             raise RuntimeError(f"the stage did not complete: {(out / 'driver.err').read_text()[-2000:]}")
     finally:
         cluster.stop()
     if "resuming a checkpoint of 2 rank(s) on 1" not in watch.log(0):
         raise RuntimeError("the stage did not go on with 1 rank")
-    return watch.result(killed_at, restarted, restored)
+    return {**watch.result(killed_at, restarted, restored), **grown}
 
 
 def main() -> None:
@@ -178,28 +192,31 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--kill-after", type=int, default=15, help="steps logged before the kill")
     parser.add_argument("--elastic", action="store_true", help="lose a node of an elastic [1, 2] job")
+    parser.add_argument("--grow-back", action="store_true", help="--elastic: start the node again once 1 rank trains")
     parser.add_argument("--run", type=int, help=argparse.SUPPRESS)  # one measurement, in a process of its own
     args = parser.parse_args()
     data = args.work / "data"
     if args.run is not None:
         out = args.work / f"run{args.run}-{int(time.time())}"
         out.mkdir(parents=True)
-        measure = node_loss_run if args.elastic else worker_kill_run
-        r = measure(data, out, f"recovery{args.run}", args.steps, args.every, args.kill_after)
+        run = (data, out, f"recovery{args.run}", args.steps, args.every, args.kill_after)
+        r = node_loss_run(*run, args.grow_back) if args.elastic else worker_kill_run(*run)
+        grown = f" {r['grown_s']:.1f} s (from step {r['grown_from']}) |" if "grown_s" in r else ""
         print(
             f"| {args.run} | {r['killed_step']} | {r['checkpoint_step']} | "
             f"{r['first_new_step'] - 1 - r['checkpoint_step']} | {r['restarted_s']:.1f} s | {r['restored_s']:.1f} s | "
-            f"{r['new_step_s']:.1f} s (step {r['first_new_step']}) |",
+            f"{r['new_step_s']:.1f} s (step {r['first_new_step']}) |{grown}",
             flush=True,
         )
         return
     if not (data / "instruct" / "train" / "manifest.json").is_file():
         write_synthetic_dataset(data, train_samples=1024, heldout_samples=32, progress=lambda m: print(f"[data] {m}"))
+    grown = " grown back on 2, from the node's start |" if args.grow_back else ""
     print(
         "| run | steps logged at the kill | resumed from step | steps trained again | restarted | restored | "
-        "first new step logged |"
+        f"first new step logged |{grown}"
     )
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|" + ("---|" if grown else ""), flush=True)
     for run in range(1, args.runs + 1):  # each in a fresh process: a fresh Ray
         subprocess.run(
             [sys.executable, __file__, *sys.argv[1:], "--run", str(run)], check=True, stderr=subprocess.DEVNULL

@@ -1,10 +1,10 @@
 """Two stages on a Ray cluster of two nodes that share no disk: data, checkpoints and exports in
 an S3-compatible store, tracking on an `mlflow server` (artifacts in the store), one rank per
-node. The job is stopped with Ctrl-C after a checkpoint (the step in progress is saved) and
-rerun: both ranks resume at that step, under the same MLflow runs, every step's metrics logged
-once; the stages register; `valleyforge generate` answers from the registered model. An elastic
-job whose node is drained for preemption saves, waits and goes on with the worker left, and grows
-back to 2 ranks when the node returns."""
+node. The job is stopped with Ctrl-C after a checkpoint (the step in progress is saved and
+recorded, the MLflow runs end KILLED) and rerun: both ranks resume at that step, under the same
+MLflow runs, every step's metrics logged once; the stages register; `valleyforge generate`
+answers from the registered model. An elastic job whose node is drained for preemption saves,
+waits and goes on with the worker left, and grows back to 2 ranks when the node returns."""
 
 from __future__ import annotations
 
@@ -146,6 +146,15 @@ def test_two_nodes_resume_from_the_store_register_and_generate(
     stopped_at, saved = int(stopped.group(1)), stopped.group(2)
     assert saved == storage.child("checkpoints", "pretrain", f"step-{stopped_at:08d}").url
     assert f"[pretrain] checkpoint at step {stopped_at} (stop requested): {saved}" in printed + out
+    client = MlflowClient(mlflow_server)
+    experiment = client.get_experiment_by_name("valleyforge-demo").experiment_id
+    (parent,) = client.search_runs([experiment], f"attributes.run_name = '{name}'")
+    (stage_run,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == stage_run.info.status == "KILLED"
+    history = client.get_metric_history(stage_run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, stopped_at + 1))  # no step trained past the one saved
+    recorded = [m for m in client.search_logged_models([experiment]) if m.source_run_id == stage_run.info.run_id]
+    assert [m.params["saved_for"] for m in recorded if m.params["step"] == str(stopped_at)] == ["stop requested"]
 
     rerun = valleyforge(*command, env=env)
     out, err = rerun.communicate(timeout=900)
@@ -161,8 +170,6 @@ def test_two_nodes_resume_from_the_store_register_and_generate(
     ((tag_url, step),) = resumed[0]
     assert tag_url == saved and int(step) == stopped_at  # resumed at the step the stop saved: none trained twice
 
-    client = MlflowClient(mlflow_server)
-    experiment = client.get_experiment_by_name("valleyforge-demo").experiment_id
     parents = client.search_runs([experiment], f"attributes.run_name = '{name}'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the rerun continued the job's run
     children = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")

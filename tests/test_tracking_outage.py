@@ -1,4 +1,4 @@
-"""The tracking server stopped for 30 s mid-stage and started again: the stage trains on, the
+"""The tracking server stopped for 12 s mid-stage and started again: the stage trains on, the
 driver waits the outage out, and afterwards every step's metrics are in MLflow once and the
 export is registered."""
 
@@ -15,7 +15,7 @@ from launch.pipeline import Pipeline
 
 pytestmark = pytest.mark.cluster  # an `mlflow server` process (stopped and restarted), besides Ray
 
-OUTAGE_S, STEPS = 30, 40
+OUTAGE_S, STEPS = 12, 40
 
 
 def test_a_tracking_outage_mid_stage_is_waited_out(ray_local, synth_data, tmp_path, monkeypatch, capsys):
