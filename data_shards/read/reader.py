@@ -187,9 +187,10 @@ class ShardLoader:
         order the rank takes them from its next one on."""
         count, first = len(self.streams), self.taken % len(self.streams)
         processes = min(self.setup.config.num_workers, count)
+        groups = max(processes, 1)
         self._workers = []
-        for worker in range(max(processes, 1)):
-            own = sorted(range(worker, count, max(processes, 1)), key=lambda i: (i - first) % count)
+        for worker in range(groups):
+            own = sorted(range(worker, count, groups), key=lambda i: (i - first) % count)
             dataset = StreamDataset(
                 self.setup,
                 [self.streams[i] for i in own],
