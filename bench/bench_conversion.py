@@ -102,8 +102,10 @@ def main() -> None:
     results = []
     for width in args.widths:
         checkpoints = write_checkpoint(width, data, args.work)
-        size = sum(p.stat().st_size for p in (checkpoints / TAG).iterdir() if p.name.endswith("_optim_states.pt"))
-        size += sum(p.stat().st_size for p in (checkpoints / TAG).iterdir() if p.name.endswith("_model_states.pt"))
+        zero_files = [
+            p for p in (checkpoints / TAG).iterdir() if p.name.endswith(("_optim_states.pt", "_model_states.pt"))
+        ]
+        size = sum(p.stat().st_size for p in zero_files)
         for run in range(1, args.runs + 1):
             for parallel in (False, True):
                 seconds = convert(checkpoints, parallel)
